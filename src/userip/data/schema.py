@@ -1,0 +1,228 @@
+"""The one dataset every stage reads: interactions, items, users, split, and (synthetic) true profiles.
+
+Tables (pandas DataFrames; Parquet on disk) and their columns. ``*_id`` columns are contiguous int64 indices
+assigned after filtering (0..num_users-1, 0..num_items-1); ``raw_*_id`` keep the source's own keys as strings.
+
+interactions   user_id int64, item_id int64, rating float32, label int8 (1 iff rating > threshold),
+               timestamp int64 (seconds; 0 where the source has none), split str in {train, valid, test},
+               review str (optional column: review text, "" where missing)
+items          item_id int64, raw_item_id str, title str, categories list[str], brand str, price float64 (NaN
+               where missing)
+users          user_id int64, raw_user_id str, then observable features (str columns, e.g. age, gender)
+truth          (optional, synthetic data) user_id int64, then one int64 column per true latent profile
+hints          (optional) user_id int64, favourite_category str, favourite_brand str, price_level str:
+               the paper's derived profile words, computed from the *training split only*
+
+On disk a dataset is a folder ``<run_dir>/data/`` holding ``<table>.parquet`` files and ``manifest.json``
+(source, counts, config, per-table content hashes, overall ``content_hash``). The manifest is written last, so
+a folder without it is an interrupted write and is refused by ``load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from userip.utils.io import atomic_write_json, atomic_write_with, read_json
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+TABLES = ("interactions", "items", "users", "truth", "hints")
+MANIFEST = "manifest.json"
+
+INTERACTION_COLUMNS = {
+    "user_id": "int64",
+    "item_id": "int64",
+    "rating": "float32",
+    "label": "int8",
+    "timestamp": "int64",
+    "split": "object",
+}
+ITEM_COLUMNS = ("item_id", "raw_item_id", "title", "categories", "brand", "price")
+USER_COLUMNS = ("user_id", "raw_user_id")
+
+
+class DatasetError(ValueError):
+    """A dataset table or folder does not meet the schema; the message names the table and column."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    users: pd.DataFrame
+    truth: pd.DataFrame | None = None
+    hints: pd.DataFrame | None = None
+    source: str = "unknown"
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def num_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.interactions)
+
+    @property
+    def has_reviews(self) -> bool:
+        return "review" in self.interactions.columns
+
+    def split(self, name: str) -> pd.DataFrame:
+        if name not in SPLITS:
+            raise DatasetError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return self.interactions[self.interactions["split"] == name]
+
+    @property
+    def profile_names(self) -> list[str]:
+        """Names of the true latent profiles (synthetic data), e.g. ['hobby', 'background']."""
+        return [] if self.truth is None else [c for c in self.truth.columns if c != "user_id"]
+
+    def statistics(self) -> dict[str, Any]:
+        """The paper's Table 1: interactions, users, items, sparsity (%), plus split sizes and positive rate."""
+        n, u, i = self.num_interactions, self.num_users, self.num_items
+        sparsity = 100.0 * (1.0 - n / (u * i)) if u and i else float("nan")
+        by_split = self.interactions["split"].value_counts()
+        return {
+            "interactions": n,
+            "users": u,
+            "items": i,
+            "sparsity_pct": round(sparsity, 4),
+            "positive_rate": float(self.interactions["label"].mean()) if n else float("nan"),
+            **{f"num_{s}": int(by_split.get(s, 0)) for s in SPLITS},
+        }
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check columns, dtypes, contiguous ids and referential integrity; raise DatasetError naming the cause."""
+        inter = self.interactions
+        for col in INTERACTION_COLUMNS:
+            if col not in inter.columns:
+                raise DatasetError(f"interactions: missing column {col!r}")
+        for col in ITEM_COLUMNS:
+            if col not in self.items.columns:
+                raise DatasetError(f"items: missing column {col!r}")
+        for col in USER_COLUMNS:
+            if col not in self.users.columns:
+                raise DatasetError(f"users: missing column {col!r}")
+        if len(inter) == 0:
+            raise DatasetError("interactions: empty dataset")
+        for table, col, n in (("users", "user_id", self.num_users), ("items", "item_id", self.num_items)):
+            ids = getattr(self, table)[col].to_numpy()
+            if not np.array_equal(ids, np.arange(n)):
+                raise DatasetError(f"{table}.{col}: must be 0..{n - 1} in order (contiguous after filtering)")
+        for col, n in (("user_id", self.num_users), ("item_id", self.num_items)):
+            v = inter[col].to_numpy()
+            if v.min() < 0 or v.max() >= n:
+                raise DatasetError(f"interactions.{col}: values outside 0..{n - 1}")
+        bad = set(inter["split"].unique()) - set(SPLITS)
+        if bad:
+            raise DatasetError(f"interactions.split: unknown values {sorted(bad)}; expected {SPLITS}")
+        if not set(np.unique(inter["label"].to_numpy())) <= {0, 1}:
+            raise DatasetError("interactions.label: must be 0/1")
+
+    # ------------------------------------------------------------------ persistence
+    def table_hashes(self) -> dict[str, str]:
+        """Content hash per table, independent of Parquet writer versions (hashes the values)."""
+        out = {}
+        for name in TABLES:
+            df = getattr(self, name)
+            if df is None:
+                continue
+            out[name] = _hash_frame(df)
+        return out
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for name, value in sorted(self.table_hashes().items()):
+            h.update(f"{name}={value};".encode())
+        return h.hexdigest()[:16]
+
+    def save(self, folder: str | Path) -> dict[str, Any]:
+        """Write every table atomically, then the manifest (last, so its presence marks a complete write)."""
+        self.validate()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest_path = folder / MANIFEST
+        # An old manifest must not vouch for tables being replaced: remove it first.
+        if manifest_path.exists():
+            manifest_path.unlink()
+        for name in TABLES:
+            df = getattr(self, name)
+            target = folder / f"{name}.parquet"
+            if df is None:
+                if target.exists():
+                    target.unlink()
+                continue
+            atomic_write_with(target, lambda tmp, df=df: df.to_parquet(tmp, index=False))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": self.source,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "counts": self.statistics(),
+            "config": self.config,
+            "table_hashes": self.table_hashes(),
+            "content_hash": self.content_hash,
+            "profile_names": self.profile_names,
+        }
+        atomic_write_json(manifest_path, manifest)
+        return manifest
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Dataset:
+        folder = Path(folder)
+        if (folder / "data" / MANIFEST).exists():  # accept a run directory as well
+            folder = folder / "data"
+        manifest_path = folder / MANIFEST
+        if not manifest_path.exists():
+            raise DatasetError(
+                f"{folder}: no {MANIFEST}; not a prepared dataset (or its write was interrupted). "
+                "Run `userip prepare` first."
+            )
+        manifest = read_json(manifest_path)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
+        tables: dict[str, pd.DataFrame | None] = {}
+        for name in TABLES:
+            path = folder / f"{name}.parquet"
+            if name in manifest["table_hashes"]:
+                if not path.exists():
+                    raise DatasetError(f"{path}: listed in the manifest but missing")
+                tables[name] = pd.read_parquet(path)
+            else:
+                tables[name] = None
+        ds = cls(**tables, source=manifest["source"], config=manifest.get("config", {}))  # type: ignore[arg-type]
+        ds.validate()
+        return ds
+
+    @staticmethod
+    def read_manifest(folder: str | Path) -> dict[str, Any]:
+        folder = Path(folder)
+        if (folder / "data" / MANIFEST).exists():
+            folder = folder / "data"
+        return read_json(folder / MANIFEST)
+
+
+def _hash_frame(df: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    h.update(",".join(map(str, df.columns)).encode())
+    for col in df.columns:
+        series = df[col]
+        if series.dtype == object and len(series) and isinstance(series.iloc[0], list | np.ndarray):
+            series = series.map(lambda v: "\x1f".join(map(str, v)))
+        h.update(pd.util.hash_pandas_object(series, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,31 @@
+"""Logging to the console and to a file inside the run directory."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Console handler once; a file handler per distinct ``log_file`` (appended, so reruns keep history)."""
+    root = logging.getLogger("userip")
+    root.setLevel(level)
+    if not any(getattr(h, "_userip_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        console._userip_console = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if log_file is not None:
+        log_file = Path(log_file).resolve()
+        if not any(getattr(h, "baseFilename", None) == str(log_file) for h in root.handlers):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file)
+            fh.setFormatter(logging.Formatter(_FORMAT))
+            root.addHandler(fh)
