@@ -13,11 +13,20 @@ import sys
 # Fixed registry (never built from user input): subcommand -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("userip.data.cli", "load a source, filter, label, split; write Parquet tables + manifest"),
-    "profile": ("userip.profile.cli", "infer latent profiles with a frozen LLM, quantize them, write the bank"),
-    "train": ("userip.ctr.cli", "train a CTR model (optionally with profile-ID fields) and report AUC/Logloss"),
+    "profile": (
+        "userip.profile.cli",
+        "infer latent profiles with a frozen LLM, quantize them, write the bank",
+    ),
+    "train": (
+        "userip.ctr.cli",
+        "train a CTR model (optionally with profile-ID fields) and report AUC/Logloss",
+    ),
     "serve": ("userip.serving.cli", "serve CTR scores over HTTP (feature bank + CTR model, no LLM)"),
     "run": ("userip.pipeline.cli", "the whole pipeline on the embedded default (synthetic data, offline LM)"),
-    "experiment": ("userip.pipeline.experiment_cli", "the paper's tables and figures over seeds, from a config"),
+    "experiment": (
+        "userip.pipeline.experiment_cli",
+        "the paper's tables and figures over seeds, from a config",
+    ),
 }
 
 

@@ -74,8 +74,14 @@ class FeatureMap:
         return [f for f in self.fields if f.source == source]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fields": [{"name": f.name, "vocab_size": f.vocab_size, "source": f.source.value} for f in self.fields]}
+        return {
+            "fields": [
+                {"name": f.name, "vocab_size": f.vocab_size, "source": f.source.value} for f in self.fields
+            ]
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureMap:
-        return cls(tuple(Field(d["name"], int(d["vocab_size"]), FieldSource(d["source"])) for d in data["fields"]))
+        return cls(
+            tuple(Field(d["name"], int(d["vocab_size"]), FieldSource(d["source"])) for d in data["fields"])
+        )

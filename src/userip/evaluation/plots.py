@@ -1,0 +1,49 @@
+"""PNG plots of sweeps (the paper's Figures 5 and 6: AUC and Logloss against codebook size)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from userip.utils.io import atomic_write_with
+
+
+def plot_sweep(
+    summary: pd.DataFrame,
+    x: str,
+    metrics: tuple[str, ...] = ("auc", "logloss"),
+    title: str = "",
+    path: str | Path = "sweep.png",
+) -> Path:
+    """One panel per metric: mean over seeds with a ±std band, x on a log scale (sizes go 3..81)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summary.sort_values(x)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        mean = summary[f"{metric}_mean"].to_numpy(dtype=float)
+        std = (
+            summary.get(f"{metric}_std", pd.Series(0.0, index=summary.index))
+            .fillna(0.0)
+            .to_numpy(dtype=float)
+        )
+        xs = summary[x].to_numpy(dtype=float)
+        ax.plot(xs, mean, marker="o", color="tab:blue" if metric == "auc" else "tab:red")
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=ax.lines[-1].get_color())
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(int(v)) for v in xs])
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel("AUC" if metric == "auc" else "Logloss" if metric == "logloss" else metric)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
