@@ -10,8 +10,8 @@ def kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster ``points`` (N, D) into ``num_clusters``; returns (centroids (K, D), assignments (N,)).
 
-    k-means++ seeding spreads the first centroids over the data, so a small K (3-4) starts with one centroid per
-    well-separated group instead of several in the same one. With fewer distinct points than K the surplus
+    k-means++ seeding spreads the first centroids over the data, so a small K (3-4) starts with one centroid
+    per well-separated group instead of several in the same one. With fewer distinct points than K the surplus
     centroids are copies of sampled points (they will be revived as dead codes later).
     """
     if points.dim() != 2:

@@ -145,10 +145,7 @@ class Dataset:
 
     @property
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        for name, value in sorted(self.table_hashes().items()):
-            h.update(f"{name}={value};".encode())
-        return h.hexdigest()[:16]
+        return _combine_hashes(self.table_hashes())
 
     def save(self, folder: str | Path) -> dict[str, Any]:
         """Write every table atomically, then the manifest (last, so its presence marks a complete write)."""
@@ -167,14 +164,15 @@ class Dataset:
                     target.unlink()
                 continue
             atomic_write_with(target, lambda tmp, df=df: df.to_parquet(tmp, index=False))
+        hashes = self.table_hashes()  # hashing is the slow part of a save: do it once
         manifest = {
             "format_version": FORMAT_VERSION,
             "source": self.source,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "counts": self.statistics(),
             "config": self.config,
-            "table_hashes": self.table_hashes(),
-            "content_hash": self.content_hash,
+            "table_hashes": hashes,
+            "content_hash": _combine_hashes(hashes),
             "profile_names": self.profile_names,
         }
         atomic_write_json(manifest_path, manifest)
@@ -215,6 +213,13 @@ class Dataset:
         if (folder / "data" / MANIFEST).exists():
             folder = folder / "data"
         return read_json(folder / MANIFEST)
+
+
+def _combine_hashes(table_hashes: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(table_hashes.items()):
+        h.update(f"{name}={value};".encode())
+    return h.hexdigest()[:16]
 
 
 def _hash_frame(df: pd.DataFrame) -> str:

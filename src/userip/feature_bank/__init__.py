@@ -1,1 +1,18 @@
-"""userip.feature_bank"""
+"""userip.feature_bank: user -> profile IDs, versioned and atomically replaced (paper 2.5).
+
+``UNKNOWN_CODE = -1`` is the reserved code of a user the bank does not know; a CTR field for profile p has
+``vocab_size = K_p + 1`` and index ``code + 1`` (so unknown users land on index 0).
+"""
+
+from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError, ProfileLookup, ctr_field_index
+from userip.feature_bank.embedded import KIND_CODES, KIND_CONTINUOUS, FeatureBank
+
+__all__ = [
+    "KIND_CODES",
+    "KIND_CONTINUOUS",
+    "UNKNOWN_CODE",
+    "FeatureBank",
+    "FeatureBankError",
+    "ProfileLookup",
+    "ctr_field_index",
+]

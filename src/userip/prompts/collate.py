@@ -10,7 +10,8 @@ Mask rule (DESIGN.md item 2), for a query token q and key token k, both non-padd
 
 so the state of p's soft token depends on BOS and p's phrase alone, in every layer. Padding keys are never
 attended; a padding query attends only to itself (a row of all -inf would give NaN). The result is an
-*additive* float mask (0 allowed, dtype-min elsewhere) of shape (B, 1, L, L): a bool mask is silently wrong under
+*additive* float mask (0 allowed, dtype-min elsewhere) of shape (B, 1, L, L): a bool mask is silently wrong
+under
 eager attention in transformers 5 (see DESIGN.md, "Measured on this machine").
 
 Example for one profile with phrase "hobby is" (2 tokens), 1 soft token, task ":" and target "a b"
@@ -112,7 +113,8 @@ def collate(
     mask_dtype: torch.dtype = torch.float32,
     pad_to_multiple_of: int = 1,
 ) -> PromptBatch:
-    """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple helps tensor-core shapes on GPU)."""
+    """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple helps tensor-core shapes on
+    GPU)."""
     if not examples:
         raise ValueError("collate: empty list of examples")
     B = len(examples)
@@ -136,7 +138,9 @@ def collate(
     position_ids = (not_pad.long().cumsum(1) - 1).clamp_(min=0) * not_pad
     return PromptBatch(
         input_ids=torch.from_numpy(input_ids),
-        attention_mask=build_attention_mask(kinds_t, torch.from_numpy(prof), template_sees_soft_tokens, mask_dtype),
+        attention_mask=build_attention_mask(
+            kinds_t, torch.from_numpy(prof), template_sees_soft_tokens, mask_dtype
+        ),
         position_ids=position_ids,
         labels=torch.from_numpy(labels),
         soft_slot_ids=torch.from_numpy(slots),

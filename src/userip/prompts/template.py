@@ -5,11 +5,14 @@ Layout of one example (one row of a batch; ``K_p`` soft slots after profile p's 
     [BOS] "This user's hobby is" [z_hobby x4] ", his background is" [z_background x3] ". <task>:" <target>
      BOS   PHRASE (profile 0)     SOFT (p=0)    PHRASE (profile 1)   SOFT (p=1)        TASK      TARGET
 
-Every token carries a ``TokenKind`` and a profile index (-1 outside the profile block); the collator builds the
+Every token carries a ``TokenKind`` and a profile index (-1 outside the profile block); the collator builds
+the
 4D attention mask of DESIGN.md item 2 from them (see ``userip.prompts.collate``).
 
-The template pieces are identical for every user, so ``PromptBuilder`` tokenizes them once; per example only the
-target ids (and optional slot words) are appended. Pieces are tokenized separately (``add_special_tokens=False``)
+The template pieces are identical for every user, so ``PromptBuilder`` tokenizes them once; per example
+only the
+target ids (and optional slot words) are appended. Pieces are tokenized separately
+(``add_special_tokens=False``)
 and concatenated, which keeps every profile's phrase tokens identical whatever surrounds them.
 """
 
@@ -43,7 +46,8 @@ class TargetMode(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class ProfileSpec:
-    """One latent profile: its name, the phrase its soft tokens follow, how many soft tokens, codebook size."""
+    """One latent profile: its name, the phrase its soft tokens follow, how many soft tokens, codebook
+    size."""
 
     name: str
     phrase: str
@@ -55,13 +59,18 @@ class ProfileSpec:
             raise ConfigError(f"ProfileSpec.name: expected an identifier such as 'hobby', got {self.name!r}")
         if not self.phrase or not self.phrase.strip():
             raise ConfigError(
-                f"ProfileSpec {self.name!r}: the profile phrase is empty; every profile needs a phrase such as "
-                "\"This user's hobby is\" (its soft tokens attend only to it)"
+                f"ProfileSpec {self.name!r}: the profile phrase is empty; every profile needs a "
+                f"phrase such as "
+                '"This user\'s hobby is" (its soft tokens attend only to it)'
             )
         if self.num_soft_tokens < 1:
-            raise ConfigError(f"ProfileSpec {self.name!r}: num_soft_tokens must be >= 1, got {self.num_soft_tokens}")
+            raise ConfigError(
+                f"ProfileSpec {self.name!r}: num_soft_tokens must be >= 1, got {self.num_soft_tokens}"
+            )
         if self.codebook_size < 1:
-            raise ConfigError(f"ProfileSpec {self.name!r}: codebook_size must be >= 1, got {self.codebook_size}")
+            raise ConfigError(
+                f"ProfileSpec {self.name!r}: codebook_size must be >= 1, got {self.codebook_size}"
+            )
 
 
 def default_profiles() -> tuple[ProfileSpec, ...]:
@@ -76,7 +85,8 @@ def default_profiles() -> tuple[ProfileSpec, ...]:
 class PromptConfig:
     """Prompt template and target construction.
 
-    ``task_description`` is rendered as ``<task_prefix><task_description><task_suffix>`` after the profile block.
+    ``task_description`` is rendered as ``<task_prefix><task_description><task_suffix>`` after the profile
+    block.
     ``template_sees_soft_tokens``: whether the task-description tokens attend to the soft tokens (paper: yes).
     Target tokens always see every soft token.
     """
@@ -128,7 +138,9 @@ class PromptExample:
     input_ids: np.ndarray  # int64; soft slots hold a placeholder id (their embedding is replaced)
     token_kinds: np.ndarray  # int8 TokenKind
     profile_index: np.ndarray  # int8; profile of PHRASE/SOFT tokens, -1 elsewhere
-    soft_slot_ids: np.ndarray  # int64; flattened slot index for positions spliced from the table, -1 elsewhere
+    soft_slot_ids: (
+        np.ndarray
+    )  # int64; flattened slot index for positions spliced from the table, -1 elsewhere
     labels: np.ndarray  # int64; IGNORE_INDEX except target tokens
 
     def __len__(self) -> int:
@@ -138,7 +150,8 @@ class PromptExample:
 class PromptBuilder:
     """Tokenizes the fixed template once and assembles per-example token arrays.
 
-    Works with any Hugging Face tokenizer (``__call__`` with ``add_special_tokens``). A tokenizer without a pad
+    Works with any Hugging Face tokenizer (``__call__`` with ``add_special_tokens``). A tokenizer without a
+    pad
     token is fine: padding is never attended and never labelled, so ``pad_token_id`` falls back to eos/unk/0.
     """
 
@@ -234,8 +247,10 @@ class PromptBuilder:
         if slot_ids:
             unknown = sorted(set(slot_ids) - {p.name for p in self.config.profiles})
             if unknown:
-                raise ConfigError(f"slot words for unknown profile(s) {unknown}; profiles: "
-                                  f"{[p.name for p in self.config.profiles]}")
+                raise ConfigError(
+                    f"slot words for unknown profile(s) {unknown}; profiles: "
+                    f"{[p.name for p in self.config.profiles]}"
+                )
             ids, kinds, prof, slots, labels = self._prefix_with_slot_words(slot_ids, label_slot_words)
         else:
             ids, kinds, prof, slots = self._prefix

@@ -38,7 +38,9 @@ class MetaFormat(enum.Enum):
 
 @dataclasses.dataclass
 class AmazonConfig:
-    path: str | None = None  # a folder holding one reviews file and one meta_* file (used when reviews is unset)
+    path: str | None = (
+        None  # a folder holding one reviews file and one meta_* file (used when reviews is unset)
+    )
     reviews: str | None = None
     meta: str | None = None  # optional: without it items have no titles (counted as missing)
     meta_format: MetaFormat = MetaFormat.AUTO
@@ -80,7 +82,9 @@ def _locate_files(cfg: AmazonConfig) -> tuple[Path, Path | None]:
     folder = Path(cfg.path)  # type: ignore[arg-type]
     if not folder.is_dir():
         raise DataLoadError(f"{folder}: folder not found (expected an Amazon reviews file and a meta_* file)")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")))
+    files = sorted(
+        p for p in folder.iterdir() if p.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))
+    )
     metas = [p for p in files if p.name.startswith("meta")]
     reviews = [p for p in files if not p.name.startswith("meta")]
     if len(reviews) != 1 or len(metas) > 1:

@@ -89,8 +89,8 @@ class LoadReport:
 class RawData:
     """A source's data keyed by its own ids (strings), before labelling, filtering and splitting.
 
-    interactions  raw_user_id str, raw_item_id str, and optionally rating float64, label int8 (a ready 0/1 label),
-                  timestamp int64 (seconds), review str, split str (the source's own train/valid/test)
+    interactions  raw_user_id str, raw_item_id str, and optionally rating float64, label int8 (a ready 0/1
+                  label), timestamp int64 (seconds), review str, split str (the source's own train/valid/test)
     items         raw_item_id str, title str, categories list[str], brand str, price float64 (NaN if missing)
     users         raw_user_id str, then observable features (converted to str by preprocessing)
     truth         raw_user_id str, then one int column per true latent profile (synthetic data)
@@ -138,6 +138,13 @@ def read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _open_stream(path: Path) -> pa.NativeFile:
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    raw = pa.OSFile(str(path))
+    return pa.CompressedInputStream(raw, "gzip") if gzipped else raw
+
+
 def _line_starts(data: bytes) -> np.ndarray:
     """Byte offset of each line's start (vectorised over the whole buffer)."""
     newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
@@ -163,30 +170,34 @@ def read_json_lines(
 ) -> pd.DataFrame:
     """Read a JSON-lines file (gzip or plain) into a frame with exactly ``schema``'s columns.
 
-    Fast path: one pyarrow parse of the whole buffer (unknown fields ignored), trying each schema of a list in
-    turn (e.g. price as a string, then as a number). When all fail, the file is parsed in blocks with the first
-    schema and each failing block is bisected down to its malformed lines, which are counted with their line
-    numbers; every other line is kept. Rows missing a ``required`` field count as bad lines too.
+    Fast path: one pyarrow parse of the whole file (unknown fields ignored), trying each schema of a list in
+    turn (e.g. price as a string, then as a number). When all fail, the file is parsed in blocks with the
+    first schema and each failing block is bisected down to its malformed lines, which are counted with
+    their line numbers; every other line is kept. Rows missing a ``required`` field count as bad lines too.
     """
-    data = read_bytes(path)
     schemas = schema if isinstance(schema, list) else [schema]
-    all_options = [pa_json.ParseOptions(explicit_schema=s, unexpected_field_behavior="ignore") for s in schemas]
+    all_options = [
+        pa_json.ParseOptions(explicit_schema=s, unexpected_field_behavior="ignore") for s in schemas
+    ]
     table = None
     line_numbers = None  # computed lazily, only if a row has to be reported
     for options in all_options:
         try:
-            table = pa_json.read_json(pa.BufferReader(data), parse_options=options)
+            # Streaming from the (gzip) file lets Arrow decompress and parse blocks in parallel.
+            with _open_stream(path) as stream:
+                table = pa_json.read_json(stream, parse_options=options)
             break
         except pa.ArrowInvalid:
             continue
     if table is None:
-        table, line_numbers = _read_json_lines_tolerant(path, data, all_options[0], report)
-    frame = table.to_pandas()
+        table, line_numbers = _read_json_lines_tolerant(path, read_bytes(path), all_options, report)
+    # One chunk per column: gathers (take) on a many-chunk Arrow column are ~7x slower downstream.
+    frame = table.combine_chunks().to_pandas()
     if required and len(frame):
         missing = frame[list(required)].isna().any(axis=1).to_numpy()
         if missing.any():
             if line_numbers is None:
-                line_numbers = _nonblank_line_numbers(data)
+                line_numbers = _nonblank_line_numbers(read_bytes(path))
             for row in np.flatnonzero(missing):
                 absent = [c for c in required if pd.isna(frame.iloc[row][c])]
                 report.add_bad_line(path, int(line_numbers[row]), f"missing field(s) {absent}")
@@ -196,16 +207,28 @@ def read_json_lines(
 
 
 def _read_json_lines_tolerant(
-    path: Path, data: bytes, options: pa_json.ParseOptions, report: LoadReport
+    path: Path, data: bytes, all_options: list[pa_json.ParseOptions], report: LoadReport
 ) -> tuple[pa.Table, np.ndarray]:
+    """Parse block by block (any of the schemas may parse a block; results are cast to the first one) and
+    bisect failing blocks down to single malformed lines."""
     lines = data.split(b"\n")
+    target = all_options[0].explicit_schema
     tables: list[pa.Table] = []
     kept_numbers: list[np.ndarray] = []
 
+    def parse_block(lo: int, hi: int) -> pa.Table:
+        block = b"\n".join(lines[lo:hi]) + b"\n"
+        error: pa.ArrowInvalid | None = None
+        for options in all_options:
+            try:
+                return pa_json.read_json(pa.BufferReader(block), parse_options=options).cast(target)
+            except pa.ArrowInvalid as e:
+                error = error or e
+        raise error  # type: ignore[misc]
+
     def parse(lo: int, hi: int) -> None:
         try:
-            block = b"\n".join(lines[lo:hi]) + b"\n"
-            table = pa_json.read_json(pa.BufferReader(block), parse_options=options)
+            table = parse_block(lo, hi)
         except pa.ArrowInvalid as e:
             if hi - lo == 1:
                 report.add_bad_line(path, lo + 1, _short_arrow_error(e))
@@ -221,7 +244,7 @@ def _read_json_lines_tolerant(
     for start in range(0, len(lines), _BLOCK_LINES):
         parse(start, min(start + _BLOCK_LINES, len(lines)))
     tables = [t for t in tables if t.num_rows]
-    table = pa.concat_tables(tables) if tables else options.explicit_schema.empty_table()
+    table = pa.concat_tables(tables) if tables else target.empty_table()
     numbers = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, dtype=np.int64)
     return table, numbers
 
@@ -231,7 +254,7 @@ def _short_arrow_error(e: Exception) -> str:
 
 
 def read_python_literal_lines(path: Path, report: LoadReport) -> list[dict[str, Any]]:
-    """Lines holding Python dict literals (Amazon 2014 metadata), parsed with ``ast.literal_eval``, never eval."""
+    """Lines of Python dict literals (Amazon 2014 metadata), parsed with ``ast.literal_eval``, never eval."""
     records = []
     text = read_bytes(path).decode("utf-8", errors="replace")
     for number, line in enumerate(text.split("\n"), start=1):
@@ -253,7 +276,7 @@ def read_python_literal_lines(path: Path, report: LoadReport) -> list[dict[str, 
 
 # ---------------------------------------------------------------------------------------------- value helpers
 def parse_price(values: pd.Series) -> pd.Series:
-    """Prices as float64: numbers pass; strings like "$1,299.99" or "$5.99 - $9.99" give their first number."""
+    """Prices as float64: numbers pass; strings like "$1,299.99" or "$5.99 - $9.99" give the first number."""
     if pd.api.types.is_numeric_dtype(values):
         return values.astype("float64")
     text = values.astype("string")
@@ -262,7 +285,7 @@ def parse_price(values: pd.Series) -> pd.Series:
 
 
 def as_category_lists(values: pd.Series, separator: str | None = None) -> pd.Series:
-    """Normalise categories to lists of non-empty str: from lists, lists of lists (flattened), or joined strings."""
+    """Categories as lists of non-empty str: from lists, lists of lists (flattened), or joined strings."""
 
     def convert(v: Any) -> list[str]:
         if v is None or (isinstance(v, float) and np.isnan(v)):
@@ -278,3 +301,14 @@ def as_category_lists(values: pd.Series, separator: str | None = None) -> pd.Ser
 
     # One call per *distinct* value: items are far fewer than interactions, and values repeat a lot.
     return values.map(convert)
+
+
+def to_unix_seconds(dates: pd.Series) -> pd.Series:
+    """Parsed datetimes as int64 Unix seconds (0 where missing), whatever their resolution (pandas 3: us)."""
+    seconds = (dates - pd.Timestamp(0)) // pd.Timedelta(seconds=1)
+    return seconds.fillna(0).astype("int64")
+
+
+def take_strings(vocabulary: np.ndarray | list[str], codes: np.ndarray) -> pd.Series:
+    """``vocabulary[codes]`` as a pandas str Series, gathered in Arrow (~30x faster than Python objects)"""
+    return pa.array(np.asarray(vocabulary, dtype=object), pa.string()).take(pa.array(codes)).to_pandas()

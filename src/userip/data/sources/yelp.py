@@ -23,6 +23,7 @@ from userip.data.sources.base import (
     as_category_lists,
     find_file,
     read_json_lines,
+    to_unix_seconds,
 )
 
 
@@ -79,7 +80,9 @@ def _log_bucket(values: pd.Series) -> pd.Series:
     v = values.fillna(-1).to_numpy()
     exponent = np.floor(np.log2(np.maximum(v, 1))).astype(int)
     low, high = 2**exponent, 2 ** (exponent + 1) - 1
-    labels = np.where(low == high, low.astype(str), np.char.add(np.char.add(low.astype(str), "-"), high.astype(str)))
+    labels = np.where(
+        low == high, low.astype(str), np.char.add(np.char.add(low.astype(str), "-"), high.astype(str))
+    )
     labels = np.where(v == 0, "0", labels)
     return pd.Series(np.where(v < 0, "", labels), index=values.index)
 
@@ -88,14 +91,16 @@ def load_yelp(cfg: YelpConfig) -> RawData:
     folder = Path(cfg.path)
     report = LoadReport(max_bad_lines=cfg.max_bad_lines)
     review_path = _find(folder, "review", required=True)
-    reviews = read_json_lines(review_path, REVIEW_SCHEMA, report, required=("user_id", "business_id", "stars"))
+    reviews = read_json_lines(
+        review_path, REVIEW_SCHEMA, report, required=("user_id", "business_id", "stars")
+    )
     timestamps = pd.to_datetime(reviews["date"], errors="coerce", format="mixed")
     interactions = pd.DataFrame(
         {
             "raw_user_id": reviews["user_id"],
             "raw_item_id": reviews["business_id"],
             "rating": reviews["stars"],
-            "timestamp": (timestamps.astype("int64") // 10**9).where(timestamps.notna(), 0).astype("int64"),
+            "timestamp": to_unix_seconds(timestamps),
         }
     )
     if cfg.keep_reviews:

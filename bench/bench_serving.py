@@ -1,0 +1,345 @@
+"""Benchmark (paper Table 6): online inference time per 10,000 instances, DCN alone vs UserIP + DCN.
+
+Paper (their hardware): DCN 0.93 s, UserIP + DCN 1.21 s (1.30x), KAR + DCN 4.78 s per 10,000 instances. Here:
+
+* DCN alone: fields (user_id, item_id). UserIP + DCN: fields (user_id, item_id, hobby, background), with the
+  feature-bank lookup on every request. Both are real artifacts: a dataset at MovieLens-100K scale (943 users,
+  1,682 items, 100,000 rows; synthetic ratings: accuracy is not measured here), a bank written by
+  ``FeatureBank.write``, and DCNs (embedding 8, 3 cross layers, MLP (16, 16)) saved by ``userip.ctr.recipe``.
+* In-process: ``Scorer.score`` on requests of one user x 100 items (100 requests = 10,000 instances), rounds
+  alternating DCN / UserIP + DCN so machine load hits both alike; median over rounds. Also reported: the
+  model's forward pass alone on pre-encoded ids (what the two extra fields cost), one 10,000-pair batch call,
+  and the bank lookup's share of UserIP + DCN's time (the lookup timed on the same requests).
+* Through HTTP: both models served by ``userip serve`` (uvicorn, one process each, 127.0.0.1), one client
+  sending requests of 100 items alternately to both: closed-loop for time per 10,000 instances, then paced
+  at a bounded request rate for p50/p99 latency.
+
+    python bench/bench_serving.py [--run-dir RUN] [--rounds 15] [--rate 40] [--latency-requests 300]
+
+``--run-dir`` reuses a run that has ``ctr/dcn`` and ``ctr/dcn+profiles``; by default one is built in a
+temporary folder (about 10 s). Ends with ``RESULT dcn_s_per_10k=... userip_dcn_s_per_10k=...
+ratio_inprocess=... lookup_share=... http_ratio=... http_p50_ms=... http_p99_ms=... rate_rps=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ITEMS_PER_REQUEST = 100
+INSTANCES = 10_000
+PAPER = {"dcn": 0.93, "userip_dcn": 1.21, "kar_dcn": 4.78}
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def build_run(run: Path, seed: int = 0) -> None:
+    """Dataset (ML-100K scale), bank (K = 4, 3) and both DCNs, written by the project's own save paths."""
+    from userip.ctr.recipe import train_ctr
+    from userip.ctr.trainer import TrainerConfig
+    from userip.data.schema import Dataset
+    from userip.feature_bank import FeatureBank
+
+    rng = np.random.default_rng(seed)
+    n_users, n_items, n_rows = 943, 1682, 100_000
+    users = rng.integers(0, n_users, n_rows)
+    users[:n_users] = np.arange(n_users)  # everyone appears
+    items = rng.integers(0, n_items, n_rows)
+    items[:n_items] = np.arange(n_items)
+    rating = rng.integers(1, 6, n_rows).astype(np.float32)
+    inter = pd.DataFrame(
+        {
+            "user_id": users,
+            "item_id": items,
+            "rating": rating,
+            "label": (rating > 3).astype(np.int8),
+            "timestamp": rng.integers(0, 10**9, n_rows),
+            "split": rng.choice(["train", "valid", "test"], n_rows, p=[0.8, 0.1, 0.1]),
+        }
+    )
+    item_table = pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "raw_item_id": [str(i + 1) for i in range(n_items)],
+            "title": "",
+            "categories": [[] for _ in range(n_items)],
+            "brand": "",
+            "price": np.nan,
+        }
+    )
+    user_table = pd.DataFrame(
+        {"user_id": np.arange(n_users), "raw_user_id": [str(u + 1) for u in range(n_users)]}
+    )
+    ds = Dataset(inter, item_table, user_table, source="bench-serving")
+    ds.save(run / "data")
+    sizes = (4, 3)
+    FeatureBank.build(
+        profile_names=("hobby", "background"),
+        codebooks=[rng.normal(size=(k, 64)) for k in sizes],
+        codes=np.stack([rng.integers(0, k, n_users) for k in sizes], axis=1),
+        raw_user_ids=user_table["raw_user_id"].tolist(),
+        dataset_hash=ds.content_hash,
+    ).write(run / "bank")
+    cfg = TrainerConfig(max_epochs=1, batch_size=4096)
+    train_ctr(run, "dcn", config=cfg)
+    train_ctr(run, "dcn", with_profiles=True, config=cfg)
+
+
+def make_requests(scorer, num: int, seed: int = 1) -> list[tuple[str, list[str]]]:  # noqa: ANN001
+    """``num`` requests of one known user x 100 distinct known items (raw IDs)."""
+    rng = np.random.default_rng(seed)
+    users, items = list(scorer._user_row), list(scorer._item_index)
+    return [
+        (
+            users[int(rng.integers(len(users)))],
+            [items[i] for i in rng.choice(len(items), ITEMS_PER_REQUEST, False)],
+        )
+        for _ in range(num)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, alternating the order every round (ABBA...) so drift hits all alike."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            fns[n]()
+            out[n].append(time.perf_counter() - start)
+    return out
+
+
+def in_process(run: Path, rounds: int) -> dict[str, float]:
+    from userip.serving.scorer import Scorer
+
+    dcn = Scorer.from_run_dir(run, model="dcn")
+    uip = Scorer.from_run_dir(run, model="dcn+profiles")
+    requests = make_requests(uip, INSTANCES // ITEMS_PER_REQUEST)
+    flat_users = [u for u, its in requests for _ in its]
+    flat_items = [i for _, its in requests for i in its]
+    bank = uip.snapshot.bank
+
+    def per_request(scorer) -> Callable[[], None]:  # noqa: ANN001
+        return lambda: [scorer.score([u], its) for u, its in requests]
+
+    # Pre-encoded ids for the model-only comparison (same requests, same batch shape).
+    x_dcn = [dcn.encode([u], its).x_ids for u, its in requests]
+    x_uip = [uip.encode([u], its).x_ids for u, its in requests]
+
+    def forward(scorer, xs) -> Callable[[], None]:  # noqa: ANN001
+        return lambda: [scorer.predict_ids(x) for x in xs]
+
+    for f in (per_request(dcn), per_request(uip)):  # warm-up
+        f()
+    t = interleaved(
+        {
+            "dcn": per_request(dcn),
+            "uip": per_request(uip),
+            "lookup": lambda: [bank.lookup_raw([u]) for u, _ in requests],
+            "fwd_dcn": forward(dcn, x_dcn),
+            "fwd_uip": forward(uip, x_uip),
+            "batch_dcn": lambda: dcn.score(flat_users, flat_items),
+            "batch_uip": lambda: uip.score(flat_users, flat_items),
+        },
+        rounds,
+    )
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {
+        "dcn_s_per_10k": med["dcn"],
+        "userip_dcn_s_per_10k": med["uip"],
+        "ratio_inprocess": med["uip"] / med["dcn"],
+        "lookup_s_per_10k": med["lookup"],
+        "lookup_share": med["lookup"] / med["uip"],
+        "model_only_ratio": med["fwd_uip"] / med["fwd_dcn"],
+        "fwd_dcn_s_per_10k": med["fwd_dcn"],
+        "fwd_uip_s_per_10k": med["fwd_uip"],
+        "batch_dcn_s_per_10k": med["batch_dcn"],
+        "batch_uip_s_per_10k": med["batch_uip"],
+        "batch_ratio": med["batch_uip"] / med["batch_dcn"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(run: Path, model: str, log_dir: Path) -> Iterator[str]:
+    """``userip serve`` in its own process on a free 127.0.0.1 port; yields the base URL."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "userip.cli", "serve", "--run-dir", str(run), "--model", model]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--num-threads", "1", "--log-level", "warning"]
+    log = (log_dir / f"serve-{model}.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"userip serve exited: {(log_dir / f'serve-{model}.log').read_text()[-2000:]}"
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"userip serve --model {model} did not start within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def through_http(run: Path, rounds: int, rate: float, latency_requests: int) -> dict[str, float]:
+    import httpx
+
+    from userip.serving.scorer import Scorer
+
+    requests = make_requests(Scorer.from_run_dir(run, model="dcn+profiles"), INSTANCES // ITEMS_PER_REQUEST)
+    bodies = [json.dumps({"user_id": u, "item_ids": its}).encode() for u, its in requests]
+    headers = {"content-type": "application/json"}
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        serving(run, "dcn", Path(logs)) as url_dcn,
+        serving(run, "dcn+profiles", Path(logs)) as url_uip,
+        httpx.Client(base_url=url_dcn, timeout=30) as c_dcn,
+        httpx.Client(base_url=url_uip, timeout=30) as c_uip,
+    ):
+        clients = {"dcn": c_dcn, "uip": c_uip}
+        for c in clients.values():  # warm-up (connections, first-call costs)
+            for body in bodies[:20]:
+                c.post("/v1/score", content=body, headers=headers).raise_for_status()
+        expected = (
+            Scorer.from_run_dir(run, model="dcn+profiles").score([requests[0][0]], requests[0][1]).probs
+        )
+        got = c_uip.post("/v1/score", content=bodies[0], headers=headers).json()["scores"]
+        assert np.array_equal(np.asarray(got, dtype=np.float32), expected), (
+            "HTTP scores differ from the library"
+        )
+
+        def sweep(c) -> Callable[[], None]:  # noqa: ANN001
+            return lambda: [
+                c.post("/v1/score", content=b, headers=headers).raise_for_status() for b in bodies
+            ]
+
+        t = interleaved({name: sweep(c) for name, c in clients.items()}, rounds)
+
+        # Paced: one request every 1/rate s, alternating servers (each gets rate/2), latency per request.
+        lat: dict[str, list[float]] = {"dcn": [], "uip": []}
+        interval, next_send = 1.0 / rate, time.perf_counter()
+        for k in range(2 * latency_requests):
+            name = "dcn" if k % 2 == 0 else "uip"
+            next_send += interval
+            start = time.perf_counter()
+            clients[name].post(
+                "/v1/score", content=bodies[k % len(bodies)], headers=headers
+            ).raise_for_status()
+            lat[name].append(time.perf_counter() - start)
+            time.sleep(max(0.0, next_send - time.perf_counter()))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    ms = {k: np.asarray(v) * 1e3 for k, v in lat.items()}
+    return {
+        "http_dcn_s_per_10k": med["dcn"],
+        "http_userip_dcn_s_per_10k": med["uip"],
+        "http_ratio": med["uip"] / med["dcn"],
+        "http_p50_ms": float(np.percentile(ms["uip"], 50)),
+        "http_p99_ms": float(np.percentile(ms["uip"], 99)),
+        "http_dcn_p50_ms": float(np.percentile(ms["dcn"], 50)),
+        "http_dcn_p99_ms": float(np.percentile(ms["dcn"], 99)),
+        "rate_rps": rate,
+        "latency_requests_per_model": latency_requests,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, help="existing run with ctr/dcn and ctr/dcn+profiles")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement")
+    parser.add_argument("--http-rounds", type=int, default=5, help="interleaved closed-loop HTTP rounds")
+    parser.add_argument("--rate", type=float, default=40.0, help="paced requests per second (both servers)")
+    parser.add_argument(
+        "--latency-requests", type=int, default=300, help="paced requests per model (bounded)"
+    )
+    parser.add_argument("--no-http", action="store_true", help="in-process measurements only")
+    args = parser.parse_args(argv)
+    if not 0 < args.rate <= 500 or not 0 < args.latency_requests <= 5000:
+        parser.error("--rate must be in (0, 500] and --latency-requests in (0, 5000] (bounded load)")
+    torch.set_num_threads(1)  # as `userip serve` does: per-request batches are tiny
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        run = args.run_dir
+        if run is None:
+            run = Path(tmp) / "run"
+            start = time.perf_counter()
+            build_run(run)
+            print(f"built run (dataset, bank, 2 DCNs) in {time.perf_counter() - start:.1f} s: {run}")
+        res = in_process(run, args.rounds)
+        if not args.no_http:
+            res.update(through_http(run, args.http_rounds, args.rate, args.latency_requests))
+
+    print(
+        f"\nTable 6: inference time per {INSTANCES:,} instances "
+        f"({ITEMS_PER_REQUEST} items per request, 1 thread)"
+    )
+    print(f"{'':34}{'DCN':>10}{'UserIP+DCN':>12}{'ratio':>8}")
+    print(
+        f"{'paper (their hardware)':34}{PAPER['dcn']:>9.2f}s{PAPER['userip_dcn']:>11.2f}s{1.21 / 0.93:>8.2f}"
+    )
+    rows = [
+        ("in-process, per request", "dcn_s_per_10k", "userip_dcn_s_per_10k"),
+        ("in-process, one 10k batch", "batch_dcn_s_per_10k", "batch_uip_s_per_10k"),
+        ("model forward only (per request)", "fwd_dcn_s_per_10k", "fwd_uip_s_per_10k"),
+        ("HTTP loopback, per request", "http_dcn_s_per_10k", "http_userip_dcn_s_per_10k"),
+    ]
+    for label, a, b in rows:
+        if a in res:
+            print(f"{label:34}{res[a]:>9.4f}s{res[b]:>11.4f}s{res[b] / res[a]:>8.3f}")
+    print(
+        f"bank lookup: {res['lookup_s_per_10k'] * 1e3:.2f} ms per 10k instances "
+        f"= {100 * res['lookup_share']:.2f}% of UserIP+DCN (target < 5%)"
+    )
+    if "http_p50_ms" in res:
+        print(
+            f"HTTP latency, 1 user x {ITEMS_PER_REQUEST} items, paced {res['rate_rps']:g} req/s over both "
+            f"servers ({res['latency_requests_per_model']} requests each): "
+            f"UserIP+DCN p50 {res['http_p50_ms']:.2f} ms, "
+            f"p99 {res['http_p99_ms']:.2f} ms; DCN p50 {res['http_dcn_p50_ms']:.2f} ms, "
+            f"p99 {res['http_dcn_p99_ms']:.2f} ms"
+        )
+    keys = ["dcn_s_per_10k", "userip_dcn_s_per_10k", "ratio_inprocess", "lookup_share", "model_only_ratio"]
+    keys += ["batch_ratio", "http_ratio", "http_p50_ms", "http_p99_ms", "rate_rps"]
+    print(
+        "RESULT " + " ".join(f"{k}={res[k]:.4g}" for k in keys if k in res) + f" cpu_count={os.cpu_count()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Configuration of profile quantization + surrogate recommender (the ``quantization:`` section of a recipe).
+
+Keys equal the arguments of ``userip.codebook.objective.build_joint_objective``. The learning rate and the
+user batch size of Algorithm 1 belong to the profile trainer's config (the trainer optimizes these modules
+with the soft tokens); paper values: AdamW, lr 1e-3, batch 128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from userip.codebook.quantizer import CodebookInit
+from userip.utils.config import ConfigError
+
+
+@dataclasses.dataclass
+class QuantizationConfig:
+    loss_weight: float = 0.001  # lambda of eq. 7: L = L_LM + lambda * (L_VQ + L_rec)
+    beta: float = 0.001  # commitment weight of eq. 5
+    without_vq: bool = False  # ablation: surrogate on continuous (projected) profiles, no codebook loss
+    codebook_init: CodebookInit = CodebookInit.KMEANS
+    dead_code_threshold: int = 20  # training steps without a hit before a code is revived; 0 = never
+    kmeans_init_samples: int = (
+        256  # profiles buffered before the k-means init (capped at the number of users)
+    )
+    kmeans_iters: int = 20
+    interactions_per_user: int = 8  # training interactions sampled per user and mini-batch for L_rec
+    surrogate_proj_dim: int = 8  # width each profile vector is projected to before the DCN
+    surrogate_embed_dim: int = 8
+    surrogate_cross_layers: int = 3
+    surrogate_mlp_dims: tuple[int, ...] = (16, 16)
+    surrogate_dropout: float = 0.0
+    use_user_features: bool = False  # add the dataset's observable user columns (e.g. age, gender) to the DCN
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.codebook_init, CodebookInit):
+            try:
+                self.codebook_init = CodebookInit(self.codebook_init)
+            except ValueError:
+                raise ConfigError(
+                    f"codebook_init: {self.codebook_init!r} is not one of {[m.value for m in CodebookInit]}"
+                ) from None
+        self.surrogate_mlp_dims = tuple(self.surrogate_mlp_dims)
+        checks = [
+            ("loss_weight", self.loss_weight >= 0, "must be >= 0"),
+            ("beta", self.beta >= 0, "must be >= 0"),
+            ("dead_code_threshold", self.dead_code_threshold >= 0, "must be >= 0 (0 disables revival)"),
+            ("kmeans_init_samples", self.kmeans_init_samples >= 2, "must be >= 2"),
+            ("kmeans_iters", self.kmeans_iters >= 0, "must be >= 0"),
+            ("interactions_per_user", self.interactions_per_user >= 1, "must be >= 1"),
+            ("surrogate_proj_dim", self.surrogate_proj_dim >= 1, "must be >= 1"),
+            ("surrogate_embed_dim", self.surrogate_embed_dim >= 1, "must be >= 1"),
+            ("surrogate_cross_layers", self.surrogate_cross_layers >= 0, "must be >= 0"),
+            ("surrogate_mlp_dims", all(d >= 1 for d in self.surrogate_mlp_dims), "every width must be >= 1"),
+            ("surrogate_dropout", 0.0 <= self.surrogate_dropout < 1.0, "must be in [0, 1)"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"quantization.{key}: {msg}, got {getattr(self, key)!r}")

@@ -1,0 +1,240 @@
+"""The joint objective of Algorithm 1, as the profile trainer's ``aux`` module.
+
+Per mini-batch of users the trainer computes L_LM and the batch's profile embeddings (B, P, D) (the mean over
+each profile's soft tokens) and calls ``aux(user_ids, profile_embeds)``; this module returns
+
+    lambda * (L_VQ + L_rec)                                                   (eq. 7 without L_LM)
+
+where L_VQ is the sum over profiles of eq. 5 and L_rec the surrogate DCN's BCE on ``interactions_per_user``
+training interactions per user, sampled by a generator seeded from (seed, step) so a resumed run samples the
+same rows. The trainer adds the result to L_LM and takes one optimizer step over soft tokens, codebooks and
+surrogate together (Algorithm 1, lines 3-7).
+
+``without_vq=True`` is the paper's ablation: the surrogate reads the continuous profiles and there is no
+codebook loss; the bank then stores the surrogate's projected profile vectors (see ``userip.codebook.stage``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from userip.codebook.config import QuantizationConfig
+from userip.codebook.quantizer import MultiProfileQuantizer
+from userip.codebook.surrogate import SurrogateRecommender
+from userip.data.schema import Dataset
+
+
+class InteractionSampler:
+    """Each user's training interactions as CSR arrays; samples a fixed number per user with replacement."""
+
+    def __init__(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, labels: np.ndarray, num_users: int
+    ) -> None:
+        order = np.argsort(user_ids, kind="stable")
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)[order]
+        self.labels = np.asarray(labels, dtype=np.float32)[order]
+        counts = np.bincount(np.asarray(user_ids, dtype=np.int64), minlength=num_users)
+        self.indptr = np.concatenate([[0], np.cumsum(counts)])  # (U + 1,)
+        self.num_users = num_users
+
+    @classmethod
+    def from_interactions(cls, interactions: pd.DataFrame, num_users: int) -> InteractionSampler:
+        return cls(
+            interactions["user_id"].to_numpy(np.int64),
+            interactions["item_id"].to_numpy(np.int64),
+            interactions["label"].to_numpy(np.float32),
+            num_users,
+        )
+
+    def sample(
+        self, user_ids: np.ndarray, per_user: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> row_user_pos (N,) (position of the row's user in ``user_ids``), item_ids (N,), labels (N,).
+
+        Users without training interactions (or outside the sampler's users) contribute no rows.
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        inside = (user_ids >= 0) & (user_ids < self.num_users)
+        safe = np.where(inside, user_ids, 0)
+        starts = self.indptr[safe]
+        counts = np.where(inside, self.indptr[safe + 1] - starts, 0)  # (B,)
+        offsets = np.floor(rng.random((len(user_ids), per_user)) * np.maximum(counts, 1)[:, None]).astype(
+            np.int64
+        )
+        rows = (starts[:, None] + offsets)[counts > 0].ravel()
+        row_user_pos = np.repeat(np.nonzero(counts > 0)[0], per_user)
+        return row_user_pos, self.item_ids[rows], self.labels[rows]
+
+
+def encode_user_features(users: pd.DataFrame) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Observable user columns -> (U, F) int64 ids (0 = missing) and the vocabulary sizes (F,)."""
+    columns = [c for c in users.columns if c not in ("user_id", "raw_user_id")]
+    ids, sizes = [], []
+    for col in columns:
+        values = users[col].astype("string").fillna("")
+        vocab = {v: i + 1 for i, v in enumerate(sorted(set(values) - {""}))}
+        ids.append(values.map(lambda v, vocab=vocab: vocab.get(v, 0)).to_numpy(np.int64))
+        sizes.append(len(vocab) + 1)
+    if not ids:
+        return np.zeros((len(users), 0), dtype=np.int64), ()
+    return np.stack(ids, axis=1), tuple(sizes)
+
+
+class JointObjective(nn.Module):
+    """The trainer's ``aux``: forward(user_ids (B,), profile_embeds (B, P, D)) -> (loss, metrics)."""
+
+    def __init__(
+        self,
+        quantizer: MultiProfileQuantizer,
+        surrogate: SurrogateRecommender,
+        sampler: InteractionSampler,
+        loss_weight: float = 0.001,
+        interactions_per_user: int = 8,
+        without_vq: bool = False,
+        user_features: np.ndarray | None = None,
+        seed: int = 0,
+        config: QuantizationConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config  # recorded in the bank manifest
+        self.quantizer = quantizer
+        self.surrogate = surrogate
+        self.sampler = sampler
+        self.loss_weight = loss_weight
+        self.interactions_per_user = interactions_per_user
+        self.without_vq = without_vq
+        self.seed = seed
+        self.user_features = (
+            None if user_features is None else torch.as_tensor(user_features, dtype=torch.long)
+        )
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # checkpointed: resumes the sampling
+
+    @property
+    def profile_names(self) -> list[str]:
+        return self.quantizer.profile_names
+
+    def with_sampler(
+        self, sampler: InteractionSampler, user_features: np.ndarray | None = None
+    ) -> JointObjective:
+        """The same (shared) quantizer and surrogate over other users' interactions: new-user inference."""
+        clone = JointObjective(
+            self.quantizer,
+            self.surrogate,
+            sampler,
+            self.loss_weight,
+            self.interactions_per_user,
+            self.without_vq,
+            user_features,
+            self.seed + 1,
+            self.config,
+        )
+        return clone
+
+    def forward(
+        self, user_ids: torch.Tensor, profile_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        metrics: dict[str, float] = {}
+        if self.without_vq:
+            profile_vectors, vq_loss = profile_embeds, profile_embeds.new_zeros(())
+        else:
+            profile_vectors, code_ids, vq_loss = self.quantizer(profile_embeds)  # (B, P, D), (B, P), ()
+            for p, name in enumerate(self.profile_names):
+                metrics[f"perplexity_{name}"] = code_perplexity(
+                    code_ids[:, p], self.quantizer.codebook_sizes[p]
+                )
+        rec_loss = self._surrogate_loss(user_ids, profile_vectors)
+        self.step += 1  # also when frozen (new users): each batch draws fresh interaction samples
+        loss = self.loss_weight * (vq_loss + rec_loss)
+        metrics.update(vq_loss=vq_loss.item(), rec_loss=rec_loss.item(), aux_loss=loss.item())
+        return loss, metrics
+
+    def _surrogate_loss(self, user_ids: torch.Tensor, profile_vectors: torch.Tensor) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, int(self.step)])
+        uids = user_ids.detach().cpu().numpy()
+        pos, item_ids, labels = self.sampler.sample(uids, self.interactions_per_user, rng)
+        if len(pos) == 0:  # no user of the batch has a training interaction
+            return profile_vectors.new_zeros(())
+        device = profile_vectors.device
+        pos_t = torch.as_tensor(pos, device=device)
+        feats = None
+        if self.user_features is not None:
+            feats = self.user_features[torch.as_tensor(uids[pos])].to(device)  # (N, F)
+        logits = self.surrogate(profile_vectors[pos_t], torch.as_tensor(item_ids, device=device), feats)
+        return nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(labels, device=device))
+
+    # ------------------------------------------------------------------ after training
+    @torch.no_grad()
+    def assign_codes(self, profile_table: torch.Tensor) -> np.ndarray:
+        """Final IDs (U, P) int64: nearest code of every user's profile (the paper's post-training step)."""
+        return self.quantizer.nearest(profile_table).cpu().numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def projected_profiles(self, profile_table: torch.Tensor) -> np.ndarray:
+        """(U, P, proj_dim) float32: the surrogate's projection of the profiles (``without_vq`` bank)."""
+        was_training = self.surrogate.training
+        self.surrogate.eval()
+        out = self.surrogate.project(profile_table).cpu().numpy().astype(np.float32)
+        self.surrogate.train(was_training)
+        return out
+
+
+def code_perplexity(code_ids: torch.Tensor, codebook_size: int) -> float:
+    """exp(entropy) of the batch's code histogram: 1 = collapse onto one code, K = uniform use."""
+    counts = torch.bincount(code_ids.flatten(), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp(min=1)
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
+    return float(math.exp(float(entropy)))
+
+
+def build_joint_objective(
+    dataset: Dataset,
+    profile_names: list[str],
+    codebook_sizes: list[int],
+    profile_dim: int,
+    config: QuantizationConfig | None = None,
+) -> JointObjective:
+    """The ``aux`` module for ``dataset``: codebooks + surrogate over the *training split* only."""
+    config = config or QuantizationConfig()
+    quantizer = MultiProfileQuantizer(
+        profile_names,
+        codebook_sizes,
+        profile_dim,
+        beta=config.beta,
+        init=config.codebook_init,
+        dead_code_threshold=config.dead_code_threshold,
+        # A dataset smaller than the buffer would wait forever: cap at the number of users.
+        kmeans_init_samples=max(max(codebook_sizes), min(config.kmeans_init_samples, dataset.num_users)),
+        kmeans_iters=config.kmeans_iters,
+        seed=config.seed,
+    )
+    user_features, vocab_sizes = (None, ())
+    if config.use_user_features:
+        user_features, vocab_sizes = encode_user_features(dataset.users)
+    surrogate = SurrogateRecommender(
+        len(profile_names),
+        profile_dim,
+        dataset.num_items,
+        proj_dim=config.surrogate_proj_dim,
+        embed_dim=config.surrogate_embed_dim,
+        num_cross_layers=config.surrogate_cross_layers,
+        mlp_dims=config.surrogate_mlp_dims,
+        dropout=config.surrogate_dropout,
+        user_feature_vocab_sizes=vocab_sizes,
+    )
+    sampler = InteractionSampler.from_interactions(dataset.split("train"), dataset.num_users)
+    return JointObjective(
+        quantizer,
+        surrogate,
+        sampler,
+        loss_weight=config.loss_weight,
+        interactions_per_user=config.interactions_per_user,
+        without_vq=config.without_vq,
+        user_features=user_features,
+        seed=config.seed,
+        config=config,
+    )

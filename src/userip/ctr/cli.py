@@ -1,0 +1,113 @@
+"""``userip train``: train one CTR model on a run directory and report AUC / Logloss on valid and test.
+
+    userip train --model dcn --run-dir RUN [--with-profiles] [--bank PATH] [--model-config YAML] [--seed N]
+                 [--epochs N] [--batch-size N] [--lr F] [--user-features a,b] [--threads N] [--no-progress]
+
+Prints a Markdown table and writes ``RUN/ctr/<model>[+profiles]/`` (see ``userip.ctr.recipe``); logs go to
+``RUN/logs/train.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from userip.utils.config import ConfigError, from_dict, load_yaml
+
+# The model-config YAML may hold model keyword arguments at the top level, or split into two sections.
+_SECTIONS = ("model", "trainer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="dcn", help="CTR model name (registry key, e.g. dcn)")
+    parser.add_argument("--run-dir", required=True, type=Path, help="run directory holding data/ (and bank/)")
+    parser.add_argument(
+        "--with-profiles", action="store_true", help="add the feature bank's profile-ID fields"
+    )
+    parser.add_argument("--bank", type=Path, default=None, help="feature bank path (default RUN/bank)")
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        default=None,
+        help="YAML: model keyword arguments, or sections `model:` and `trainer:` (TrainerConfig keys)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for init, shuffling and dropout")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs (early stopping on valid AUC)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument(
+        "--user-features", default="", help="comma-separated observable user columns, e.g. age,gender"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _read_model_config(path: Path | None) -> tuple[dict, dict]:
+    if path is None:
+        return {}, {}
+    data = load_yaml(path)
+    if set(data) & set(_SECTIONS):
+        extra = sorted(set(data) - set(_SECTIONS))
+        if extra:
+            raise ConfigError(
+                f"{path}: with sections {list(_SECTIONS)}, other top-level keys {extra} are not allowed"
+            )
+        return dict(data.get("model") or {}), dict(data.get("trainer") or {})
+    return data, {}
+
+
+def results_table(valid: dict[str, float] | None, test: dict[str, float]) -> str:
+    rows = [("valid", valid), ("test", test)]
+    lines = ["| split | AUC | Logloss |", "|---|---|---|"]
+    lines += [f"| {name} | {m['auc']:.4f} | {m['logloss']:.4f} |" for name, m in rows if m is not None]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from userip.ctr.recipe import output_name, train_ctr  # heavy imports only when the command runs
+    from userip.ctr.trainer import TrainerConfig
+    from userip.utils.logging import setup_logging
+
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise SystemExit(f"userip train: run directory {run_dir} not found")
+    model_config, trainer_dict = _read_model_config(args.model_config)
+    overrides = {
+        "max_epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "num_threads": args.threads,
+    }
+    trainer_dict.update({k: v for k, v in overrides.items() if v is not None})
+    trainer_dict.setdefault("progress", not args.no_progress)
+    where = str(args.model_config) + ":trainer" if args.model_config else "trainer options"
+    config = from_dict(TrainerConfig, trainer_dict, where)
+    if args.bank is not None and not args.with_profiles:
+        raise SystemExit("userip train: --bank needs --with-profiles")
+    user_features = [c.strip() for c in args.user_features.split(",") if c.strip()]
+
+    setup_logging(run_dir / "logs" / "train.log")
+    try:
+        result = train_ctr(
+            run_dir,
+            args.model,
+            with_profiles=args.with_profiles,
+            bank=args.bank,
+            user_features=user_features,
+            model_config=model_config,
+            config=config,
+            seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (unknown model, stale bank, missing files, bad config) ends with one line naming the cause.
+        raise SystemExit(f"userip train: {e}") from e
+    name = output_name(args.model, args.with_profiles)
+    print(f"{name} (best epoch {result.fit.best_epoch}, seed {result.seed})")
+    print(results_table(result.valid, result.test))
+    print(f"wrote {result.output_dir}")
+    return 0
+
+
+__all__ = ["add_arguments", "results_table", "run"]

@@ -1,0 +1,158 @@
+"""CTR tensors from a ``Dataset``: one ``x_ids`` LongTensor (N, F) and ``labels`` FloatTensor (N,) per split.
+
+Field order: ``user_id``, ``item_id``, then one field per profile of the feature bank (named by the bank's
+profile names), then the chosen observable user features. Vocabularies are fit on the train split, so users,
+items and feature values never seen in training map to index 0. Profile field p has ``vocab_size = K_p + 1``
+and index ``code + 1``; a user the bank does not know (code -1) maps to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from userip.ctr.encoding import FeatureEncoder, Vocabulary
+from userip.ctr.features import FeatureMap, Field, FieldSource
+from userip.data.schema import SPLITS, Dataset
+
+USER_FIELD = "user_id"
+ITEM_FIELD = "item_id"
+
+
+@runtime_checkable
+class ProfileBank(Protocol):
+    """What the CTR stage needs from a feature bank (``userip.feature_bank.FeatureBank`` implements it)."""
+
+    profile_names: list[str]
+    codebook_sizes: list[int]
+    dataset_hash: str
+    version: str
+
+    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+        """(N,) int64 user ids -> (N, P) int64 codes in [0, K_p); -1 for a user the bank does not know."""
+        ...
+
+
+class BankMismatchError(ValueError):
+    """The feature bank was built from another dataset than the one being trained on."""
+
+
+def check_bank_matches(bank: ProfileBank, dataset: Dataset) -> None:
+    """Refuse a bank whose recorded dataset hash differs from the dataset's content hash."""
+    if bank.dataset_hash != dataset.content_hash:
+        raise BankMismatchError(
+            f"feature bank (version {bank.version!r}) was built from dataset {bank.dataset_hash!r}, but this "
+            f"dataset's content hash is {dataset.content_hash!r}; rerun `userip profile` on this dataset"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTensors:
+    x_ids: torch.Tensor  # (N, F) int64 field indices
+    labels: torch.Tensor  # (N,) float32 in {0, 1}
+
+    def __post_init__(self) -> None:
+        if self.x_ids.ndim != 2 or self.x_ids.dtype != torch.long:
+            raise ValueError(
+                f"x_ids must be a 2-D int64 tensor, got {tuple(self.x_ids.shape)} {self.x_ids.dtype}"
+            )
+        if self.labels.shape != (self.x_ids.shape[0],):
+            raise ValueError(f"labels shape {tuple(self.labels.shape)} != ({self.x_ids.shape[0]},)")
+
+    def __len__(self) -> int:
+        return int(self.x_ids.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class CTRData:
+    feature_map: FeatureMap
+    encoder: FeatureEncoder
+    splits: dict[str, SplitTensors]
+
+    def __getitem__(self, split: str) -> SplitTensors:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(f"no split {split!r}; have {sorted(self.splits)}") from None
+
+
+def build_ctr_data(
+    dataset: Dataset,
+    bank: ProfileBank | None = None,
+    user_features: Sequence[str] = (),
+    check_bank_hash: bool = True,
+) -> CTRData:
+    """Encode every split of ``dataset`` into field indices and declare the fields in a ``FeatureMap``."""
+    inter = dataset.interactions
+    train = inter[inter["split"] == "train"]
+    if len(train) == 0:
+        raise ValueError("dataset has no train interactions; cannot fit vocabularies")
+    missing = [c for c in user_features if c not in dataset.users.columns or c in ("user_id", "raw_user_id")]
+    if missing:
+        observable = [c for c in dataset.users.columns if c not in ("user_id", "raw_user_id")]
+        raise ValueError(f"unknown user feature(s) {missing}; observable user features are {observable}")
+    if bank is not None:
+        if check_bank_hash:
+            check_bank_matches(bank, dataset)
+        if len(bank.profile_names) != len(bank.codebook_sizes):
+            raise ValueError("feature bank: profile_names and codebook_sizes differ in length")
+
+    vocabularies = {
+        USER_FIELD: Vocabulary.fit(train["user_id"].to_numpy()),
+        ITEM_FIELD: Vocabulary.fit(train["item_id"].to_numpy()),
+    }
+    # Observable features are per-user columns: fit on the train split's rows (the users seen in training).
+    users = dataset.users.set_index("user_id")
+    for name in user_features:
+        vocabularies[name] = Vocabulary.fit(users[name].to_numpy()[train["user_id"].to_numpy()])
+
+    fields = [
+        Field(USER_FIELD, vocabularies[USER_FIELD].size, FieldSource.USER),
+        Field(ITEM_FIELD, vocabularies[ITEM_FIELD].size, FieldSource.ITEM),
+    ]
+    if bank is not None:
+        fields += [
+            Field(name, int(k) + 1, FieldSource.PROFILE)
+            for name, k in zip(bank.profile_names, bank.codebook_sizes, strict=True)
+        ]
+    fields += [Field(name, vocabularies[name].size, FieldSource.USER) for name in user_features]
+    feature_map = FeatureMap(tuple(fields))
+    encoder = FeatureEncoder(vocabularies)
+
+    # Users table is indexed by contiguous user_id (validated by Dataset), so positional lookup is exact.
+    user_columns = {name: users[name].to_numpy() for name in user_features}
+    splits: dict[str, SplitTensors] = {}
+    for split in SPLITS:
+        rows = inter[inter["split"] == split]
+        if len(rows) == 0:
+            continue
+        user_ids = rows["user_id"].to_numpy(dtype=np.int64)
+        columns = [
+            encoder.encode(USER_FIELD, user_ids),
+            encoder.encode(ITEM_FIELD, rows["item_id"].to_numpy(dtype=np.int64)),
+        ]
+        if bank is not None:
+            columns += list(profile_indices(bank, user_ids).T)
+        columns += [encoder.encode(name, user_columns[name][user_ids]) for name in user_features]
+        x_ids = torch.from_numpy(np.ascontiguousarray(np.stack(columns, axis=1), dtype=np.int64))
+        labels = torch.from_numpy(rows["label"].to_numpy(dtype=np.float32))
+        splits[split] = SplitTensors(x_ids, labels)
+    return CTRData(feature_map, encoder, splits)
+
+
+def profile_indices(bank: ProfileBank, user_ids: np.ndarray) -> np.ndarray:
+    """(N, P) field indices ``code + 1`` from the bank, 0 for unknown users; checks codes against K_p."""
+    codes = np.asarray(bank.lookup(np.asarray(user_ids, dtype=np.int64)), dtype=np.int64)
+    num_profiles = len(bank.profile_names)
+    if codes.shape != (len(user_ids), num_profiles):
+        raise ValueError(
+            f"bank.lookup returned shape {codes.shape}, expected ({len(user_ids)}, {num_profiles})"
+        )
+    sizes = np.asarray(bank.codebook_sizes, dtype=np.int64)
+    if (codes < -1).any() or (codes >= sizes).any():
+        raise ValueError(f"bank.lookup returned codes outside [-1, K_p) for K = {sizes.tolist()}")
+    return codes + 1

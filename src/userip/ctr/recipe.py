@@ -1,0 +1,213 @@
+"""The CTR stage as one plain recipe: setup (data, fields, model) -> train -> evaluate -> save.
+
+``train_ctr`` is a library call: it prints nothing (logging goes to the ``userip`` logger, silent unless a
+handler is configured; ``TrainerConfig.progress`` turns the tqdm bar on) and returns a ``CTRResult`` holding
+valid/test AUC and Logloss plus the test probabilities, so an experiment runner can call it per seed and pair
+the results. Given a run directory it reads ``RUN/data`` (and ``RUN/bank`` with profiles) and writes
+``RUN/ctr/<model>[+profiles]/``: ``model.safetensors``, ``feature_map.json``, ``encoder.json``,
+``config.json`` and, last, ``metrics.json`` (its presence marks a complete run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from userip.ctr.data import CTRData, ProfileBank, build_ctr_data
+from userip.ctr.models import build_model, model_arguments
+from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, predict_probs
+from userip.data.schema import Dataset
+from userip.evaluation.metrics import auc, logloss
+from userip.utils.config import to_dict
+from userip.utils.io import atomic_write_json
+from userip.utils.logging import get_logger
+from userip.utils.seed import seed_everything
+
+log = get_logger(__name__)
+
+MODEL_FILE = "model.safetensors"
+FEATURE_MAP_FILE = "feature_map.json"
+ENCODER_FILE = "encoder.json"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+def output_name(model_name: str, with_profiles: bool) -> str:
+    """Folder name under ``RUN/ctr/``: ``dcn`` or ``dcn+profiles``."""
+    return f"{model_name.lower()}+profiles" if with_profiles else model_name.lower()
+
+
+@dataclasses.dataclass
+class CTRResult:
+    model_name: str
+    with_profiles: bool
+    seed: int
+    valid: dict[str, float] | None  # {"auc", "logloss"}; None when the dataset has no valid split
+    test: dict[str, float]
+    test_labels: np.ndarray  # (N_test,) float32
+    test_probs: np.ndarray  # (N_test,) float32, aligned with the dataset's test rows in order
+    fit: FitResult
+    data: CTRData
+    model: nn.Module  # trained, holding its best weights, in eval mode
+    test_inference_samples_per_s: float
+    output_dir: Path | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-ready summary (what ``metrics.json`` holds)."""
+        return {
+            "model": self.model_name,
+            "with_profiles": self.with_profiles,
+            "seed": self.seed,
+            "valid": self.valid,
+            "test": self.test,
+            "best_epoch": self.fit.best_epoch,
+            "stopped_early": self.fit.stopped_early,
+            "num_rows": {name: len(split) for name, split in self.data.splits.items()},
+            "fields": self.data.feature_map.names,
+            "test_inference_samples_per_s": self.test_inference_samples_per_s,
+            "history": [dataclasses.asdict(r) for r in self.fit.history],
+        }
+
+
+def load_bank(path: str | Path) -> ProfileBank:
+    """Load the feature bank at ``path`` (``userip.feature_bank.FeatureBank``); clear error if absent."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no feature bank here; run `userip profile` first or pass --bank PATH"
+        )
+    from userip.feature_bank import FeatureBank  # imported late: only runs with profiles need it
+
+    return FeatureBank.load(path)
+
+
+def train_ctr(
+    source: str | Path | Dataset,
+    model_name: str = "dcn",
+    *,
+    with_profiles: bool = False,
+    bank: ProfileBank | str | Path | None = None,
+    user_features: Sequence[str] = (),
+    model_config: Mapping[str, Any] | None = None,
+    config: TrainerConfig | None = None,
+    seed: int | None = None,
+    output_dir: str | Path | None = None,
+    save: bool = True,
+) -> CTRResult:
+    """Train and evaluate one CTR model.
+
+    ``source``: a run directory (reads ``RUN/data``) or a loaded ``Dataset``. With ``with_profiles`` the
+    bank's profile IDs become extra fields; ``bank`` is a bank object or path, defaulting to ``RUN/bank`` for
+    a run directory, and must have been built from this dataset (content hash). ``model_config`` holds keyword
+    arguments of the model (``userip.ctr.models.model_arguments(name)`` lists them). ``seed`` overrides
+    ``config.seed`` and also seeds the model's initialisation. Outputs go to ``output_dir``, defaulting to
+    ``RUN/ctr/<model>[+profiles]`` for a run directory; nothing is written for a ``Dataset`` without
+    ``output_dir`` or when ``save`` is False.
+    """
+    config = config or TrainerConfig()
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    model_config = dict(model_config or {})
+    model_arguments(model_name)  # fail on an unknown model name before loading anything
+
+    run_dir: Path | None = None
+    if isinstance(source, Dataset):
+        dataset = source
+    else:
+        run_dir = Path(source)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: run directory not found")
+        dataset = Dataset.load(run_dir)
+
+    if bank is not None and not with_profiles:
+        raise ValueError("a feature bank was given but with_profiles is False; set with_profiles=True")
+    if with_profiles and bank is None:
+        if run_dir is None:
+            raise ValueError("with_profiles needs a bank (object or path) when source is a Dataset")
+        bank = run_dir / "bank"
+    if isinstance(bank, str | Path):
+        bank = load_bank(bank)
+
+    if output_dir is None and run_dir is not None:
+        output_dir = run_dir / "ctr" / output_name(model_name, with_profiles)
+    out = Path(output_dir) if (save and output_dir is not None) else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)  # a stale metrics file must not vouch for this run
+
+    # ---- setup
+    data = build_ctr_data(dataset, bank, user_features)
+    if "train" not in data.splits or "test" not in data.splits:
+        raise ValueError(f"dataset needs train and test interactions; has splits {sorted(data.splits)}")
+    seed_everything(config.seed)
+    model = build_model(model_name, data.feature_map, **model_config)
+    log.info(
+        "training %s on %d rows, fields %s (seed %d)",
+        output_name(model_name, with_profiles),
+        len(data["train"]),
+        data.feature_map.names,
+        config.seed,
+    )
+
+    # ---- train
+    trainer = Trainer(model, config)
+    valid = data.splits.get("valid")
+    fit = trainer.fit(data["train"], valid, checkpoint_path=None if out is None else out / MODEL_FILE)
+
+    # ---- evaluate
+    valid_metrics = trainer.evaluate(valid) if valid is not None else None
+    test = data["test"]
+    start = time.perf_counter()
+    test_probs = predict_probs(trainer.model, test.x_ids, config.eval_batch_size, trainer.device)
+    infer_sps = len(test) / max(time.perf_counter() - start, 1e-9)
+    test_labels = test.labels.numpy()
+    test_metrics = {"auc": auc(test_labels, test_probs), "logloss": logloss(test_labels, test_probs)}
+    result = CTRResult(
+        model_name=model_name.lower(),
+        with_profiles=with_profiles,
+        seed=config.seed,
+        valid=valid_metrics,
+        test=test_metrics,
+        test_labels=test_labels,
+        test_probs=test_probs,
+        fit=fit,
+        data=data,
+        model=trainer.model,
+        test_inference_samples_per_s=infer_sps,
+        output_dir=out,
+    )
+    log.info("%s: valid %s, test %s", output_name(model_name, with_profiles), valid_metrics, test_metrics)
+
+    # ---- save (the checkpoint already holds the best weights; metrics last)
+    if out is not None:
+        atomic_write_json(out / FEATURE_MAP_FILE, data.feature_map.to_dict())
+        data.encoder.save(out / ENCODER_FILE)
+        resolved_model = {**model_arguments(model_name), **model_config}
+        atomic_write_json(
+            out / CONFIG_FILE,
+            {
+                "model": model_name.lower(),
+                "model_config": {
+                    k: list(v) if isinstance(v, tuple) else v for k, v in resolved_model.items()
+                },
+                "trainer": to_dict(config),
+                "with_profiles": with_profiles,
+                "user_features": list(user_features),
+                "dataset_hash": dataset.content_hash,
+                "bank": None
+                if bank is None
+                else {
+                    "version": bank.version,
+                    "dataset_hash": bank.dataset_hash,
+                    "profiles": bank.profile_names,
+                },
+            },
+        )
+        atomic_write_json(out / METRICS_FILE, result.metrics())
+    return result

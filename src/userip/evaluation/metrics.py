@@ -1,0 +1,124 @@
+"""CTR metrics as pure functions: AUC, Logloss, the paper's relative improvements, and seed statistics.
+
+All functions take array-likes, never mutate them, and compute in float64. Undefined cases (one class only,
+a base AUC of exactly 0.5, fewer than two paired seeds) raise ``ValueError`` naming the cause instead of
+returning a silent NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+DEFAULT_EPS = 1e-7
+# Below this many seeds the exact two-sided Wilcoxon test cannot reach p < 0.05 (n = 5: p >= 0.0625).
+MIN_WILCOXON_PAIRS = 6
+
+
+def _labels_probs(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probs differ in length: {y.size} vs {p.size}")
+    if y.size == 0:
+        raise ValueError("labels and probs are empty")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0/1")
+    if not np.isfinite(p).all():
+        raise ValueError("probs contain NaN or inf")
+    return y, p
+
+
+def auc(labels: ArrayLike, probs: ArrayLike) -> float:
+    """Area under the ROC curve (ties count one half). Scores need not be probabilities, only rankable."""
+    y, p = _labels_probs(labels, probs)
+    positives = int(y.sum())
+    if positives == 0 or positives == y.size:
+        raise ValueError(f"AUC is undefined with one class only ({positives} positives of {y.size})")
+    return float(roc_auc_score(y, p))
+
+
+def logloss(labels: ArrayLike, probs: ArrayLike, eps: float = DEFAULT_EPS) -> float:
+    """Mean binary cross-entropy; probs are clipped to [eps, 1 - eps] so a confident miss stays finite."""
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    y, p = _labels_probs(labels, probs)
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("probs must lie in [0, 1] (apply a sigmoid to logits first)")
+    p = np.clip(p, eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def rela_impr_auc(auc_value: float, base_auc: float) -> float:
+    """Paper's RelaImpr on AUC: (AUC - 0.5) / (AUC_base - 0.5) - 1 (gain over random guessing, relative)."""
+    if base_auc == 0.5:
+        raise ValueError("RelaImpr_AUC is undefined for a base AUC of exactly 0.5")
+    return (auc_value - 0.5) / (base_auc - 0.5) - 1.0
+
+
+def rela_impr_logloss(logloss_value: float, base_logloss: float) -> float:
+    """Paper's RelaImpr on Logloss: (LL_base - LL) / LL (positive when the model's loss is lower)."""
+    if logloss_value <= 0:
+        raise ValueError(f"RelaImpr_LL needs a positive logloss, got {logloss_value}")
+    return (base_logloss - logloss_value) / logloss_value
+
+
+def mean_std(values: Sequence[float] | ArrayLike) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1, as pandas reports it); std is 0.0 for a single value."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("mean_std of an empty sequence")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTestResult:
+    """Paired comparison of scores a and b over the same seeds (difference = a - b)."""
+
+    num_pairs: int
+    mean_diff: float
+    t_statistic: float
+    t_pvalue: float
+    wilcoxon_statistic: float | None  # None when there are too few pairs or every difference is zero
+    wilcoxon_pvalue: float | None
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        """True if the paired t-test rejects equal means at level ``alpha`` (NaN p-values never do)."""
+        return not math.isnan(self.t_pvalue) and self.t_pvalue < alpha
+
+
+def paired_test(
+    a_scores: Sequence[float] | ArrayLike, b_scores: Sequence[float] | ArrayLike
+) -> PairedTestResult:
+    """Two-sided paired t-test of per-seed scores (scipy), plus a Wilcoxon signed-rank test when n permits.
+
+    ``a_scores[i]`` and ``b_scores[i]`` must come from the same seed (same split and init stream). When every
+    difference is equal (to within float rounding) the t statistic is undefined: it is reported as +-inf
+    with p = 0 if the common difference is non-zero, and NaN with p = 1 if it is zero.
+    """
+    a = np.asarray(a_scores, dtype=np.float64).ravel()
+    b = np.asarray(b_scores, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_test needs one score per seed on both sides: {a.size} vs {b.size}")
+    if a.size < 2:
+        raise ValueError(f"paired_test needs at least 2 paired seeds, got {a.size}")
+    diff = a - b
+    mean_diff = float(diff.mean())
+    if np.allclose(diff, diff[0], rtol=1e-9, atol=1e-12):
+        # (Numerically) zero variance: scipy would warn and return NaN or a huge t; decide by hand.
+        t_stat, t_p = (math.copysign(math.inf, mean_diff), 0.0) if mean_diff != 0 else (math.nan, 1.0)
+    else:
+        res = stats.ttest_rel(a, b)
+        t_stat, t_p = float(res.statistic), float(res.pvalue)
+    w_stat: float | None = None
+    w_p: float | None = None
+    if a.size >= MIN_WILCOXON_PAIRS and np.any(diff != 0):
+        w = stats.wilcoxon(a, b)
+        w_stat, w_p = float(w.statistic), float(w.pvalue)
+    return PairedTestResult(a.size, mean_diff, t_stat, t_p, w_stat, w_p)

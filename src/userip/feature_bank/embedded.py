@@ -1,0 +1,402 @@
+"""Embedded feature bank: one Parquet file per version, loaded into dense numpy arrays.
+
+On disk (``<bank_dir>`` is usually ``<run_dir>/bank``)::
+
+    <bank_dir>/CURRENT.json                 {"version", "file", "sha256", "bytes"}: the version readers use
+    <bank_dir>/versions/<version>.parquet   one row per user: user_id, raw_user_id, code_<profile>...
+                                            [, vec_<profile> (fixed-size float32 lists, ``without_vq`` banks)]
+                                            schema metadata "userip_bank": manifest + codebook vectors (JSON)
+
+Writing a version: the Parquet file is written to a temporary name and renamed, *then* ``CURRENT.json`` is
+replaced atomically. A write killed at any point leaves ``CURRENT.json`` naming the previous, complete
+version, so readers keep the old bank until the new one is whole. Loading checks the file's size and SHA-256
+against ``CURRENT.json``: a corrupt or truncated file is refused with a message naming it.
+
+Row ``i`` holds the user whose ``user_id`` (the dataset's contiguous index) is ``i``, so ``lookup`` is one
+dense array index. ``UNKNOWN_CODE = -1`` marks a user the bank does not know (also rows reserved but never
+filled).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError
+from userip.utils.io import atomic_write_json, atomic_write_with, read_json, sha256_file
+
+FORMAT_VERSION = 1
+POINTER = "CURRENT.json"
+VERSIONS_DIR = "versions"
+METADATA_KEY = b"userip_bank"
+KIND_CODES = "codes"  # profile IDs from the VQ codebooks (the method)
+KIND_CONTINUOUS = "continuous"  # ``without_vq`` ablation: vectors, plus k-means IDs so the ID contract holds
+
+
+class FeatureBank:
+    """User -> profile IDs (+ codebook vectors, manifest). Build with ``build``, persist with ``write``."""
+
+    def __init__(
+        self,
+        raw_user_ids: list[str],
+        codes: np.ndarray,
+        codebooks: list[np.ndarray],
+        manifest: dict[str, Any],
+        profile_vectors: np.ndarray | None = None,
+    ) -> None:
+        self.raw_user_ids = raw_user_ids  # (U,) row i = user_id i; "" for a reserved, unfilled row
+        self.codes = codes  # (U, P) int64
+        self.codebooks = codebooks  # P arrays (K_p, D)
+        self.manifest = manifest
+        self.profile_vectors = profile_vectors  # (U, P, d) float32 or None
+        self.profile_names: list[str] = list(manifest["profile_names"])
+        self.codebook_sizes: list[int] = [int(k) for k in manifest["codebook_sizes"]]
+        self.dataset_hash: str = str(manifest["dataset_hash"])
+        self.version: str = str(manifest["version"])
+        self._row_of = {r: i for i, r in enumerate(raw_user_ids) if r != ""}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        *,
+        profile_names: Sequence[str],
+        codebooks: Sequence[np.ndarray],
+        codes: np.ndarray,
+        raw_user_ids: Sequence[str],
+        dataset_hash: str,
+        lm: str = "",
+        template: str = "",
+        config: dict[str, Any] | None = None,
+        profile_vectors: np.ndarray | None = None,
+        kind: str = KIND_CODES,
+        parent_version: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> FeatureBank:
+        """Validate and assemble a new bank version (in memory; ``write`` persists it).
+
+        ``codes`` (U, P) are indexed by user_id; ``codebooks[p]`` is (K_p, D) with K_p >= 2.
+        """
+        codes = np.asarray(codes)
+        profile_names = list(profile_names)
+        raw_user_ids = [str(r) for r in raw_user_ids]
+        if not profile_names or len(set(profile_names)) != len(profile_names):
+            raise FeatureBankError(f"profile_names must be non-empty and unique, got {profile_names}")
+        if len(codebooks) != len(profile_names):
+            raise FeatureBankError(f"{len(codebooks)} codebooks for {len(profile_names)} profiles")
+        cbs = [np.asarray(cb, dtype=np.float32) for cb in codebooks]
+        for name, cb in zip(profile_names, cbs):
+            if cb.ndim != 2:
+                raise FeatureBankError(f"codebook of {name!r} must be (K, D), got shape {cb.shape}")
+            if cb.shape[0] < 2:
+                raise FeatureBankError(
+                    f"codebook of {name!r} has {cb.shape[0]} code(s); a codebook needs >= 2"
+                )
+        if (
+            not np.issubdtype(codes.dtype, np.integer)
+            or codes.ndim != 2
+            or codes.shape[1] != len(profile_names)
+        ):
+            raise FeatureBankError(
+                f"codes must be an integer (U, {len(profile_names)}) array, got {codes.dtype} {codes.shape}"
+            )
+        codes = codes.astype(np.int64)
+        if len(raw_user_ids) != len(codes):
+            raise FeatureBankError(f"{len(raw_user_ids)} raw user ids for {len(codes)} rows of codes")
+        named = [r for r in raw_user_ids if r != ""]
+        if len(set(named)) != len(named):
+            raise FeatureBankError("raw_user_ids must be unique")
+        for p, (name, cb) in enumerate(zip(profile_names, cbs)):
+            col = codes[:, p]
+            if col.size and (col.min() < UNKNOWN_CODE or col.max() >= cb.shape[0]):
+                raise FeatureBankError(
+                    f"codes of {name!r} must lie in [0, {cb.shape[0]}) or be {UNKNOWN_CODE}"
+                )
+        if profile_vectors is not None:
+            profile_vectors = np.asarray(profile_vectors, dtype=np.float32)
+            if profile_vectors.ndim != 3 or profile_vectors.shape[:2] != codes.shape:
+                raise FeatureBankError(f"profile_vectors must be (U, P, d), got {profile_vectors.shape}")
+        if kind not in (KIND_CODES, KIND_CONTINUOUS):
+            raise FeatureBankError(f"kind must be {KIND_CODES!r} or {KIND_CONTINUOUS!r}, got {kind!r}")
+        created = dt.datetime.now(dt.UTC)
+        digest = hashlib.sha256(codes.tobytes())
+        digest.update("\x1f".join(raw_user_ids).encode())
+        for cb in cbs:
+            digest.update(cb.tobytes())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": f"{created:%Y%m%dT%H%M%S%fZ}-{digest.hexdigest()[:8]}",
+            "parent_version": parent_version,
+            "created": created.isoformat(timespec="seconds"),
+            "dataset_hash": dataset_hash,
+            "lm": lm,
+            "template": template,
+            "config": config or {},
+            "kind": kind,
+            "profile_names": profile_names,
+            "codebook_sizes": [int(cb.shape[0]) for cb in cbs],
+            "num_users": int((codes[:, 0] >= 0).sum()) if codes.size else 0,
+            "unknown_code": UNKNOWN_CODE,
+            **(extra or {}),
+        }
+        return cls(raw_user_ids, codes, cbs, manifest, profile_vectors)
+
+    def upsert(
+        self,
+        raw_user_ids: Sequence[str],
+        codes: np.ndarray,
+        user_ids: np.ndarray | None = None,
+        profile_vectors: np.ndarray | None = None,
+        note: str = "",
+    ) -> FeatureBank:
+        """A new version with these users' codes set; every other user's row is copied unchanged.
+
+        A raw id already in the bank keeps its row. A new one goes to ``user_ids[i]`` when given (a dataset
+        user the bank had no profile for), else to the next free row after the current last one.
+        """
+        raw_user_ids = [str(r) for r in raw_user_ids]
+        codes = np.asarray(codes, dtype=np.int64).reshape(len(raw_user_ids), len(self.profile_names))
+        rows = np.empty(len(raw_user_ids), dtype=np.int64)
+        next_row = len(self.raw_user_ids)
+        for i, raw in enumerate(raw_user_ids):
+            if raw in self._row_of:
+                rows[i] = self._row_of[raw]
+            elif user_ids is not None:
+                rows[i] = int(user_ids[i])
+            else:
+                rows[i], next_row = next_row, next_row + 1
+        size = max(len(self.raw_user_ids), int(rows.max()) + 1 if len(rows) else 0)
+        new_raw = list(self.raw_user_ids) + [""] * (size - len(self.raw_user_ids))
+        new_codes = np.full((size, len(self.profile_names)), UNKNOWN_CODE, dtype=np.int64)
+        new_codes[: len(self.codes)] = self.codes
+        for i, row in enumerate(rows):
+            if new_raw[row] not in ("", raw_user_ids[i]):
+                raise FeatureBankError(
+                    f"row {row} already belongs to user {new_raw[row]!r}, not {raw_user_ids[i]!r}"
+                )
+            new_raw[row] = raw_user_ids[i]
+        new_codes[rows] = codes
+        new_vectors = None
+        if self.profile_vectors is not None:
+            if profile_vectors is None:
+                raise FeatureBankError("this bank stores profile vectors: upsert needs profile_vectors too")
+            new_vectors = np.zeros((size, *self.profile_vectors.shape[1:]), dtype=np.float32)
+            new_vectors[: len(self.profile_vectors)] = self.profile_vectors
+            new_vectors[rows] = profile_vectors
+        history = list(self.manifest.get("upserts", [])) + [
+            {"from_version": self.version, "num_users": len(raw_user_ids), "note": note}
+        ]
+        keep = {k: self.manifest[k] for k in ("lm", "template", "config", "kind")}
+        extra = {k: v for k, v in self.manifest.items() if k not in _BUILT_KEYS}
+        extra["upserts"] = history
+        return FeatureBank.build(
+            profile_names=self.profile_names,
+            codebooks=self.codebooks,
+            codes=new_codes,
+            raw_user_ids=new_raw,
+            dataset_hash=self.dataset_hash,
+            profile_vectors=new_vectors,
+            parent_version=self.version,
+            extra=extra,
+            **keep,
+        )
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def num_rows(self) -> int:
+        return len(self.raw_user_ids)
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", KIND_CODES))
+
+    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+        """(N,) int64 user ids -> (N, P) int64 codes; ``UNKNOWN_CODE`` (-1) for ids the bank does not hold."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        out = np.full((len(user_ids), len(self.profile_names)), UNKNOWN_CODE, dtype=np.int64)
+        inside = (user_ids >= 0) & (user_ids < len(self.codes))
+        out[inside] = self.codes[user_ids[inside]]
+        return out
+
+    def lookup_raw(self, raw_user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """raw ids (N,) -> codes (N, P) int64 (-1 where unknown) and known_mask (N,) bool."""
+        rows = np.fromiter((self._row_of.get(str(r), -1) for r in raw_user_ids), np.int64, len(raw_user_ids))
+        codes = self.lookup(rows)
+        return codes, (codes >= 0).all(axis=1)
+
+    def lookup_vectors(self, user_ids: np.ndarray) -> np.ndarray:
+        """(N,) user ids -> (N, P, d) float32 stored vectors (zeros where unknown); continuous banks only."""
+        if self.profile_vectors is None:
+            raise FeatureBankError(f"bank {self.version} stores no profile vectors (kind={self.kind!r})")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        out = np.zeros((len(user_ids), *self.profile_vectors.shape[1:]), dtype=np.float32)
+        inside = (user_ids >= 0) & (user_ids < len(self.codes))
+        out[inside] = self.profile_vectors[user_ids[inside]]
+        return out
+
+    def codebook_vectors(self, p: int | str) -> np.ndarray:
+        """(K_p, D) float32 codebook of profile ``p`` (index or name)."""
+        if isinstance(p, str):
+            if p not in self.profile_names:
+                raise KeyError(f"no profile {p!r}; profiles are {self.profile_names}")
+            p = self.profile_names.index(p)
+        return self.codebooks[p]
+
+    def check_dataset(self, dataset_hash: str) -> None:
+        """Refuse a bank built from another dataset (content hashes differ)."""
+        if self.dataset_hash != dataset_hash:
+            raise FeatureBankError(
+                f"feature bank {self.version} was built from dataset {self.dataset_hash!r}, but the "
+                f"dataset in use has content hash {dataset_hash!r}; rerun `userip profile` on this dataset"
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def write(self, bank_dir: str | os.PathLike[str], keep_versions: int = 3) -> Path:
+        """Persist this version under ``bank_dir`` and make it current; returns the version file's path."""
+        bank_dir = Path(bank_dir)
+        rel = f"{VERSIONS_DIR}/{self.version}.parquet"
+        target = bank_dir / rel
+        atomic_write_with(target, lambda tmp: pq.write_table(self._to_arrow(), tmp))
+        pointer = {
+            "version": self.version,
+            "file": rel,
+            "sha256": sha256_file(target),
+            "bytes": target.stat().st_size,
+        }
+        atomic_write_json(bank_dir / POINTER, pointer)  # the switch: readers see the new version from here on
+        _prune(bank_dir, keep_versions, current=target.name)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], expected_dataset_hash: str | None = None) -> FeatureBank:
+        """Load the current version of a bank folder (or one version file); optionally check the dataset."""
+        path = Path(path)
+        if path.is_dir():
+            pointer_path = path / POINTER
+            if not pointer_path.exists():
+                raise FeatureBankError(
+                    f"{path}: no {POINTER}; not a feature bank (or its first write never completed). "
+                    "Run `userip profile` to build one."
+                )
+            try:
+                pointer = read_json(pointer_path)
+                file = path / pointer["file"]
+                expected_sha, expected_bytes = pointer["sha256"], int(pointer["bytes"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise FeatureBankError(f"{pointer_path}: unreadable bank pointer ({e})") from e
+            if not file.exists():
+                raise FeatureBankError(f"{file}: the bank version named by {pointer_path} is missing")
+            size = file.stat().st_size
+            if size != expected_bytes:
+                raise FeatureBankError(
+                    f"{file}: truncated or corrupt ({size} bytes, expected {expected_bytes})"
+                )
+            if sha256_file(file) != expected_sha:
+                raise FeatureBankError(f"{file}: corrupt (SHA-256 differs from {pointer_path})")
+        elif path.exists():
+            file = path
+        else:
+            raise FeatureBankError(f"{path}: no such feature bank")
+        bank = cls._from_file(file)
+        if expected_dataset_hash is not None:
+            bank.check_dataset(expected_dataset_hash)
+        return bank
+
+    def _to_arrow(self) -> pa.Table:
+        columns: dict[str, pa.Array] = {
+            "user_id": pa.array(np.arange(len(self.codes), dtype=np.int64)),
+            "raw_user_id": pa.array(self.raw_user_ids, type=pa.string()),
+        }
+        for p, name in enumerate(self.profile_names):
+            columns[f"code_{name}"] = pa.array(self.codes[:, p])
+        if self.profile_vectors is not None:
+            d = self.profile_vectors.shape[2]
+            for p, name in enumerate(self.profile_names):
+                flat = pa.array(np.ascontiguousarray(self.profile_vectors[:, p]).ravel())
+                columns[f"vec_{name}"] = pa.FixedSizeListArray.from_arrays(flat, d)
+        meta = {"manifest": self.manifest, "codebooks": [cb.tolist() for cb in self.codebooks]}
+        return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+    @classmethod
+    def _from_file(cls, file: Path) -> FeatureBank:
+        try:
+            table = pq.read_table(file)
+        except (pa.ArrowException, OSError) as e:
+            raise FeatureBankError(
+                f"{file}: not a readable feature bank (corrupt or truncated Parquet: {e})"
+            ) from e
+        try:
+            meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
+            manifest = meta["manifest"]
+            codebooks = [np.asarray(cb, dtype=np.float32) for cb in meta["codebooks"]]
+            names = manifest["profile_names"]
+            if manifest.get("format_version") != FORMAT_VERSION:
+                raise FeatureBankError(
+                    f"{file}: bank format_version {manifest.get('format_version')!r}, "
+                    f"expected {FORMAT_VERSION}"
+                )
+            user_ids = table.column("user_id").to_numpy()
+            if not np.array_equal(user_ids, np.arange(len(user_ids))):
+                raise FeatureBankError(f"{file}: user_id column must be 0..U-1 in order")
+            codes = np.stack([table.column(f"code_{n}").to_numpy().astype(np.int64) for n in names], axis=1)
+            raw = [str(r) for r in table.column("raw_user_id").to_pylist()]
+            vectors = None
+            if f"vec_{names[0]}" in table.column_names:
+                vectors = np.stack(
+                    [
+                        table.column(f"vec_{n}").combine_chunks().flatten().to_numpy().reshape(len(raw), -1)
+                        for n in names
+                    ],
+                    axis=1,
+                ).astype(np.float32)
+        except FeatureBankError:
+            raise
+        except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
+            raise FeatureBankError(f"{file}: not a valid feature bank ({type(e).__name__}: {e})") from e
+        bank = cls(raw, codes, codebooks, manifest, vectors)
+        for p, (name, cb) in enumerate(zip(bank.profile_names, codebooks)):
+            if cb.shape[0] != bank.codebook_sizes[p] or (
+                codes[:, p].size and codes[:, p].max() >= cb.shape[0]
+            ):
+                raise FeatureBankError(f"{file}: codes or codebook of {name!r} disagree with its size")
+        return bank
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureBank(version={self.version!r}, users={self.manifest.get('num_users')}, "
+            f"profiles={dict(zip(self.profile_names, self.codebook_sizes))}, kind={self.kind!r})"
+        )
+
+
+_BUILT_KEYS = {
+    "format_version",
+    "version",
+    "parent_version",
+    "created",
+    "dataset_hash",
+    "lm",
+    "template",
+    "config",
+    "kind",
+    "profile_names",
+    "codebook_sizes",
+    "num_users",
+    "unknown_code",
+}
+
+
+def _prune(bank_dir: Path, keep_versions: int, current: str) -> None:
+    """Delete all but the newest ``keep_versions`` version files (never the current one)."""
+    files = sorted((bank_dir / VERSIONS_DIR).glob("*.parquet"), key=lambda f: f.name, reverse=True)
+    for old in files[max(keep_versions, 1) :]:
+        if old.name != current:
+            old.unlink(missing_ok=True)

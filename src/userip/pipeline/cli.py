@@ -1,0 +1,60 @@
+"""``userip run``: the whole pipeline on the embedded default (or a config), printing the result table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from userip.utils.config import ConfigError, from_dict, load_yaml
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML of PipelineConfig (default: the embedded default)")
+    parser.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/default)")
+    parser.add_argument("--lm", help="'offline' (default), 'random', a model folder, or a HF name (gpt2)")
+    parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
+
+
+def build_config(args: argparse.Namespace):
+    from userip.pipeline.run import PipelineConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.run_dir is not None:
+        data["run_dir"] = str(args.run_dir)
+    if args.lm is not None:
+        data.setdefault("profile", {}).setdefault("lm", {})["name_or_path"] = args.lm
+    if args.seeds is not None:
+        try:
+            data["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    return from_dict(PipelineConfig, data, str(args.config or "run config"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from userip.utils.logging import setup_logging
+
+    try:
+        config = build_config(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    run_dir = Path(config.run_dir)
+    setup_logging(run_dir / "logs" / "run.log")
+    from userip.pipeline.run import run_pipeline
+
+    start = time.perf_counter()
+    try:
+        summary = run_pipeline(config)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    print()
+    print(summary["markdown"])
+    print(f"done in {time.perf_counter() - start:.0f} s; artifacts under {run_dir.resolve()}")
+    print(f"  summary: {run_dir / 'results' / 'summary.md'}  logs: {run_dir / 'logs'}")
+    return 0

@@ -1,0 +1,186 @@
+"""``userip run``: the whole pipeline on one dataset, stage by stage, each stage skipped when its artifact is
+already complete (so a rerun after a crash starts where the last one stopped).
+
+    prepare (RUN/data) -> offline LM (RUN/lm) -> Algorithm 1 + bank (RUN/profile, RUN/bank)
+      -> CTR without and with profile IDs, per seed (RUN/ctr) -> summary table (RUN/results)
+
+The embedded default is the synthetic dataset (users with known hobby / background), the offline LM and DCN,
+so it runs on a fresh machine with no downloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from userip.ctr.recipe import train_ctr
+from userip.ctr.trainer import TrainerConfig
+from userip.data.preprocess import PrepareConfig
+from userip.data.schema import MANIFEST, Dataset
+from userip.evaluation.metrics import rela_impr_auc, rela_impr_logloss
+from userip.evaluation.tables import markdown_table
+from userip.feature_bank import FeatureBank
+from userip.profile.stage import ProfileStageConfig, run_profile_stage
+from userip.utils.config import ConfigError, to_dict
+from userip.utils.io import atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+
+def _default_profile() -> ProfileStageConfig:
+    return ProfileStageConfig()
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Everything ``userip run`` does; each section is the config of one stage (keys equal its arguments)."""
+
+    run_dir: str = "runs/default"
+    source: str = "synthetic"
+    source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
+    profile: ProfileStageConfig = dataclasses.field(default_factory=_default_profile)
+    ctr_model: str = "dcn"
+    ctr_model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds: at least one seed is required")
+        from userip.ctr.models import MODELS
+        from userip.data.prepare import SOURCES
+
+        if self.source not in SOURCES:
+            raise ConfigError(f"source: {self.source!r} is not one of {sorted(SOURCES)}")
+        if self.ctr_model.lower() not in MODELS:
+            raise ConfigError(f"ctr_model: {self.ctr_model!r} is not one of {sorted(MODELS)}")
+
+
+def stage_prepare(config: PipelineConfig, run_dir: Path) -> Dataset:
+    if (run_dir / "data" / MANIFEST).exists():
+        log.info("prepare: reusing %s", run_dir / "data")
+        return Dataset.load(run_dir)
+    from userip.data.prepare import prepare_to_run_dir
+
+    log.info("prepare: %s -> %s", config.source, run_dir / "data")
+    return prepare_to_run_dir(run_dir, config.source, config.source_options, config.prepare)
+
+
+def stage_profile(
+    config: PipelineConfig, run_dir: Path, dataset: Dataset
+) -> tuple[FeatureBank, dict[str, Any]]:
+    bank_manifest = run_dir / "bank" / "report.json"
+    if bank_manifest.exists():
+        try:
+            bank = FeatureBank.load(run_dir / "bank", expected_dataset_hash=dataset.content_hash)
+            log.info("profile: reusing bank %s", bank.version)
+            return bank, read_json(bank_manifest)
+        except Exception as e:  # a stale or broken bank is rebuilt, not trusted
+            log.warning("profile: existing bank unusable (%s); rebuilding", e)
+    resume = (run_dir / "profile" / "checkpoints").exists()
+    result = run_profile_stage(run_dir, config.profile, resume=resume)
+    return result.bank, result.report
+
+
+def stage_ctr(config: PipelineConfig, run_dir: Path, dataset: Dataset, bank: FeatureBank) -> pd.DataFrame:
+    rows = []
+    for seed in config.seeds:
+        for with_profiles in (False, True):
+            name = config.ctr_model.lower() + ("+profiles" if with_profiles else "")
+            out = run_dir / "ctr" / f"{name}-seed{seed}"
+            metrics_path = out / "metrics.json"
+            if metrics_path.exists():
+                metrics = read_json(metrics_path)
+            else:
+                result = train_ctr(
+                    dataset, config.ctr_model, with_profiles=with_profiles,
+                    bank=bank if with_profiles else None, model_config=config.ctr_model_config,
+                    config=config.trainer, seed=seed, output_dir=out,
+                )  # fmt: skip
+                metrics = result.metrics()
+            rows.append({
+                "model": ("UserIP-" if with_profiles else "") + config.ctr_model.upper(),
+                "seed": seed,
+                "auc": metrics["test"]["auc"],
+                "logloss": metrics["test"]["logloss"],
+            })  # fmt: skip
+            log.info(
+                "%s seed %d: test AUC %.4f, Logloss %.4f", name, seed, rows[-1]["auc"], rows[-1]["logloss"]
+            )
+    return pd.DataFrame(rows)
+
+
+def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineConfig) -> tuple[str, dict]:
+    base_name = config.ctr_model.upper()
+    grouped = results.groupby("model", sort=False)[["auc", "logloss"]]
+    means, stds = grouped.mean(), grouped.std()
+    base_auc, base_ll = means.loc[base_name, "auc"], means.loc[base_name, "logloss"]
+    table = pd.DataFrame({
+        "model": means.index,
+        "auc_mean": means["auc"].to_numpy(),
+        "auc_std": stds["auc"].to_numpy(),
+        "logloss_mean": means["logloss"].to_numpy(),
+        "logloss_std": stds["logloss"].to_numpy(),
+        "RelaImpr AUC": [f"{100 * rela_impr_auc(a, base_auc):+.2f}%" for a in means["auc"]],
+        "RelaImpr Logloss": [f"{100 * rela_impr_logloss(ll, base_ll):+.2f}%" for ll in means["logloss"]],
+    })  # fmt: skip
+    if len(config.seeds) < 2:
+        table = table.drop(columns=["auc_std", "logloss_std"])
+    md = [f"Test metrics over {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))})", ""]
+    md.append(markdown_table(table, mark_columns={"auc_mean": True, "logloss_mean": False}))
+    recovery = (report.get("recovery") or {}).get("profiles", {})
+    rec_rows = [
+        {"profile": profile, "true factor": factor, "nmi": scores["nmi"], "ari": scores["ari"]}
+        for profile, info in recovery.items()
+        for factor, scores in info.get("vs", {}).items()
+    ]
+    if rec_rows:
+        md += ["", "Profile recovery: learned profile IDs against the generator's true profiles:", ""]
+        md.append(markdown_table(pd.DataFrame(rec_rows)))
+    usage = report.get("profiles") or {}
+    if usage:
+        md += ["", "Code usage (users per code):", ""]
+        md += [f"- {name}: {info['users_per_code']}" for name, info in usage.items()]
+    summary = {
+        "results": results.to_dict(orient="records"),
+        "mean": means.reset_index().to_dict(orient="records"),
+        "recovery": recovery,
+        "code_usage": usage,
+        "config": to_dict(config),
+    }
+    return "\n".join(md) + "\n", summary
+
+
+def run_pipeline(config: PipelineConfig | None = None) -> dict[str, Any]:
+    config = config or PipelineConfig()
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", to_dict(config))
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    dataset = stage_prepare(config, run_dir)
+    timings["prepare_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    bank, report = stage_profile(config, run_dir, dataset)
+    timings["profile_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    results = stage_ctr(config, run_dir, dataset, bank)
+    timings["ctr_s"] = time.perf_counter() - start
+
+    markdown, summary = summarize(results, report, config)
+    summary["timings"] = timings
+    summary["dataset"] = dataset.statistics()
+    atomic_write_text(run_dir / "results" / "summary.md", markdown)
+    atomic_write_json(run_dir / "results" / "summary.json", summary)
+    results.to_csv(run_dir / "results" / "results.csv", index=False)
+    summary["markdown"] = markdown
+    return summary

@@ -1,0 +1,124 @@
+"""Loading and freezing the causal LM (any ``AutoModelForCausalLM``: GPT-2, Llama, ... or one built from a
+config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from userip.utils.config import ConfigError, choice
+
+log = logging.getLogger(__name__)
+
+
+class DType(enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {DType.FP32: torch.float32, DType.BF16: torch.bfloat16}[self]
+
+
+class AttnImpl(enum.Enum):
+    AUTO = "auto"  # eager for bf16 on CPU (measured faster there, DESIGN.md), else sdpa
+    EAGER = "eager"
+    SDPA = "sdpa"
+
+
+class LMLoadError(ValueError):
+    """The model path or name does not give a causal LM; the message says which and why."""
+
+
+@dataclasses.dataclass
+class LMConfig:
+    """Which frozen LM to load and where it runs. ``table_device`` holds the per-user soft-token table."""
+
+    name_or_path: str = ""
+    dtype: DType = DType.FP32
+    device: str = "cpu"
+    table_device: str = "cpu"
+    attn_implementation: AttnImpl = AttnImpl.AUTO
+
+    def __post_init__(self) -> None:
+        self.dtype = choice(DType, self.dtype, "lm.dtype")  # type: ignore[assignment]
+        self.attn_implementation = choice(AttnImpl, self.attn_implementation, "lm.attn_implementation")  # type: ignore[assignment]
+        for key in ("device", "table_device"):
+            value = getattr(self, key)
+            if torch.device(value).type not in ("cpu", "cuda"):
+                raise ConfigError(f"lm.{key}: expected 'cpu' or 'cuda[:N]', got {value!r}")
+
+    def resolved_attn(self) -> str:
+        if self.attn_implementation is not AttnImpl.AUTO:
+            return self.attn_implementation.value
+        return "eager" if self.dtype is DType.BF16 and torch.device(self.device).type == "cpu" else "sdpa"
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """No weight gradient is ever computed (cuts forward+backward ~31%, DESIGN.md); eval mode disables
+    dropout."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_causal_lm(
+    source: str | Path | PretrainedConfig,
+    dtype: DType | str = DType.FP32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """Load (name/path) or build (config) a causal LM, cast it once to ``dtype``, move it and freeze it."""
+    dtype = choice(DType, dtype, "dtype")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    if isinstance(source, PretrainedConfig):
+        try:
+            model = AutoModelForCausalLM.from_config(source, attn_implementation=attn_implementation)
+        except ValueError as e:
+            raise LMLoadError(f"config of type {type(source).__name__} is not a causal LM config: {e}") from e
+    else:
+        model = _from_pretrained(str(source), attn_implementation)
+    model.to(device=device, dtype=dtype.torch)
+    return freeze(model)
+
+
+def _from_pretrained(name_or_path: str, attn_implementation: str) -> PreTrainedModel:
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise LMLoadError(f"LM path {name_or_path!r} does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise LMLoadError(f"LM path {name_or_path!r} has no config.json; not a Hugging Face model folder")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path) if looks_local else name_or_path, attn_implementation=attn_implementation
+        )
+    except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
+        reason = str(e).split("Model type should be")[0].strip()  # drop transformers' list of 200 classes
+        raise LMLoadError(f"{name_or_path!r} is not a causal language model ({reason})") from e
+    except OSError as e:  # not on disk and not in the hub cache (no network here)
+        raise LMLoadError(
+            f"could not load LM {name_or_path!r}: not a local model folder and not available from "
+            f"the Hugging Face Hub or its cache ({e})"
+        ) from e
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """The LM's tokenizer. A missing pad token is fine: ``PromptBuilder.pad_token_id`` falls back to
+    eos/unk."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise LMLoadError(f"could not load a tokenizer from {str(name_or_path)!r} ({e})") from e
+    if tokenizer.pad_token_id is None:
+        log.info(
+            "tokenizer has no pad token; padding uses eos/unk ids (padding is masked and never labelled)"
+        )
+    return tokenizer

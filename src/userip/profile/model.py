@@ -1,0 +1,163 @@
+"""Frozen causal LM + per-user soft tokens spliced into ``inputs_embeds`` (paper 2.3, eq. 4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from userip.prompts import IGNORE_INDEX, PromptBatch, PromptConfig
+from userip.utils.config import ConfigError, choice
+
+
+class SoftTokenInit(enum.Enum):
+    PHRASE = "phrase"  # mean embedding of the profile's phrase tokens + small noise
+    RANDOM = "random"  # normal with the embedding matrix's std
+
+
+@dataclasses.dataclass
+class SoftTokenConfig:
+    init: SoftTokenInit = SoftTokenInit.PHRASE
+    init_noise: float = 0.1  # noise std as a fraction of the embedding matrix's std (breaks user symmetry)
+
+    def __post_init__(self) -> None:
+        self.init = choice(SoftTokenInit, self.init, "soft_tokens.init")  # type: ignore[assignment]
+        if self.init_noise < 0:
+            raise ConfigError(f"soft_tokens.init_noise must be >= 0, got {self.init_noise}")
+
+
+class SoftTokenTable(nn.Module):
+    """(num_users, num_slots, hidden) fp32 table, a buffer (not a Parameter): rows are gathered per batch
+    as leaf
+    tensors and updated row-wise, so no dense gradient of the whole table ever exists. May live on CPU."""
+
+    def __init__(self, num_users: int, num_slots: int, hidden_size: int, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_users, num_slots, hidden_size, device=device))
+
+    @property
+    def num_users(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def initialise(
+        self,
+        input_embeds: torch.Tensor,
+        phrase_ids: Sequence[Sequence[int]],
+        slots_per_profile: Sequence[int],
+        config: SoftTokenConfig,
+        seed: int,
+    ) -> None:
+        """Deterministic by ``seed``; ``input_embeds`` is the LM's (vocab, hidden) input embedding matrix."""
+        emb = input_embeds.detach().float().cpu()
+        std = emb.std().item()
+        gen = torch.Generator().manual_seed(seed)
+        U, S, D = self.weight.shape
+        noise = torch.randn(U, S, D, generator=gen)
+        if config.init is SoftTokenInit.RANDOM:
+            self.weight.copy_((noise * std).to(self.weight.device))
+            return
+        base = torch.cat(
+            [emb[list(ids)].mean(0).expand(k, D) for ids, k in zip(phrase_ids, slots_per_profile)]
+        )
+        self.weight.copy_((base + noise * (config.init_noise * std)).to(self.weight.device))
+
+
+class ProfileModel(nn.Module):
+    """Frozen LM + soft-token table. ``forward`` returns summed target-token NLL and the token count."""
+
+    def __init__(self, lm: PreTrainedModel, table: SoftTokenTable, prompt_config: PromptConfig):
+        super().__init__()
+        if any(p.requires_grad for p in lm.parameters()):
+            raise ValueError("ProfileModel expects a frozen LM (use userip.profile.lm.freeze)")
+        self.lm = lm
+        self.table = table
+        self.prompt_config = prompt_config
+        # slot -> profile, for averaging a profile's soft tokens
+        slot_profile = [
+            p for p, spec in enumerate(prompt_config.profiles) for _ in range(spec.num_soft_tokens)
+        ]
+        self.register_buffer("slot_profile", torch.tensor(slot_profile), persistent=False)
+
+    @property
+    def lm_device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    def gather_rows(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) fp32 soft tokens of ``user_ids``, moved to the LM's device (no grad)."""
+        return self.table.weight[user_ids.to(self.table.weight.device)].to(self.lm_device, non_blocking=True)
+
+    def embed_inputs(self, batch: PromptBatch, soft_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) input embeddings in the LM dtype with the soft tokens spliced into their slots."""
+        if soft_embeds is None:
+            soft_embeds = self.gather_rows(batch.user_ids)
+        input_embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, L, D), no grad (frozen)
+        slot_mask = batch.soft_slot_ids >= 0  # (B, L)
+        slot_index = batch.soft_slot_ids.clamp(min=0)[..., None].expand(-1, -1, soft_embeds.shape[-1])
+        spliced = soft_embeds.to(input_embeds.dtype).gather(1, slot_index)  # (B, L, D)
+        return torch.where(slot_mask[..., None], spliced, input_embeds)
+
+    def forward(
+        self, batch: PromptBatch, soft_embeds: torch.Tensor | None = None, per_example: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM loss on target tokens only.
+
+        ``batch`` must already be on the LM's device with the mask in the LM's dtype.
+        ``soft_embeds`` (B, S, D): the batch rows' soft tokens (a differentiable leaf during training);
+        default:
+        gathered from the table. Returns (summed NLL, number of target tokens): scalars, or (B,) each when
+        ``per_example``.
+        """
+        input_embeds = self.embed_inputs(batch, soft_embeds)
+        labels = batch.labels  # (B, L)
+        has_label = (labels != IGNORE_INDEX).any(0)  # (L,)
+        if not bool(has_label.any()):
+            raise ValueError("batch has no target tokens")
+        # Only positions that predict a target token need logits: skip the template prefix (vocab matmul).
+        first_target = int(has_label.nonzero()[0])
+        L = labels.shape[1]
+        keep = L - first_target + 1
+        out = self.lm(
+            inputs_embeds=input_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1]  # (B, keep-1, V): positions first_target-1 .. L-2
+        target = labels[:, first_target:]  # (B, keep-1)
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(target.shape)  # (B, keep-1); 0 where ignored
+        counts = (target != IGNORE_INDEX).sum(1)
+        if per_example:
+            return nll.sum(1), counts
+        return nll.sum(), counts.sum()
+
+    def profile_embeds_from(self, soft_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) soft tokens -> (B, P, D): mean over each profile's soft tokens (differentiable)."""
+        P = self.prompt_config.num_profiles
+        index = self.slot_profile.to(soft_embeds.device)
+        summed = soft_embeds.new_zeros(soft_embeds.shape[0], P, soft_embeds.shape[-1]).index_add(
+            1, index, soft_embeds
+        )
+        counts = torch.bincount(index, minlength=P).to(soft_embeds.dtype)
+        return summed / counts[None, :, None]
+
+    @torch.no_grad()
+    def profile_embeds(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) fp32 profile vectors of ``user_ids`` from the table (on the table's device)."""
+        rows = self.table.weight[user_ids.to(self.table.weight.device)]
+        return self.profile_embeds_from(rows)

@@ -1,0 +1,150 @@
+"""The profile stage as a recipe: setup -> train -> save. Quantization plugs in through ``aux`` (see trainer).
+
+Reads ``RUN/data`` (Dataset), writes ``RUN/profile/``:
+    soft_tokens.safetensors   "soft_tokens" (num_users, num_slots, D) fp32, "trained" (num_users,) bool
+    profile_manifest.json     LM, template, config, dataset hash, users skipped, loss, throughput
+    checkpoints/              resumable trainer state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from userip.data.schema import Dataset
+from userip.profile.lm import LMConfig, load_causal_lm, load_tokenizer
+from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
+from userip.profile.trainer import ProfileTrainer, TrainConfig, TrainResult
+from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
+from userip.utils.config import ConfigError, to_dict
+from userip.utils.io import atomic_path, atomic_write_json, read_json
+from userip.utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+SOFT_TOKENS_FILE = "soft_tokens.safetensors"
+MANIFEST_FILE = "profile_manifest.json"
+
+
+@dataclasses.dataclass
+class ProfileConfig:
+    lm: LMConfig = dataclasses.field(default_factory=LMConfig)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    soft_tokens: SoftTokenConfig = dataclasses.field(default_factory=SoftTokenConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.lm.name_or_path:
+            raise ConfigError("lm.name_or_path: required (a Hugging Face model name or a local model folder)")
+
+
+@dataclasses.dataclass
+class ProfileSetup:
+    dataset: Dataset
+    builder: PromptBuilder
+    examples: ExampleSet
+    model: ProfileModel
+
+
+def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
+    """Load the dataset, tokenizer and frozen LM; build the examples and an initialised soft-token table."""
+    seed_everything(config.train.seed)
+    dataset = Dataset.load(Path(run_dir) / "data")
+    lm_cfg = config.lm
+    lm = load_causal_lm(lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
+    tokenizer = load_tokenizer(lm_cfg.name_or_path)
+    builder = PromptBuilder(tokenizer, config.prompt)
+    examples = build_examples(dataset, builder)
+    embeddings = lm.get_input_embeddings().weight
+    table = SoftTokenTable(
+        dataset.num_users, config.prompt.num_slots, embeddings.shape[1], lm_cfg.table_device
+    )
+    table.initialise(
+        embeddings,
+        builder.phrase_ids,
+        [p.num_soft_tokens for p in config.prompt.profiles],
+        config.soft_tokens,
+        config.train.seed,
+    )
+    log.info(
+        "%d examples for %d users (%d skipped); LM %s (%s, %s); %d soft tokens of dim %d per user",
+        len(examples),
+        dataset.num_users,
+        examples.num_skipped_users,
+        lm_cfg.name_or_path,
+        lm_cfg.dtype.value,
+        lm_cfg.device,
+        config.prompt.num_slots,
+        embeddings.shape[1],
+    )
+    return ProfileSetup(dataset, builder, examples, ProfileModel(lm, table, config.prompt))
+
+
+def run_profile(
+    run_dir: str | Path,
+    config: ProfileConfig,
+    aux: nn.Module | None = None,
+    resume: bool = False,
+    prepared: ProfileSetup | None = None,
+) -> tuple[ProfileSetup, TrainResult]:
+    """setup -> train -> save. Pass ``aux`` (e.g. codebooks + surrogate) to train it jointly."""
+    run_dir = Path(run_dir)
+    prepared = prepared or setup(run_dir, config)
+    trainer = ProfileTrainer(
+        prepared.model,
+        prepared.examples,
+        config.train,
+        aux=aux,
+        checkpoint_dir=run_dir / "profile" / "checkpoints",
+    )
+    result = trainer.train(resume=resume)
+    save_soft_tokens(run_dir / "profile", prepared, config, result)
+    return prepared, result
+
+
+def save_soft_tokens(
+    folder: Path, prepared: ProfileSetup, config: ProfileConfig, result: TrainResult
+) -> None:
+    table = prepared.model.table.weight
+    trained = torch.zeros(table.shape[0], dtype=torch.bool)
+    trained[torch.from_numpy(prepared.examples.user_ids)] = True
+    with atomic_path(folder / SOFT_TOKENS_FILE) as tmp:
+        save_file({"soft_tokens": table.detach().cpu().contiguous(), "trained": trained}, str(tmp))
+    atomic_write_json(
+        folder / MANIFEST_FILE,
+        {
+            "lm": config.lm.name_or_path,
+            "hidden_size": table.shape[-1],
+            "profiles": [dataclasses.asdict(p) for p in config.prompt.profiles],
+            "template_example": prepared.builder.tokenizer.decode(
+                prepared.builder.build("<target>").input_ids
+            ),
+            "config": to_dict(config),
+            "dataset_hash": prepared.dataset.content_hash,
+            "num_users": int(table.shape[0]),
+            "num_examples": len(prepared.examples),
+            "num_users_skipped": prepared.examples.num_skipped_users,
+            "steps": result.steps,
+            "final_lm_loss": result.loss_history[-1] if result.loss_history else None,
+            "tokens_per_s": result.tokens / result.seconds if result.seconds > 0 else None,
+        },
+    )
+    log.info("soft tokens -> %s", folder / SOFT_TOKENS_FILE)
+
+
+def load_soft_tokens(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(soft_tokens (U, S, D), trained (U,) bool, manifest) from ``RUN/profile`` (or the run dir)."""
+    folder = Path(folder)
+    if (folder / "profile" / SOFT_TOKENS_FILE).exists():
+        folder = folder / "profile"
+    path = folder / SOFT_TOKENS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no soft tokens; run `userip profile` first")
+    tensors = load_file(str(path))
+    return tensors["soft_tokens"], tensors["trained"], read_json(folder / MANIFEST_FILE)

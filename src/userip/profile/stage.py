@@ -1,0 +1,184 @@
+"""The whole ``userip profile`` stage: resolve the LM -> Algorithm 1 (soft tokens + codebooks + surrogate)
+-> feature bank + report; and new users against the frozen result.
+
+Reads ``RUN/data``; writes ``RUN/profile/`` (soft tokens, ``aux.safetensors`` = codebooks + surrogate,
+``stage_config.json``), ``RUN/bank/`` (feature bank + ``report.json`` with code usage and, on synthetic data,
+profile recovery NMI/ARI) and ``RUN/lm/`` (the offline LM when ``lm.name_or_path`` is ``offline``/``random``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from userip.codebook.config import QuantizationConfig
+from userip.codebook.objective import JointObjective
+from userip.codebook.stage import build_aux, infer_new_users, read_new_users, write_bank
+from userip.data.schema import Dataset
+from userip.feature_bank import FeatureBank
+from userip.lm.offline import OfflineLMConfig, resolve_lm
+from userip.profile.lm import LMConfig
+from userip.profile.model import SoftTokenConfig
+from userip.profile.recipe import ProfileConfig, ProfileSetup, run_profile, setup
+from userip.profile.trainer import ProfileTrainer, TrainConfig
+from userip.prompts import PromptConfig
+from userip.utils.config import from_dict, to_dict
+from userip.utils.io import atomic_path, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+AUX_FILE = "aux.safetensors"
+STAGE_CONFIG_FILE = "stage_config.json"
+
+
+def _default_lm() -> LMConfig:
+    return LMConfig(name_or_path="offline")
+
+
+@dataclasses.dataclass
+class ProfileStageConfig:
+    """Sections of a ``userip profile`` YAML.
+
+    ``lm.name_or_path``: ``offline`` (default: a small LM pre-trained on this dataset's texts, cached in
+    ``RUN/lm``), ``random`` (same shape, untrained), a local model folder or a Hugging Face id (``gpt2``).
+    """
+
+    lm: LMConfig = dataclasses.field(default_factory=_default_lm)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    soft_tokens: SoftTokenConfig = dataclasses.field(default_factory=SoftTokenConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    offline_lm: OfflineLMConfig = dataclasses.field(default_factory=OfflineLMConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "profile config") -> ProfileStageConfig:
+        return from_dict(cls, data or {}, where)
+
+
+@dataclasses.dataclass
+class ProfileStageResult:
+    bank: FeatureBank
+    report: dict[str, Any]
+    lm_path: str
+    final_lm_loss: float | None
+    steps: int
+
+
+def _profile_config(config: ProfileStageConfig, lm_path: str) -> ProfileConfig:
+    lm = dataclasses.replace(config.lm, name_or_path=lm_path)
+    return ProfileConfig(lm=lm, prompt=config.prompt, soft_tokens=config.soft_tokens, train=config.train)
+
+
+def resolve_stage_lm(
+    run_dir: Path, config: ProfileStageConfig, dataset: Dataset, progress: bool = True
+) -> str:
+    return resolve_lm(
+        config.lm.name_or_path, dataset, run_dir, prompt_config=config.prompt, config=config.offline_lm,
+        progress=progress,
+    )  # fmt: skip
+
+
+def all_profile_embeds(prepared: ProfileSetup) -> torch.Tensor:
+    """(U, P, D) profile embeddings of every user (mean over each profile's soft tokens)."""
+    with torch.no_grad():
+        return prepared.model.profile_embeds(torch.arange(prepared.dataset.num_users)).float().cpu()
+
+
+def run_profile_stage(
+    run_dir: str | Path, config: ProfileStageConfig | None = None, resume: bool = False
+) -> ProfileStageResult:
+    """Algorithm 1 on ``RUN/data``, then the feature bank. ``resume`` continues from the last checkpoint."""
+    run_dir = Path(run_dir)
+    config = config or ProfileStageConfig()
+    dataset = Dataset.load(run_dir / "data")
+    lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
+    profile_config = _profile_config(config, lm_path)
+    prepared = setup(run_dir, profile_config)
+    hidden = prepared.model.table.weight.shape[-1]
+    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization)
+    _, result = run_profile(run_dir, profile_config, aux=aux, resume=resume, prepared=prepared)
+
+    profile_dir = run_dir / "profile"
+    with atomic_path(profile_dir / AUX_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()}, str(tmp))
+    atomic_write_json(profile_dir / STAGE_CONFIG_FILE, {"lm_path": lm_path, "config": to_dict(config)})
+
+    template = prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids)
+    bank, report = write_bank(
+        run_dir / "bank", dataset, aux, all_profile_embeds(prepared),
+        trained_user_ids=prepared.examples.user_ids, lm=lm_path, template=template, config=to_dict(config),
+    )  # fmt: skip
+    report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
+    report["lm_loss_history"] = result.loss_history
+    atomic_write_json(run_dir / "bank" / "report.json", report)
+    return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
+
+
+def load_trained_aux(
+    run_dir: Path, dataset: Dataset, config: ProfileStageConfig, hidden: int
+) -> JointObjective:
+    """Rebuild the joint objective and load its trained codebooks and surrogate from ``RUN/profile``."""
+    path = run_dir / "profile" / AUX_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no trained codebooks; run `userip profile --run-dir {run_dir}` first"
+        )
+    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization)
+    state = load_file(str(path))
+    # k-means-initialised codebooks are buffers/parameters whose init flags are part of the state too.
+    aux.load_state_dict(state)
+    return aux
+
+
+def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBank:
+    """``userip profile --new-users FILE``: fit soft tokens for unseen users only (LM, codebooks and surrogate
+    frozen) and upsert their IDs into a new bank version; nobody else is retrained."""
+    run_dir = Path(run_dir)
+    stage = read_json(run_dir / "profile" / STAGE_CONFIG_FILE)
+    config = ProfileStageConfig.from_dict(stage["config"], f"{run_dir / 'profile' / STAGE_CONFIG_FILE}")
+    dataset = Dataset.load(run_dir / "data")
+    bank = FeatureBank.load(run_dir / "bank", expected_dataset_hash=dataset.content_hash)
+    new = read_new_users(new_users_file, dataset, bank)
+    log.info(
+        "new users: %d to fit, %d already known (skipped), %d rows on unknown items dropped",
+        len(new.user_ids),
+        len(new.skipped_known),
+        new.dropped_interactions,
+    )
+    profile_config = _profile_config(config, stage["lm_path"])
+
+    def fit_profiles(extended: Dataset, user_ids: np.ndarray, frozen_aux: JointObjective) -> torch.Tensor:
+        prepared = _setup_for(extended, profile_config)
+        examples = prepared.examples.subset(user_ids)
+        if len(examples) == 0:
+            raise ValueError("none of the new users has a training target (empty history)")
+        train = dataclasses.replace(profile_config.train, train_aux=False, checkpoint_every=0)
+        ProfileTrainer(prepared.model, examples, train, aux=frozen_aux).train()
+        with torch.no_grad():
+            return prepared.model.profile_embeds(torch.from_numpy(user_ids)).float().cpu()
+
+    hidden = _hidden_size(stage["lm_path"])
+    aux = load_trained_aux(run_dir, dataset, config, hidden)
+    return infer_new_users(run_dir / "bank", dataset, aux, new, fit_profiles)
+
+
+def _setup_for(dataset: Dataset, profile_config: ProfileConfig) -> ProfileSetup:
+    """``recipe.setup`` on an in-memory dataset (the original plus the new users)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset.save(Path(tmp) / "data")
+        return setup(tmp, profile_config)
+
+
+def _hidden_size(lm_path: str) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(lm_path)
+    return int(cfg.get_text_config().hidden_size)

@@ -1,0 +1,351 @@
+"""Training the soft tokens (and an optional shared ``aux`` module) against the frozen LM.
+
+* Only the batch's table rows get gradients: they are gathered as one leaf tensor per optimizer step and
+updated
+  with ``RowAdam``; step cost and optimizer traffic do not depend on the number of users.
+* Length-bucketed batches (deterministic by seed and epoch) cut padding.
+* Gradient accumulation over ``grad_accum_steps`` micro-batches (rows of all micro-batches gathered once).
+* Checkpoints every N steps: tensors in safetensors, then step/config/RNG in JSON, both written atomically,
+JSON
+  last; a killed run resumes from its last checkpoint and ends with the same table as an uninterrupted run.
+* Joint training hook: ``aux.forward(user_ids (B,), profile_embeds (B, P, D)) -> (loss, metrics)``; its loss
+  (already weighted by its owner) is added to the LM loss; ``aux.parameters()`` train with a dense AdamW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from userip.profile.model import ProfileModel
+from userip.profile.optim import RowAdam
+from userip.prompts import ExampleSet, collate
+from userip.utils.config import ConfigError, to_dict
+from userip.utils.io import atomic_path, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_JSON = "checkpoint.json"
+# Keys that fix the batch order and update rule: a resumed run must use the same values to match.
+_RESUME_KEYS = (
+    "batch_size",
+    "grad_accum_steps",
+    "seed",
+    "bucket_by_length",
+    "bucket_window",
+    "lr",
+    "weight_decay",
+)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    aux_lr: float = 1e-3
+    aux_weight_decay: float = 0.01
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    num_epochs: int = 1
+    max_steps: int = 0  # 0: no limit (num_epochs decides)
+    checkpoint_every: int = 100  # steps; 0: only at the end
+    seed: int = 0
+    bucket_by_length: bool = True
+    bucket_window: int = 32  # batches whose examples are length-sorted together
+    train_aux: bool = True  # False: aux frozen (e.g. fitting new users against a trained codebook)
+    pad_to_multiple_of: int = 1
+    log_every: int = 20
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in (
+            "batch_size",
+            "grad_accum_steps",
+            "num_epochs",
+            "bucket_window",
+            "pad_to_multiple_of",
+            "log_every",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("max_steps", "checkpoint_every", "weight_decay", "aux_weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.lr <= 0 or self.aux_lr <= 0:
+            raise ConfigError(f"train.lr and train.aux_lr must be > 0, got {self.lr}, {self.aux_lr}")
+
+
+def plan_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    bucket_by_length: bool = True,
+    window: int = 32,
+) -> list[np.ndarray]:
+    """Example indices per micro-batch for one epoch; a pure function of its arguments (so resumable).
+
+    Bucketing: shuffle, sort each window of ``window * batch_size`` examples by length, cut into batches, then
+    shuffle the batch order, so a batch holds similar lengths while epochs still differ.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if bucket_by_length:
+        span = window * batch_size
+        chunks = [order[i : i + span] for i in range(0, len(order), span)]
+        order = (
+            np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
+        )
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if bucket_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0
+    loss_history: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    loss_history: list[float]
+    aux_metrics: dict[str, float]
+
+
+class ProfileTrainer:
+    def __init__(
+        self,
+        model: ProfileModel,
+        examples: ExampleSet,
+        config: TrainConfig,
+        aux: nn.Module | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ) -> None:
+        if len(examples) == 0:
+            raise ValueError("no training examples (every user was skipped: empty targets after filtering)")
+        self.model, self.examples, self.config, self.aux = model, examples, config, aux
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.optimizer = RowAdam(model.table.weight, lr=config.lr, weight_decay=config.weight_decay)
+        self.aux_optimizer: torch.optim.Optimizer | None = None
+        if aux is not None:
+            params = [p for p in aux.parameters() if p.requires_grad]
+            if config.train_aux and params:
+                self.aux_optimizer = torch.optim.AdamW(
+                    params, lr=config.aux_lr, weight_decay=config.aux_weight_decay
+                )
+            if not config.train_aux:
+                aux.requires_grad_(False)
+        self.lengths = examples.lengths
+        num_batches = math.ceil(len(examples) / config.batch_size)
+        self.steps_per_epoch = math.ceil(num_batches / config.grad_accum_steps)
+        total = self.steps_per_epoch * config.num_epochs
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ training
+    def train(self, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
+        """Train to ``total_steps``. ``stop_after_steps`` stops early *without* a checkpoint (simulates a
+        kill)."""
+        cfg = self.config
+        if resume and self.load_checkpoint():
+            log.info("resumed from step %d (epoch %d)", self.state.step, self.state.epoch)
+        if self.aux is not None:
+            self.aux.train(cfg.train_aux)
+        start_time, start_tokens = time.perf_counter(), self.state.tokens
+        aux_metrics: dict[str, float] = {}
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc="profile",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        ema = None
+        try:
+            while self.state.step < self.total_steps:
+                if stop_after_steps is not None and self.state.step >= stop_after_steps:
+                    break
+                batches = plan_batches(
+                    self.lengths,
+                    cfg.batch_size,
+                    cfg.seed,
+                    self.state.epoch,
+                    cfg.bucket_by_length,
+                    cfg.bucket_window,
+                )
+                k = self.state.step_in_epoch
+                group = batches[k * cfg.grad_accum_steps : (k + 1) * cfg.grad_accum_steps]
+                if not group:  # epoch finished
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+                    continue
+                lm_loss, tokens, aux_metrics = self._step(group)
+                self.state.step += 1
+                self.state.step_in_epoch += 1
+                self.state.tokens += tokens
+                self.state.loss_history.append(lm_loss)
+                ema = lm_loss if ema is None else 0.9 * ema + 0.1 * lm_loss
+                elapsed = time.perf_counter() - start_time
+                tok_s = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{ema:.4f}", tok_s=f"{tok_s:.0f}", **{k: f"{v:.4g}" for k, v in aux_metrics.items()}
+                )
+                if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
+                    extra = " ".join(f"{k}={v:.4g}" for k, v in aux_metrics.items())
+                    log.info(
+                        "step %d/%d epoch %d lm_loss %.4f tokens/s %.0f %s",
+                        self.state.step,
+                        self.total_steps,
+                        self.state.epoch,
+                        ema,
+                        tok_s,
+                        extra,
+                    )
+                if (
+                    self.checkpoint_dir
+                    and cfg.checkpoint_every
+                    and self.state.step % cfg.checkpoint_every == 0
+                ):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.state.step >= self.total_steps and self.checkpoint_dir is not None:
+            self.save_checkpoint()
+        return TrainResult(
+            self.state.step,
+            self.state.tokens - start_tokens,
+            time.perf_counter() - start_time,
+            list(self.state.loss_history),
+            aux_metrics,
+        )
+
+    def _step(self, group: list[np.ndarray]) -> tuple[float, int, dict[str, float]]:
+        model, cfg = self.model, self.config
+        device, dtype = model.lm_device, model.lm_dtype
+        batches = [
+            collate(
+                [self.examples[int(i)] for i in idx],
+                self.examples.builder.pad_token_id,
+                model.prompt_config.template_sees_soft_tokens,
+                dtype,
+                cfg.pad_to_multiple_of,
+            )
+            for idx in group
+        ]
+        # One leaf for every row of the step: gradients of repeated users (review mode, accumulation) add up.
+        row_ids = torch.unique(torch.cat([b.user_ids for b in batches]))  # sorted (R,)
+        rows = model.gather_rows(row_ids).requires_grad_(True)  # (R, S, D) fp32 on the LM device
+        total_loss, total_tokens, aux_metrics = 0.0, 0, {}
+        for batch in batches:
+            inverse = torch.searchsorted(row_ids, batch.user_ids).to(device)
+            nll, num_targets = model(batch.to(device), rows[inverse])
+            loss = nll / num_targets.clamp(min=1)
+            total_loss += loss.item() / len(batches)
+            if self.aux is not None:
+                users = torch.unique(batch.user_ids)
+                embeds = model.profile_embeds_from(rows[torch.searchsorted(row_ids, users).to(device)])
+                aux_loss, aux_metrics = self.aux(users.to(device), embeds)
+                loss = loss + aux_loss
+            (loss / len(batches)).backward()
+            total_tokens += batch.num_tokens
+        self.optimizer.step(row_ids, rows.grad)
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.step()
+            self.aux_optimizer.zero_grad(set_to_none=True)
+        return total_loss, total_tokens, {k: float(v) for k, v in aux_metrics.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        if self.checkpoint_dir is None:
+            raise ValueError("ProfileTrainer: no checkpoint_dir given")
+        folder = self.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {"table": self.model.table.weight}
+        tensors.update({f"adam.{k}": v for k, v in self.optimizer.state_tensors().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        aux_param_groups = None
+        if self.aux is not None:
+            # clone: tied/shared parameters cannot be saved twice by safetensors
+            tensors.update({f"aux.{k}": v.detach().clone() for k, v in self.aux.state_dict().items()})
+        if self.aux_optimizer is not None:
+            opt_state = self.aux_optimizer.state_dict()
+            aux_param_groups = opt_state["param_groups"]
+            for pid, state in opt_state["state"].items():
+                for key, value in state.items():
+                    tensors[f"aux_opt.{pid}.{key}"] = torch.as_tensor(value).detach().clone()
+        name = f"ckpt-{self.state.step:08d}.safetensors"
+        with atomic_path(folder / name) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        atomic_write_json(
+            folder / CHECKPOINT_JSON,
+            {
+                "tensors": name,
+                "state": dataclasses.asdict(self.state),
+                "config": to_dict(self.config),
+                "aux_param_groups": aux_param_groups,
+            },
+        )
+        for old in folder.glob("ckpt-*.safetensors"):  # only after the JSON points at the new file
+            if old.name != name:
+                old.unlink()
+        log.info("checkpoint at step %d -> %s", self.state.step, folder / name)
+        return folder / name
+
+    def load_checkpoint(self) -> bool:
+        """Restore from ``checkpoint_dir``; False when there is none."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT_JSON).exists():
+            return False
+        meta = read_json(self.checkpoint_dir / CHECKPOINT_JSON)
+        saved, now = meta["config"], to_dict(self.config)
+        changed = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError(
+                f"{self.checkpoint_dir / CHECKPOINT_JSON}: cannot resume, {changed} differ from the "
+                f"checkpoint "
+                f"({ {k: saved.get(k) for k in changed} }); use the same values or start a fresh run"
+            )
+        tensors = load_file(str(self.checkpoint_dir / meta["tensors"]), device="cpu")
+        table = self.model.table.weight
+        if tensors["table"].shape != table.shape:
+            raise ValueError(
+                f"checkpoint table shape {tuple(tensors['table'].shape)} != model table "
+                f"{tuple(table.shape)}: different dataset, template or LM"
+            )
+        table.copy_(tensors["table"])
+        self.optimizer.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("adam.")})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+        if self.aux is not None:
+            aux_state = {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}
+            self.aux.load_state_dict(aux_state)
+        if self.aux_optimizer is not None and meta.get("aux_param_groups") is not None:
+            state: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith("aux_opt."):
+                    _, pid, name = key.split(".", 2)
+                    state.setdefault(int(pid), {})[name] = value
+            self.aux_optimizer.load_state_dict({"state": state, "param_groups": meta["aux_param_groups"]})
+        self.state = TrainState(**meta["state"])
+        return True

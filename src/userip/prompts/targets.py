@@ -1,0 +1,141 @@
+"""Targets from a ``Dataset``: the behaviour text each user's soft tokens must explain.
+
+``history``: titles of the user's *training-split* interactions sorted by timestamp, joined by the separator,
+cut to ``max_target_tokens`` keeping the most recent titles whole (a single over-long title keeps its end).
+``review``: one example per training interaction with non-empty review text (the review's first tokens).
+
+Targets are kept as one flat int32 array with offsets (CSR), so memory is proportional to the data, and a
+``PromptExample`` is assembled on demand. Users with no target after filtering are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+
+from userip.data.schema import Dataset
+from userip.prompts.template import PromptBuilder, PromptExample, TargetMode
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ExampleSet:
+    """N examples: example i is user ``user_ids[i]`` with target ``target_ids[offsets[i]:offsets[i+1]]``."""
+
+    builder: PromptBuilder
+    user_ids: np.ndarray  # (N,) int64
+    offsets: np.ndarray  # (N + 1,) int64
+    target_ids: np.ndarray  # (total,) int32
+    skipped_user_ids: np.ndarray  # users with no target after filtering
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def __getitem__(self, i: int) -> PromptExample:
+        target = self.target_ids[self.offsets[i] : self.offsets[i + 1]]
+        return self.builder.build_from_ids(target.tolist(), user_id=int(self.user_ids[i]))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) full example lengths (template + target), for length bucketing."""
+        return np.diff(self.offsets) + self.builder.prefix_length
+
+    @property
+    def num_skipped_users(self) -> int:
+        return len(self.skipped_user_ids)
+
+    def subset(self, keep_user_ids: Iterable[int]) -> ExampleSet:
+        """Only the examples of the given users (e.g. new users trained against a frozen model)."""
+        keep = np.isin(self.user_ids, np.fromiter(keep_user_ids, dtype=np.int64))
+        idx = np.flatnonzero(keep)
+        pieces = [self.target_ids[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        return _from_pieces(self.builder, self.user_ids[idx], pieces, self.skipped_user_ids)
+
+
+def build_examples(dataset: Dataset, builder: PromptBuilder) -> ExampleSet:
+    """Per-user (history) or per-interaction (review) examples from the training split."""
+    mode = builder.config.target_mode
+    train = dataset.split("train")
+    if mode is TargetMode.HISTORY:
+        user_ids, pieces = _history_targets(dataset, train, builder)
+    else:
+        user_ids, pieces = _review_targets(dataset, train, builder)
+    skipped = np.setdiff1d(np.arange(dataset.num_users, dtype=np.int64), user_ids)
+    if len(skipped):
+        log.warning(
+            "%d of %d users have no %s target in the training split after filtering; skipped",
+            len(skipped),
+            dataset.num_users,
+            mode.value,
+        )
+    return _from_pieces(builder, user_ids, pieces, skipped)
+
+
+def _from_pieces(
+    builder: PromptBuilder, user_ids: np.ndarray, pieces: list[np.ndarray], skipped: np.ndarray
+) -> ExampleSet:
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, dtype=np.int32)
+    return ExampleSet(builder, np.asarray(user_ids, dtype=np.int64), offsets, flat, np.asarray(skipped))
+
+
+def _history_targets(dataset: Dataset, train, builder: PromptBuilder) -> tuple[np.ndarray, list[np.ndarray]]:
+    budget = builder.config.max_target_tokens
+    sep = builder.separator_ids
+    titles = dataset.items["title"].fillna("").astype(str).str.strip().to_numpy()
+    # Tokenize each item's title once (not once per interaction); empty titles are filtered out.
+    title_ids = [np.asarray(ids, dtype=np.int32) for ids in builder.encode_many([" " + t for t in titles])]
+    has_title = np.array([len(t) > 0 and len(ids) > 0 for t, ids in zip(titles, title_ids)], dtype=bool)
+    order = np.lexsort((train["timestamp"].to_numpy(), train["user_id"].to_numpy()))  # by user, then time
+    users = train["user_id"].to_numpy()[order]
+    items = train["item_id"].to_numpy()[order]
+    keep = has_title[items]
+    users, items = users[keep], items[keep]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=int)
+    ends = np.r_[starts[1:], len(users)]
+    out_users, pieces = [], []
+    for s, e in zip(starts, ends):
+        kept: list[np.ndarray] = []
+        used = 0
+        for item in items[s:e][::-1]:  # most recent first
+            t = title_ids[item]
+            cost = len(t) + (len(sep) if kept else 0)
+            if used + cost > budget:
+                if not kept:  # a single over-long title: keep its end
+                    kept.append(t[-budget:])
+                break
+            if kept:
+                kept.append(np.asarray(sep, dtype=np.int32))
+            kept.append(t)
+            used += cost
+        out_users.append(users[s])
+        pieces.append(np.concatenate(kept[::-1]))
+    return np.asarray(out_users, dtype=np.int64), pieces
+
+
+def _review_targets(dataset: Dataset, train, builder: PromptBuilder) -> tuple[np.ndarray, list[np.ndarray]]:
+    if not dataset.has_reviews:
+        raise ValueError(
+            "target_mode 'review' needs an interactions.review column; this dataset has none "
+            "(use target_mode 'history')"
+        )
+    budget = builder.config.max_target_tokens
+    reviews = train["review"].fillna("").astype(str).str.strip()
+    rows = train[reviews.to_numpy() != ""]
+    rows = rows.iloc[np.lexsort((rows["timestamp"].to_numpy(), rows["user_id"].to_numpy()))]
+    texts = [" " + r for r in rows["review"].astype(str).str.strip()]
+    out_users, pieces = [], []
+    chunk = 4096  # bounded tokenizer batches
+    for start in range(0, len(texts), chunk):
+        ids_chunk = builder.encode_many(texts[start : start + chunk])
+        for u, ids in zip(rows["user_id"].to_numpy()[start : start + chunk], ids_chunk):
+            if ids:
+                out_users.append(u)
+                pieces.append(np.asarray(ids[:budget], dtype=np.int32))
+    return np.asarray(out_users, dtype=np.int64), pieces

@@ -1,0 +1,171 @@
+"""The recipe functions: bank + report after training, and new users against frozen modules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tests.codebook.conftest import planted_clusters
+from transformers import LlamaConfig
+
+from userip.codebook import QuantizationConfig
+from userip.codebook.stage import (
+    build_aux,
+    infer_new_users,
+    load_objective_state,
+    read_new_users,
+    trainer_fit_profiles,
+    write_bank,
+)
+from userip.feature_bank import UNKNOWN_CODE, FeatureBank, FeatureBankError
+from userip.prompts import ProfileSpec
+
+PROFILES = (
+    ProfileSpec("hobby", "This user's hobby is", codebook_size=3),
+    ProfileSpec("background", ", his background is", codebook_size=2),
+)
+
+
+def _planted_table(num_users: int) -> torch.Tensor:
+    """(U, 2, 6): profile 0 clusters by u % 3 (the dataset's hobby), profile 1 is noise."""
+    points, _ = planted_clusters(n_per=num_users, k=3)
+    hobby = points.view(3, num_users, 6).permute(1, 0, 2)[
+        torch.arange(num_users), torch.arange(num_users) % 3
+    ]
+    noise = torch.randn(num_users, 6, generator=torch.Generator().manual_seed(5))
+    return torch.stack([hobby, noise], dim=1)
+
+
+def test_write_bank_assigns_nearest_codes_and_reports_recovery(tiny_dataset, tmp_path):
+    aux = build_aux(tiny_dataset, PROFILES, 6, QuantizationConfig(kmeans_init_samples=24))
+    table = _planted_table(tiny_dataset.num_users)
+    aux.quantizer.init_from(table)
+    trained = np.arange(1, tiny_dataset.num_users)  # user 0 had no training target
+    bank, report = write_bank(
+        tmp_path / "bank", tiny_dataset, aux, table, trained_user_ids=trained, lm="tiny"
+    )
+    loaded = FeatureBank.load(tmp_path / "bank", expected_dataset_hash=tiny_dataset.content_hash)
+    expected = aux.quantizer.nearest(table).numpy()
+    assert np.array_equal(loaded.lookup(trained), expected[trained])
+    assert (loaded.lookup(np.array([0])) == UNKNOWN_CODE).all()
+    assert loaded.manifest["config"]["quantization"]["kmeans_init_samples"] == 24
+    assert report["recovery"]["profiles"]["hobby"]["vs"]["hobby"]["nmi"] == pytest.approx(1.0)
+    assert report["profiles"]["hobby"]["unknown_users"] == 1
+    assert (tmp_path / "bank" / "report.json").exists() and report["bank_version"] == bank.version
+
+
+def test_without_vq_bank_keeps_vectors_and_kmeans_ids(tiny_dataset, tmp_path):
+    aux = build_aux(tiny_dataset, PROFILES, 6, QuantizationConfig(without_vq=True))
+    table = _planted_table(tiny_dataset.num_users)
+    bank, _ = write_bank(tmp_path / "bank", tiny_dataset, aux, table)
+    assert bank.kind == "continuous" and bank.profile_vectors.shape == (tiny_dataset.num_users, 2, 8)
+    assert bank.codes[:, 0].max() < 3 and bank.codes[:, 1].max() < 2 and bank.codes.min() >= 0
+
+
+def test_codebook_size_below_two_in_profile_specs(tiny_dataset):
+    with pytest.raises(ValueError, match="at least 2 codes"):
+        build_aux(tiny_dataset, (ProfileSpec("hobby", "This user's hobby is", codebook_size=1),), 6)
+
+
+def _new_users_file(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "raw_user_id": ["n1", "n1", "n2", "u3", "n3"],
+            "raw_item_id": ["i0", "i3", "i1", "i2", "unknown-item"],
+            "rating": [5.0, 4.0, 1.0, 5.0, 5.0],
+        }
+    )
+    path = tmp_path / "new.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_new_users_are_upserted_without_touching_others(tiny_dataset, tmp_path):
+    aux = build_aux(tiny_dataset, PROFILES, 6, QuantizationConfig(kmeans_init_samples=24))
+    table = _planted_table(tiny_dataset.num_users)
+    aux.quantizer.init_from(table)
+    bank, _ = write_bank(tmp_path / "bank", tiny_dataset, aux, table)
+    new = read_new_users(_new_users_file(tmp_path), tiny_dataset, bank)
+    assert new.raw_user_ids == ["n1", "n2"] and new.skipped_known == ["u3"] and new.dropped_interactions == 1
+    assert new.user_ids.tolist() == [0, 1] and new.dataset.num_users == 2
+    assert new.dataset.split("train").query("user_id == 0")["label"].tolist() == [1, 1]
+    before = {k: v.clone() for k, v in aux.state_dict().items()}
+    seen = {}
+
+    def fit_profiles(new_dataset, frozen_aux):
+        seen["training"] = frozen_aux.training
+        embeds = table[[0, 1]].clone().requires_grad_(True)  # stand-in for soft tokens fit by the trainer
+        loss, _ = frozen_aux(torch.arange(new_dataset.num_users), embeds)
+        loss.backward()  # gradients reach the new users' profiles, never the frozen modules
+        seen["grad"] = embeds.grad.abs().sum().item()
+        return embeds.detach()
+
+    updated = infer_new_users(tmp_path / "bank", tiny_dataset, aux, new, fit_profiles)
+    assert seen["training"] is False and seen["grad"] > 0
+    assert all(torch.equal(before[k], v) for k, v in aux.state_dict().items() if k != "step")
+    loaded = FeatureBank.load(tmp_path / "bank")
+    assert loaded.version == updated.version
+    codes, known = loaded.lookup_raw(["n1", "n2"])
+    assert known.all() and np.array_equal(codes, aux.assign_codes(table[[0, 1]]))
+    assert np.array_equal(loaded.lookup(np.arange(24)), bank.codes)
+    with pytest.raises(FeatureBankError, match="built from dataset"):
+        other = build_aux(tiny_dataset, PROFILES, 6)
+        tiny_dataset.interactions.loc[0, "rating"] = 2.0  # a different dataset now
+        infer_new_users(tmp_path / "bank", tiny_dataset, other, new, fit_profiles)
+
+
+def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
+    """Algorithm 1 end to end on a tiny LM: the trainer's aux hook, checkpoint of the aux state, the bank."""
+    from tests.prompts.conftest import make_word_tokenizer
+
+    from userip.profile.lm import load_causal_lm
+    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
+    from userip.profile.trainer import ProfileTrainer, TrainConfig
+    from userip.prompts import PromptBuilder, PromptConfig, build_examples
+
+    tokenizer = make_word_tokenizer(with_bos=True)
+    torch.manual_seed(0)
+    lm_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
+    lm = load_causal_lm(lm_config, dtype="fp32", device="cpu")
+    builder = PromptBuilder(tokenizer, PromptConfig(profiles=PROFILES))
+    table = SoftTokenTable(tiny_dataset.num_users, 2, 16)
+    table.initialise(lm.get_input_embeddings().weight, builder.phrase_ids, [1, 1], SoftTokenConfig(), 0)
+    model = ProfileModel(lm, table, builder.config)
+    examples = build_examples(tiny_dataset, builder)
+    aux = build_aux(tiny_dataset, PROFILES, 16, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0))
+    train_cfg = TrainConfig(batch_size=8, num_epochs=2, progress=False, checkpoint_every=0)
+    result = ProfileTrainer(model, examples, train_cfg, aux=aux, checkpoint_dir=tmp_path / "ckpt").train()
+    assert result.steps == 6 and "rec_loss" in result.aux_metrics and "perplexity_hobby" in result.aux_metrics
+    assert all(bool(q.initialized) for q in aux.quantizer.quantizers) and int(aux.step) == 6
+    resumed_aux = build_aux(
+        tiny_dataset, PROFILES, 16, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0)
+    )
+    ProfileTrainer(
+        model, examples, train_cfg, aux=resumed_aux, checkpoint_dir=tmp_path / "ckpt"
+    ).load_checkpoint()
+    assert torch.equal(resumed_aux.quantizer.quantizers[0].codebook, aux.quantizer.quantizers[0].codebook)
+    profile_table = model.profile_embeds(torch.arange(tiny_dataset.num_users))
+    bank, report = write_bank(
+        tmp_path / "bank", tiny_dataset, aux, profile_table, trained_user_ids=examples.user_ids
+    )
+    assert np.array_equal(FeatureBank.load(tmp_path / "bank").codes, aux.assign_codes(profile_table))
+    assert "recovery" in report
+    # New users in a "later process": objective restored from the bank folder, trainer with aux frozen.
+    restored = load_objective_state(build_aux(tiny_dataset, PROFILES, 16), tmp_path / "bank")
+    assert torch.equal(restored.quantizer.quantizers[1].codebook, aux.quantizer.quantizers[1].codebook)
+    new = read_new_users(_new_users_file(tmp_path), tiny_dataset, bank)
+    fit = trainer_fit_profiles(lm, tokenizer, builder.config, train_cfg)
+    updated = infer_new_users(tmp_path / "bank", tiny_dataset, restored, new, fit)
+    codes, known = updated.lookup_raw(["n1", "n2", "u5"])
+    assert known.all() and (codes[:2] < np.array([3, 2])).all()
+    assert np.array_equal(updated.lookup(np.arange(tiny_dataset.num_users)), bank.codes)
+    assert torch.equal(restored.quantizer.quantizers[1].codebook, aux.quantizer.quantizers[1].codebook)

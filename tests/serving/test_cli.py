@@ -1,0 +1,78 @@
+"""`userip serve` as a real process: serves on loopback, reloads the bank on SIGHUP, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from tests.serving.serving_helpers import free_port, shifted_bank
+
+from userip.cli import main
+from userip.feature_bank import FeatureBank
+from userip.serving.scorer import Scorer
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5-30 s on a busy 2-core machine
+def test_serve_command_end_to_end(run_dir: Path, bank_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "userip.cli", "serve", "--run-dir", str(run_dir), "--bank", str(bank_dir)]
+    cmd += ["--port", str(port), "--max-items-per-request", "5", "--log-level", "warning"]
+    log = (tmp_path / "serve.out").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.out").read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "userip serve did not come up"
+            time.sleep(0.2)
+        body = httpx.post(f"{url}/v1/score", json={"user_id": "user1", "item_ids": ["item1", "item2"]}).json()
+        expected = Scorer.from_run_dir(run_dir, bank=bank_dir).score(["user1"], ["item1", "item2"])
+        assert body["scores"] == expected.probs.tolist() and body["model"] == "dcn+profiles"
+        too_many = httpx.post(f"{url}/v1/score", json={"user_id": "user1", "item_ids": ["item1"] * 6})
+        assert too_many.status_code == 422 and "limit is 5" in too_many.json()["detail"]
+
+        new = shifted_bank(FeatureBank.load(bank_dir))
+        new.write(bank_dir)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/healthz").json()["bank_version"] != new.version:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the bank"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log.close()
+
+
+def test_serve_command_wires_config_into_uvicorn(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    argv = ["serve", "--run-dir", str(run_dir), "--model", "dcn", "--port", "0", "--limit-concurrency", "7"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets it process-wide
+    assert (seen["host"], seen["port"], seen["limit_concurrency"]) == ("127.0.0.1", 0, 7)
+    assert seen["app"].state.scorer.model_name == "dcn"
+
+
+def test_serve_command_rejects_bad_config(run_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("serve:\n  max_items_per_request: -1\n")
+    assert main(["serve", "--run-dir", str(run_dir), "--config", str(config)]) == 2
