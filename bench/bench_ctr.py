@@ -17,7 +17,7 @@ without declaring it):
 If that interpreter or package is missing, the bench says so and compares against a plain per-sample
 ``DataLoader`` loop over the same model instead (labelled ``ref=per-sample-dataloader``).
 
-    python bench/bench_ctr.py [--rows 1000000] [--threads 2] [--rounds 2]
+    python bench/bench_ctr.py [--rows 1000000] [--threads 1] [--rounds 2]
 
 Ends with one line: ``RESULT ours_train_sps=... ours_infer_sps=... ref_train_sps=... ...``.
 """
@@ -240,7 +240,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="training rows (one epoch)")
     p.add_argument("--test-rows", type=int, default=200_000)
-    p.add_argument("--threads", type=int, default=2)
+    # 1 by default: with other jobs on the cores, 2+ intra-op threads stall each other (measured 10x slower).
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--infer-batch-size", type=int, default=4096, help="inference batch for both sides")
     p.add_argument("--rounds", type=int, default=2, help="alternating ours/reference rounds; best of each")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -216,52 +217,66 @@ def serving(run: Path, model: str, log_dir: Path) -> Iterator[str]:
         log.close()
 
 
-def through_http(run: Path, rounds: int, rate: float, latency_requests: int) -> dict[str, float]:
-    import httpx
+class Client:
+    """Keep-alive HTTP/1.1 client on one connection (stdlib ``http.client``: a few tens of microseconds per
+    request, where httpx's own per-request CPU would be a large part of what is measured)."""
 
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def post(self, path: str, body: bytes) -> bytes:
+        self.conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"POST {path}: HTTP {response.status}: {data[:200]!r}")
+        return data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def through_http(run: Path, rounds: int, rate: float, latency_requests: int) -> dict[str, float]:
     from userip.serving.scorer import Scorer
 
-    requests = make_requests(Scorer.from_run_dir(run, model="dcn+profiles"), INSTANCES // ITEMS_PER_REQUEST)
+    lib = Scorer.from_run_dir(run, model="dcn+profiles")
+    requests = make_requests(lib, INSTANCES // ITEMS_PER_REQUEST)
     bodies = [json.dumps({"user_id": u, "item_ids": its}).encode() for u, its in requests]
-    headers = {"content-type": "application/json"}
     with (
         tempfile.TemporaryDirectory() as logs,
         serving(run, "dcn", Path(logs)) as url_dcn,
         serving(run, "dcn+profiles", Path(logs)) as url_uip,
-        httpx.Client(base_url=url_dcn, timeout=30) as c_dcn,
-        httpx.Client(base_url=url_uip, timeout=30) as c_uip,
     ):
-        clients = {"dcn": c_dcn, "uip": c_uip}
-        for c in clients.values():  # warm-up (connections, first-call costs)
-            for body in bodies[:20]:
-                c.post("/v1/score", content=body, headers=headers).raise_for_status()
-        expected = (
-            Scorer.from_run_dir(run, model="dcn+profiles").score([requests[0][0]], requests[0][1]).probs
-        )
-        got = c_uip.post("/v1/score", content=bodies[0], headers=headers).json()["scores"]
-        assert np.array_equal(np.asarray(got, dtype=np.float32), expected), (
-            "HTTP scores differ from the library"
-        )
+        clients = {"dcn": Client(url_dcn), "uip": Client(url_uip)}
+        try:
+            for c in clients.values():  # warm-up (connections, first-call costs)
+                for body in bodies[:20]:
+                    c.post("/v1/score", body)
+            got = json.loads(clients["uip"].post("/v1/score", bodies[0]))["scores"]
+            expected = lib.score([requests[0][0]], requests[0][1]).probs
+            assert np.array_equal(np.asarray(got, dtype=np.float32), expected), (
+                "HTTP scores differ from library"
+            )
 
-        def sweep(c) -> Callable[[], None]:  # noqa: ANN001
-            return lambda: [
-                c.post("/v1/score", content=b, headers=headers).raise_for_status() for b in bodies
-            ]
+            def sweep(c: Client) -> Callable[[], None]:
+                return lambda: [c.post("/v1/score", b) for b in bodies]
 
-        t = interleaved({name: sweep(c) for name, c in clients.items()}, rounds)
+            t = interleaved({name: sweep(c) for name, c in clients.items()}, rounds)
 
-        # Paced: one request every 1/rate s, alternating servers (each gets rate/2), latency per request.
-        lat: dict[str, list[float]] = {"dcn": [], "uip": []}
-        interval, next_send = 1.0 / rate, time.perf_counter()
-        for k in range(2 * latency_requests):
-            name = "dcn" if k % 2 == 0 else "uip"
-            next_send += interval
-            start = time.perf_counter()
-            clients[name].post(
-                "/v1/score", content=bodies[k % len(bodies)], headers=headers
-            ).raise_for_status()
-            lat[name].append(time.perf_counter() - start)
-            time.sleep(max(0.0, next_send - time.perf_counter()))
+            # Paced: one request every 1/rate s, alternating servers (each gets rate/2), latency per request.
+            lat: dict[str, list[float]] = {"dcn": [], "uip": []}
+            interval, next_send = 1.0 / rate, time.perf_counter()
+            for k in range(2 * latency_requests):
+                name = "dcn" if k % 2 == 0 else "uip"
+                next_send += interval
+                start = time.perf_counter()
+                clients[name].post("/v1/score", bodies[k % len(bodies)])
+                lat[name].append(time.perf_counter() - start)
+                time.sleep(max(0.0, next_send - time.perf_counter()))
+        finally:
+            for c in clients.values():
+                c.close()
     med = {k: statistics.median(v) for k, v in t.items()}
     ms = {k: np.asarray(v) * 1e3 for k, v in lat.items()}
     return {

@@ -278,3 +278,7 @@ def test_cli_bad_input_ends_with_one_line(run_dir):
         cli_main(["train", "--model", "nope", "--run-dir", str(run_dir)])
     with pytest.raises(SystemExit, match="userip train: .*no feature bank here"):
         cli_main(["train", "--model", "dcn", "--run-dir", str(run_dir), "--with-profiles"])
+    bad = run_dir / "bad.yaml"
+    bad.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(SystemExit, match="userip train: .*bad.yaml:trainer: unknown key"):
+        cli_main(["train", "--run-dir", str(run_dir), "--model-config", str(bad)])

@@ -73,23 +73,23 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise SystemExit(f"userip train: run directory {run_dir} not found")
-    model_config, trainer_dict = _read_model_config(args.model_config)
+    if args.bank is not None and not args.with_profiles:
+        raise SystemExit("userip train: --bank needs --with-profiles")
+    user_features = [c.strip() for c in args.user_features.split(",") if c.strip()]
     overrides = {
         "max_epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "num_threads": args.threads,
     }
-    trainer_dict.update({k: v for k, v in overrides.items() if v is not None})
-    trainer_dict.setdefault("progress", not args.no_progress)
-    where = str(args.model_config) + ":trainer" if args.model_config else "trainer options"
-    config = from_dict(TrainerConfig, trainer_dict, where)
-    if args.bank is not None and not args.with_profiles:
-        raise SystemExit("userip train: --bank needs --with-profiles")
-    user_features = [c.strip() for c in args.user_features.split(",") if c.strip()]
-
     setup_logging(run_dir / "logs" / "train.log")
     try:
+        model_config, trainer_dict = _read_model_config(args.model_config)
+        trainer_dict.update({k: v for k, v in overrides.items() if v is not None})
+        if args.no_progress:
+            trainer_dict["progress"] = False
+        trainer_dict.setdefault("progress", True)
+        where = f"{args.model_config}:trainer" if args.model_config else "trainer options"
         result = train_ctr(
             run_dir,
             args.model,
@@ -97,11 +97,11 @@ def run(args: argparse.Namespace) -> int:
             bank=args.bank,
             user_features=user_features,
             model_config=model_config,
-            config=config,
+            config=from_dict(TrainerConfig, trainer_dict, where),
             seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as e:
-        # Bad input (unknown model, stale bank, missing files, bad config) ends with one line naming the cause.
+        # Bad input (unknown model, stale bank, missing file, bad config): one line naming the cause.
         raise SystemExit(f"userip train: {e}") from e
     name = output_name(args.model, args.with_profiles)
     print(f"{name} (best epoch {result.fit.best_epoch}, seed {result.seed})")

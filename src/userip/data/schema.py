@@ -90,7 +90,7 @@ class Dataset:
         return [] if self.truth is None else [c for c in self.truth.columns if c != "user_id"]
 
     def statistics(self) -> dict[str, Any]:
-        """The paper's Table 1: interactions, users, items, sparsity (%), plus split sizes and positive rate."""
+        """The paper's Table 1 (interactions, users, items, sparsity %) plus split sizes and positive rate."""
         n, u, i = self.num_interactions, self.num_users, self.num_items
         sparsity = 100.0 * (1.0 - n / (u * i)) if u and i else float("nan")
         by_split = self.interactions["split"].value_counts()
@@ -105,7 +105,7 @@ class Dataset:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Check columns, dtypes, contiguous ids and referential integrity; raise DatasetError naming the cause."""
+        """Check columns, contiguous ids and referential integrity; raise DatasetError naming the cause."""
         inter = self.interactions
         for col in INTERACTION_COLUMNS:
             if col not in inter.columns:
@@ -192,7 +192,8 @@ class Dataset:
         manifest = read_json(manifest_path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
+                f"expected {FORMAT_VERSION}"
             )
         tables: dict[str, pd.DataFrame | None] = {}
         for name in TABLES:

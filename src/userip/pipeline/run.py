@@ -99,17 +99,24 @@ def stage_ctr(config: PipelineConfig, run_dir: Path, dataset: Dataset, bank: Fea
                 metrics = read_json(metrics_path)
             else:
                 result = train_ctr(
-                    dataset, config.ctr_model, with_profiles=with_profiles,
-                    bank=bank if with_profiles else None, model_config=config.ctr_model_config,
-                    config=config.trainer, seed=seed, output_dir=out,
-                )  # fmt: skip
+                    dataset,
+                    config.ctr_model,
+                    with_profiles=with_profiles,
+                    bank=bank if with_profiles else None,
+                    model_config=config.ctr_model_config,
+                    config=config.trainer,
+                    seed=seed,
+                    output_dir=out,
+                )
                 metrics = result.metrics()
-            rows.append({
-                "model": ("UserIP-" if with_profiles else "") + config.ctr_model.upper(),
-                "seed": seed,
-                "auc": metrics["test"]["auc"],
-                "logloss": metrics["test"]["logloss"],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": ("UserIP-" if with_profiles else "") + config.ctr_model.upper(),
+                    "seed": seed,
+                    "auc": metrics["test"]["auc"],
+                    "logloss": metrics["test"]["logloss"],
+                }
+            )
             log.info(
                 "%s seed %d: test AUC %.4f, Logloss %.4f", name, seed, rows[-1]["auc"], rows[-1]["logloss"]
             )
@@ -121,15 +128,17 @@ def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineCon
     grouped = results.groupby("model", sort=False)[["auc", "logloss"]]
     means, stds = grouped.mean(), grouped.std()
     base_auc, base_ll = means.loc[base_name, "auc"], means.loc[base_name, "logloss"]
-    table = pd.DataFrame({
-        "model": means.index,
-        "auc_mean": means["auc"].to_numpy(),
-        "auc_std": stds["auc"].to_numpy(),
-        "logloss_mean": means["logloss"].to_numpy(),
-        "logloss_std": stds["logloss"].to_numpy(),
-        "RelaImpr AUC": [f"{100 * rela_impr_auc(a, base_auc):+.2f}%" for a in means["auc"]],
-        "RelaImpr Logloss": [f"{100 * rela_impr_logloss(ll, base_ll):+.2f}%" for ll in means["logloss"]],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "model": means.index,
+            "auc_mean": means["auc"].to_numpy(),
+            "auc_std": stds["auc"].to_numpy(),
+            "logloss_mean": means["logloss"].to_numpy(),
+            "logloss_std": stds["logloss"].to_numpy(),
+            "RelaImpr AUC": [f"{100 * rela_impr_auc(a, base_auc):+.2f}%" for a in means["auc"]],
+            "RelaImpr Logloss": [f"{100 * rela_impr_logloss(ll, base_ll):+.2f}%" for ll in means["logloss"]],
+        }
+    )
     if len(config.seeds) < 2:
         table = table.drop(columns=["auc_std", "logloss_std"])
     md = [f"Test metrics over {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))})", ""]

@@ -22,9 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a local model folder, or a Hugging Face name such as gpt2",
     )
     parser.add_argument(
-        "--config", type=Path,
+        "--config",
+        type=Path,
         help="YAML with sections lm, prompt, soft_tokens, train, quantization, offline_lm",
-    )  # fmt: skip
+    )
     parser.add_argument("--epochs", type=int, help="train.num_epochs")
     parser.add_argument("--max-steps", type=int, help="train.max_steps (0: no limit)")
     parser.add_argument("--batch-size", type=int, help="train.batch_size")
@@ -36,10 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from RUN/profile/checkpoints")
     parser.add_argument(
-        "--new-users", type=Path,
+        "--new-users",
+        type=Path,
         help="CSV/Parquet of new users' interactions (raw_user_id, raw_item_id, rating|label): fit only them "
         "with the LM, codebooks and surrogate frozen, and upsert them into the bank",
-    )  # fmt: skip
+    )
 
 
 def build_config(args: argparse.Namespace):

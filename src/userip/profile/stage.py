@@ -79,9 +79,13 @@ def resolve_stage_lm(
     run_dir: Path, config: ProfileStageConfig, dataset: Dataset, progress: bool = True
 ) -> str:
     return resolve_lm(
-        config.lm.name_or_path, dataset, run_dir, prompt_config=config.prompt, config=config.offline_lm,
+        config.lm.name_or_path,
+        dataset,
+        run_dir,
+        prompt_config=config.prompt,
+        config=config.offline_lm,
         progress=progress,
-    )  # fmt: skip
+    )
 
 
 def all_profile_embeds(prepared: ProfileSetup) -> torch.Tensor:
@@ -111,9 +115,15 @@ def run_profile_stage(
 
     template = prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids)
     bank, report = write_bank(
-        run_dir / "bank", dataset, aux, all_profile_embeds(prepared),
-        trained_user_ids=prepared.examples.user_ids, lm=lm_path, template=template, config=to_dict(config),
-    )  # fmt: skip
+        run_dir / "bank",
+        dataset,
+        aux,
+        all_profile_embeds(prepared),
+        trained_user_ids=prepared.examples.user_ids,
+        lm=lm_path,
+        template=template,
+        config=to_dict(config),
+    )
     report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
     report["lm_loss_history"] = result.loss_history
     atomic_write_json(run_dir / "bank" / "report.json", report)

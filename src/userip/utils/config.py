@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``: unknown keys, wrong enum values and nested configs are checked."""
+    """Build dataclass ``cls`` from ``data``, checking unknown keys, enum values and nested configs."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
