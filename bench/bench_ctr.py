@@ -236,6 +236,10 @@ def run_dataloader_reference(data: dict[str, np.ndarray], args: argparse.Namespa
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def _speeds(run: dict) -> str:
+    return f"train {run['train_sps']:,.0f}/s infer {run['infer_sps']:,.0f}/s AUC {run['auc']:.4f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="training rows (one epoch)")
@@ -281,10 +285,9 @@ def main() -> int:
             )
             o, f = ours_runs[-1], ref_runs[-1]
             print(
-                f"round {r + 1}: ours train {o['train_sps']:,.0f}/s infer {o['infer_sps']:,.0f}/s "
-                f"(at batch 65536: {o['infer_sps_default_batch']:,.0f}/s) AUC {o['auc']:.4f} | {ref_name} "
-                f"train {f['train_sps']:,.0f}/s infer {f['infer_sps']:,.0f}/s AUC {f['auc']:.4f} | ratios "
-                f"train {o['train_sps'] / f['train_sps']:.2f}x infer {o['infer_sps'] / f['infer_sps']:.2f}x"
+                f"round {r + 1}: ours {_speeds(o)} (default batch {o['infer_sps_default_batch']:,.0f}/s)"
+                f" | {ref_name} {_speeds(f)} | ratios train {o['train_sps'] / f['train_sps']:.2f}x"
+                f" infer {o['infer_sps'] / f['infer_sps']:.2f}x"
             )
     ours_train, ref_train = (max(r["train_sps"] for r in runs) for runs in (ours_runs, ref_runs))
     ours_infer, ref_infer = (max(r["infer_sps"] for r in runs) for runs in (ours_runs, ref_runs))

@@ -6,10 +6,10 @@ Paper (their hardware): DCN 0.93 s, UserIP + DCN 1.21 s (1.30x), KAR + DCN 4.78 
   feature-bank lookup on every request. Both are real artifacts: a dataset at MovieLens-100K scale (943 users,
   1,682 items, 100,000 rows; synthetic ratings: accuracy is not measured here), a bank written by
   ``FeatureBank.write``, and DCNs (embedding 8, 3 cross layers, MLP (16, 16)) saved by ``userip.ctr.recipe``.
-* In-process: ``Scorer.score`` on requests of one user x 100 items (100 requests = 10,000 instances), rounds
-  alternating DCN / UserIP + DCN so machine load hits both alike; median over rounds. Also reported: the
-  model's forward pass alone on pre-encoded ids (what the two extra fields cost), one 10,000-pair batch call,
-  and the bank lookup's share of UserIP + DCN's time (the lookup timed on the same requests).
+* In-process: ``Scorer.score`` on requests of one user x 100 items (100 requests = 10,000 instances), DCN and
+  UserIP + DCN interleaved request by request so machine load hits both alike; median over rounds. Also
+  reported: the model's forward pass alone on pre-encoded ids (what the two extra fields cost), one
+  10,000-pair batch call, and the bank lookup's share of UserIP + DCN's time (timed on the same requests).
 * Through HTTP: both models served by ``userip serve`` (uvicorn, one process each, 127.0.0.1), one client
   sending requests of 100 items alternately to both: closed-loop for time per 10,000 instances, then paced
   at a bounded request rate for p50/p99 latency.
@@ -114,15 +114,25 @@ def make_requests(scorer, num: int, seed: int = 1) -> list[tuple[str, list[str]]
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, alternating the order every round (ABBA...) so drift hits all alike."""
-    names = list(fns)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            fns[n]()
-            out[n].append(time.perf_counter() - start)
+def interleaved(
+    fns: dict[str, Callable[[int], object]], num_requests: int, rounds: int
+) -> dict[str, list[float]]:
+    """Per round, the seconds each of two fns takes over requests 0..num_requests-1 (= per 10,000 instances).
+
+    Interleaved per request in ABBA order: both see the same moment-to-moment load (which on a shared machine
+    moves far more between sweeps than between adjacent calls), and each is preceded by itself and by the
+    other equally often, so cache warmth left by the previous call favours neither."""
+    (a, fa), (b, fb) = fns.items()
+    out: dict[str, list[float]] = {a: [], b: []}
+    for _ in range(rounds):
+        sums = {a: 0.0, b: 0.0}
+        for k in range(num_requests):
+            for name, fn in ((a, fa), (b, fb)) if k % 2 == 0 else ((b, fb), (a, fa)):
+                start = time.perf_counter()
+                fn(k)
+                sums[name] += time.perf_counter() - start
+        out[a].append(sums[a])
+        out[b].append(sums[b])
     return out
 
 
@@ -132,48 +142,76 @@ def in_process(run: Path, rounds: int) -> dict[str, float]:
     dcn = Scorer.from_run_dir(run, model="dcn")
     uip = Scorer.from_run_dir(run, model="dcn+profiles")
     requests = make_requests(uip, INSTANCES // ITEMS_PER_REQUEST)
-    flat_users = [u for u, its in requests for _ in its]
-    flat_items = [i for _, its in requests for i in its]
-    bank = uip.snapshot.bank
-
-    def per_request(scorer) -> Callable[[], None]:  # noqa: ANN001
-        return lambda: [scorer.score([u], its) for u, its in requests]
-
+    # The lookup is timed inside UserIP + DCN's own calls (same cache state as in serving).
+    timed_bank = TimedBank(uip.snapshot.bank)
+    uip.set_bank(timed_bank)
     # Pre-encoded ids for the model-only comparison (same requests, same batch shape).
     x_dcn = [dcn.encode([u], its).x_ids for u, its in requests]
     x_uip = [uip.encode([u], its).x_ids for u, its in requests]
-
-    def forward(scorer, xs) -> Callable[[], None]:  # noqa: ANN001
-        return lambda: [scorer.predict_ids(x) for x in xs]
-
-    for f in (per_request(dcn), per_request(uip)):  # warm-up
-        f()
+    for u, its in requests:  # warm-up
+        dcn.score([u], its), uip.score([u], its)
+    timed_bank.seconds.clear()
     t = interleaved(
         {
-            "dcn": per_request(dcn),
-            "uip": per_request(uip),
-            "lookup": lambda: [bank.lookup_raw([u]) for u, _ in requests],
-            "fwd_dcn": forward(dcn, x_dcn),
-            "fwd_uip": forward(uip, x_uip),
-            "batch_dcn": lambda: dcn.score(flat_users, flat_items),
-            "batch_uip": lambda: uip.score(flat_users, flat_items),
+            "dcn": lambda k: dcn.score([requests[k][0]], requests[k][1]),
+            "uip": lambda k: uip.score([requests[k][0]], requests[k][1]),
         },
+        len(requests),
+        rounds,
+    )
+    fwd = interleaved(
+        {"dcn": lambda k: dcn.predict_ids(x_dcn[k]), "uip": lambda k: uip.predict_ids(x_uip[k])},
+        len(requests),
+        rounds,
+    )
+    t.update({"fwd_dcn": fwd["dcn"], "fwd_uip": fwd["uip"]})
+    # Per round: the lookup seconds spent inside that round's UserIP + DCN calls, and their share.
+    lookups = (
+        np.asarray(timed_bank.seconds[: rounds * len(requests)]).reshape(rounds, len(requests)).sum(axis=1)
+    )
+    share = statistics.median(lookups / np.asarray(t["uip"]))
+    # Table 6's unit taken literally: one call scoring 10,000 (user, item) pairs.
+    flat_users = [u for u, its in requests for _ in its]
+    flat_items = [i for _, its in requests for i in its]
+    batch = interleaved(
+        {
+            "dcn": lambda k: dcn.score(flat_users, flat_items),
+            "uip": lambda k: uip.score(flat_users, flat_items),
+        },
+        1,
         rounds,
     )
     med = {k: statistics.median(v) for k, v in t.items()}
+    med_batch = {k: statistics.median(v) for k, v in batch.items()}
     return {
         "dcn_s_per_10k": med["dcn"],
         "userip_dcn_s_per_10k": med["uip"],
         "ratio_inprocess": med["uip"] / med["dcn"],
-        "lookup_s_per_10k": med["lookup"],
-        "lookup_share": med["lookup"] / med["uip"],
+        "lookup_s_per_10k": float(np.median(lookups)),
+        "lookup_share": share,
         "model_only_ratio": med["fwd_uip"] / med["fwd_dcn"],
         "fwd_dcn_s_per_10k": med["fwd_dcn"],
         "fwd_uip_s_per_10k": med["fwd_uip"],
-        "batch_dcn_s_per_10k": med["batch_dcn"],
-        "batch_uip_s_per_10k": med["batch_uip"],
-        "batch_ratio": med["batch_uip"] / med["batch_dcn"],
+        "batch_dcn_s_per_10k": med_batch["dcn"],
+        "batch_uip_s_per_10k": med_batch["uip"],
+        "batch_ratio": med_batch["uip"] / med_batch["dcn"],
     }
+
+
+class TimedBank:
+    """Wraps a bank: the same answers, plus the seconds each ``lookup_raw`` call took."""
+
+    def __init__(self, bank) -> None:  # noqa: ANN001
+        self.bank = bank
+        self.profile_names, self.codebook_sizes = bank.profile_names, bank.codebook_sizes
+        self.dataset_hash, self.version = bank.dataset_hash, bank.version
+        self.seconds: list[float] = []
+
+    def lookup_raw(self, raw_user_ids):  # noqa: ANN001, ANN201
+        start = time.perf_counter()
+        out = self.bank.lookup_raw(raw_user_ids)
+        self.seconds.append(time.perf_counter() - start)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
@@ -259,10 +297,11 @@ def through_http(run: Path, rounds: int, rate: float, latency_requests: int) -> 
                 "HTTP scores differ from library"
             )
 
-            def sweep(c: Client) -> Callable[[], None]:
-                return lambda: [c.post("/v1/score", b) for b in bodies]
-
-            t = interleaved({name: sweep(c) for name, c in clients.items()}, rounds)
+            t = interleaved(
+                {name: (lambda k, c=c: c.post("/v1/score", bodies[k])) for name, c in clients.items()},
+                len(bodies),
+                rounds,
+            )
 
             # Paced: one request every 1/rate s, alternating servers (each gets rate/2), latency per request.
             lat: dict[str, list[float]] = {"dcn": [], "uip": []}
@@ -297,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="existing run with ctr/dcn and ctr/dcn+profiles")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement")
-    parser.add_argument("--http-rounds", type=int, default=5, help="interleaved closed-loop HTTP rounds")
+    parser.add_argument("--http-rounds", type=int, default=10, help="interleaved closed-loop HTTP rounds")
     parser.add_argument("--rate", type=float, default=40.0, help="paced requests per second (both servers)")
     parser.add_argument(
         "--latency-requests", type=int, default=300, help="paced requests per model (bounded)"

@@ -6,7 +6,11 @@ from userip.evaluation.tables import markdown_table, rank_marks, summarize_over_
 
 def test_summarize_over_seeds_matches_numpy():
     results = pd.DataFrame(
-        {"model": ["a", "a", "a", "b", "b", "b"], "seed": [0, 1, 2] * 2, "auc": [0.7, 0.72, 0.74, 0.6, 0.6, 0.63]}
+        {
+            "model": ["a", "a", "a", "b", "b", "b"],
+            "seed": [0, 1, 2] * 2,
+            "auc": [0.7, 0.72, 0.74, 0.6, 0.6, 0.63],
+        }
     )
     summary = summarize_over_seeds(results, by=["model"], metrics=["auc"]).set_index("model")
     assert np.isclose(summary.loc["a", "auc_mean"], np.mean([0.7, 0.72, 0.74]))

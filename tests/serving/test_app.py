@@ -149,10 +149,10 @@ def test_reload_under_concurrent_requests_never_mixes_versions(
     v1 = FeatureBank.load(bank_dir)
     v2 = shifted_bank(v1)
     users = [f"user{u}" for u in range(40) if f"user{u}" != BANKLESS_USER]
-    v2.write(tmp_path / "v2")
+    lib = Scorer.from_run_dir(run_dir, model="dcn+profiles", bank=bank_dir)
     expected = {}  # the library's answers for each exact version
-    for bank, where in ((v1, bank_dir), (v2, tmp_path / "v2")):
-        lib = Scorer.from_run_dir(run_dir, model="dcn+profiles", bank=where)
+    for bank in (v1, v2):
+        lib.set_bank(bank)
         expected[bank.version] = {u: lib.score([u], ITEMS).probs.tolist() for u in users}
     assert all(expected[v1.version][u] != expected[v2.version][u] for u in users)  # versions distinguishable
 

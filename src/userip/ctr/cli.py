@@ -66,6 +66,7 @@ def results_table(valid: dict[str, float] | None, test: dict[str, float]) -> str
 
 
 def run(args: argparse.Namespace) -> int:
+    from userip.ctr.models import model_section
     from userip.ctr.recipe import output_name, train_ctr  # heavy imports only when the command runs
     from userip.ctr.trainer import TrainerConfig
     from userip.utils.logging import setup_logging
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(run_dir / "logs" / "train.log")
     try:
         model_config, trainer_dict = _read_model_config(args.model_config)
+        # configs/ctr_models.yaml holds one section per model: pick this model's (flat mappings pass through).
+        model_config = model_section(model_config, args.model)
         trainer_dict.update({k: v for k, v in overrides.items() if v is not None})
         if args.no_progress:
             trainer_dict["progress"] = False

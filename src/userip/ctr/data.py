@@ -4,6 +4,12 @@ Field order: ``user_id``, ``item_id``, then one field per profile of the feature
 profile names), then the chosen observable user features. Vocabularies are fit on the train split, so users,
 items and feature values never seen in training map to index 0. Profile field p has ``vocab_size = K_p + 1``
 and index ``code + 1``; a user the bank does not know (code -1) maps to 0.
+
+A ``continuous`` bank (the paper's "without VQ" ablation, Table 3) stores each user's projected profile
+vectors instead of codes: its profile fields are then indexed by ``user_id + 1`` (0 = unknown) and
+``CTRData.frozen_embeds`` holds, per such field, the (vocab, d) table of those vectors, which the recipe
+copies into the model's field embedding and freezes. So the downstream model sees the continuous profiles, and
+every model and trainer keep the one ``x_ids`` contract.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ class CTRData:
     feature_map: FeatureMap
     encoder: FeatureEncoder
     splits: dict[str, SplitTensors]
+    # field name -> (vocab_size, d) float32 rows to copy into the embedding and freeze (continuous banks)
+    frozen_embeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, split: str) -> SplitTensors:
         try:
@@ -114,7 +122,13 @@ def build_ctr_data(
         Field(USER_FIELD, vocabularies[USER_FIELD].size, FieldSource.USER),
         Field(ITEM_FIELD, vocabularies[ITEM_FIELD].size, FieldSource.ITEM),
     ]
-    if bank is not None:
+    continuous = bank is not None and getattr(bank, "kind", "codes") == "continuous"
+    frozen_embeds: dict[str, np.ndarray] = {}
+    if continuous:
+        vectors = continuous_profile_tables(bank, dataset.num_users)  # (U + 1, P, d)
+        fields += [Field(name, dataset.num_users + 1, FieldSource.PROFILE) for name in bank.profile_names]
+        frozen_embeds = {name: vectors[:, p] for p, name in enumerate(bank.profile_names)}
+    elif bank is not None:
         fields += [
             Field(name, int(k) + 1, FieldSource.PROFILE)
             for name, k in zip(bank.profile_names, bank.codebook_sizes, strict=True)
@@ -135,13 +149,55 @@ def build_ctr_data(
             encoder.encode(USER_FIELD, user_ids),
             encoder.encode(ITEM_FIELD, rows["item_id"].to_numpy(dtype=np.int64)),
         ]
-        if bank is not None:
+        if continuous:
+            columns += [user_ids + 1] * len(bank.profile_names)
+        elif bank is not None:
             columns += list(profile_indices(bank, user_ids).T)
         columns += [encoder.encode(name, user_columns[name][user_ids]) for name in user_features]
         x_ids = torch.from_numpy(np.ascontiguousarray(np.stack(columns, axis=1), dtype=np.int64))
         labels = torch.from_numpy(rows["label"].to_numpy(dtype=np.float32))
         splits[split] = SplitTensors(x_ids, labels)
-    return CTRData(feature_map, encoder, splits)
+    return CTRData(feature_map, encoder, splits, frozen_embeds)
+
+
+def continuous_profile_tables(bank: ProfileBank, num_users: int) -> np.ndarray:
+    """(num_users + 1, P, d) float32: row 0 (unknown) is zeros, row u + 1 is user u's stored vectors."""
+    vectors = bank.lookup_vectors(np.arange(num_users, dtype=np.int64))  # type: ignore[attr-defined]
+    table = np.zeros((num_users + 1, *vectors.shape[1:]), dtype=np.float32)
+    table[1:] = vectors
+    return table
+
+
+def freeze_field_rows(model: torch.nn.Module, feature_map: FeatureMap, frozen: dict[str, np.ndarray]) -> None:
+    """Copy ``frozen[field]`` into the rows of ``field`` in the model's field embedding and keep them fixed.
+
+    Only models whose field embedding is ``model.embedding`` (DCN, DCNv2, DeepFM, PNN, AutoInt, ...) qualify,
+    and the vectors' width must equal ``embedding_dim``. A gradient hook zeroes those rows' gradients; with no
+    gradient and no weight decay on them, Adam leaves them exactly as copied.
+    """
+    from userip.ctr.layers import FieldEmbedding
+
+    embedding = getattr(model, "embedding", None)
+    if not isinstance(embedding, FieldEmbedding):
+        raise ValueError(
+            f"{type(model).__name__} has no single field embedding to hold continuous profiles; "
+            "use a continuous (without-VQ) bank with DCN, DCNv2, DeepFM, PNN or AutoInt"
+        )
+    weight = embedding.weight
+    offsets = np.concatenate([[0], np.cumsum(feature_map.vocab_sizes)])
+    row_mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool)
+    with torch.no_grad():
+        for name, table in frozen.items():
+            f = feature_map.index(name)
+            if table.shape != (feature_map.fields[f].vocab_size, weight.shape[1]):
+                raise ValueError(
+                    f"continuous profile {name!r}: vectors of shape {table.shape}, but the field needs "
+                    f"({feature_map.fields[f].vocab_size}, embedding_dim={weight.shape[1]}); set the "
+                    "quantization's surrogate_proj_dim equal to the CTR model's embedding_dim"
+                )
+            weight[offsets[f] : offsets[f + 1]] = torch.from_numpy(table)
+            row_mask[offsets[f] : offsets[f + 1]] = True
+    weight.register_hook(lambda grad: grad.masked_fill(row_mask.to(grad.device), 0.0))
 
 
 def profile_indices(bank: ProfileBank, user_ids: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from userip.ctr.data import CTRData, ProfileBank, build_ctr_data
+from userip.ctr.data import CTRData, ProfileBank, build_ctr_data, freeze_field_rows
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, predict_probs
 from userip.data.schema import Dataset
@@ -147,6 +147,8 @@ def train_ctr(
         raise ValueError(f"dataset needs train and test interactions; has splits {sorted(data.splits)}")
     seed_everything(config.seed)
     model = build_model(model_name, data.feature_map, **model_config)
+    if data.frozen_embeds:  # continuous profiles (without-VQ bank): fixed rows of the field embedding
+        freeze_field_rows(model, data.feature_map, data.frozen_embeds)
     log.info(
         "training %s on %d rows, fields %s (seed %d)",
         output_name(model_name, with_profiles),

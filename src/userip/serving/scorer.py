@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,16 +268,30 @@ class Scorer:
 
         Raises ``BankReloadError`` (old bank keeps serving) if it cannot be loaded or does not fit the model.
         """
-        if self._source is None:
+        source = self._source
+        if source is None:
             raise BankReloadError("this scorer has no reloadable bank source (model without profiles?)")
+
+        def build(old: BankSnapshot) -> BankSnapshot | None:
+            signature = source.signature()  # read before opening: a publish in between triggers again later
+            if not force and signature == old.signature:
+                return None
+            return self._make_snapshot(source.open(), source.describe(), signature)
+
+        return self._swap(build)
+
+    def set_bank(self, bank: ProfileLookup, source: str = "<in-memory>") -> ReloadResult:
+        """Serve an already-loaded bank object (validated like a reload); ``reload_bank`` reads the source."""
+        if not self._profile_fields:
+            raise BankReloadError(f"model {self.model_name!r} has no profile fields; it uses no bank")
+        return self._swap(lambda old: self._make_snapshot(bank, source, None))
+
+    def _swap(self, build: Callable[[BankSnapshot], BankSnapshot | None]) -> ReloadResult:
         with self._reload_lock:  # serialises reloads only; scoring never takes a lock
             old = self._snapshot
             assert old is not None
             try:
-                signature = self._source.signature()  # read before opening: a later publish triggers again
-                if not force and signature == old.signature:
-                    return ReloadResult(False, old.version, old.version)
-                new = self._make_snapshot(self._source.open(), self._source.describe(), signature)
+                new = build(old)
             except Exception as e:  # noqa: BLE001 - any failure must leave the old bank serving
                 self.last_reload_error = f"{type(e).__name__}: {e}"
                 log.error(
@@ -286,10 +300,12 @@ class Scorer:
                 raise BankReloadError(
                     f"reload failed, still serving bank version {old.version!r}: {self.last_reload_error}"
                 ) from e
+            if new is None:
+                return ReloadResult(False, old.version, old.version)
             self._snapshot = new  # the atomic switch: one reference assignment
             self.last_reload_error = None
             log.info("bank reloaded: version %r -> %r (%s)", old.version, new.version, new.source)
-            return ReloadResult(new.version != old.version or force, old.version, new.version)
+            return ReloadResult(new.version != old.version, old.version, new.version)
 
     def _make_snapshot(self, bank: Any, source: str, signature: Hashable) -> BankSnapshot:
         expected_hash = self.info.get("dataset_hash")
