@@ -7,6 +7,7 @@ background IDs against the true hobby and background, against k-means on bag-of-
 reference: no LM, same training interactions) and random IDs (chance).
 
     python bench/bench_recovery.py                       # default synthetic dataset, offline LM
+    python bench/bench_recovery.py --lm-steps 200        # the LM pre-trained for 200 steps (documented run)
     python bench/bench_recovery.py --lm random           # ablation: frozen random LM of the same shape
     python bench/bench_recovery.py --num-users 600 --epochs 4   # quick look
 
@@ -42,9 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--lm-steps", type=int, default=None, help="offline LM pre-training steps (default: its config)"
     )
-    p.add_argument("--epochs", type=int, default=8, help="profile-inference epochs")
+    p.add_argument("--epochs", type=int, default=6, help="profile-inference epochs")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-2, help="soft-token learning rate")
+    p.add_argument("--lr", type=float, default=0.02, help="soft-token learning rate")
     p.add_argument(
         "--aux-lr", type=float, default=1e-3, help="codebook + surrogate learning rate (paper: 1e-3)"
     )

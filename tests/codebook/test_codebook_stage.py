@@ -93,10 +93,10 @@ def test_new_users_are_upserted_without_touching_others(tiny_dataset, tmp_path):
     before = {k: v.clone() for k, v in aux.state_dict().items()}
     seen = {}
 
-    def fit_profiles(new_dataset, frozen_aux):
+    def fit_profiles(new_dataset, user_ids, frozen_aux):
         seen["training"] = frozen_aux.training
         embeds = table[[0, 1]].clone().requires_grad_(True)  # stand-in for soft tokens fit by the trainer
-        loss, _ = frozen_aux(torch.arange(new_dataset.num_users), embeds)
+        loss, _ = frozen_aux(torch.as_tensor(user_ids), embeds)
         loss.backward()  # gradients reach the new users' profiles, never the frozen modules
         seen["grad"] = embeds.grad.abs().sum().item()
         return embeds.detach()

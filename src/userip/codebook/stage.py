@@ -272,7 +272,8 @@ def frozen_aux_for(objective: JointObjective, new: NewUsers) -> JointObjective:
     return aux.eval()
 
 
-FitProfiles = Callable[[Dataset, JointObjective], torch.Tensor]
+# fit_profiles(new_dataset, user_ids, frozen_aux) -> (len(user_ids), P, D); ids index new_dataset's users.
+FitProfiles = Callable[[Dataset, np.ndarray, JointObjective], torch.Tensor]
 
 
 def infer_new_users(
@@ -284,7 +285,8 @@ def infer_new_users(
 ) -> FeatureBank:
     """Fit profiles for ``new`` users only (LM, codebooks, surrogate frozen); upsert them as a new version.
 
-    ``fit_profiles(new.dataset, frozen_aux) -> (N, P, D)`` returns every new user's profile embedding (NaN
+    ``fit_profiles(new.dataset, new.user_ids, frozen_aux) -> (N, P, D)`` returns every new user's profile
+    embedding (NaN
     rows for users it could not fit, e.g. no title in their history: they get ``UNKNOWN_CODE``);
     ``trainer_fit_profiles`` builds one from the profile trainer.
     """
@@ -294,7 +296,7 @@ def infer_new_users(
             "adding users to a without_vq bank is not supported (its IDs come from k-means)"
         )
     aux = frozen_aux_for(objective, new)
-    profile_embeds = fit_profiles(new.dataset, aux)  # (N, P, D)
+    profile_embeds = fit_profiles(new.dataset, new.user_ids, aux)  # (N, P, D)
     if tuple(profile_embeds.shape[:2]) != (len(new.raw_user_ids), len(bank.profile_names)):
         raise ValueError(
             f"fit_profiles returned shape {tuple(profile_embeds.shape)} for {len(new.raw_user_ids)} users"
@@ -323,18 +325,19 @@ def trainer_fit_profiles(
     from userip.profile.trainer import ProfileTrainer
     from userip.prompts import PromptBuilder, build_examples
 
-    def fit(new_dataset: Dataset, frozen_aux: JointObjective) -> torch.Tensor:
+    def fit(new_dataset: Dataset, user_ids: np.ndarray, frozen_aux: JointObjective) -> torch.Tensor:
         builder = PromptBuilder(tokenizer, prompt_config)
         embeddings = lm.get_input_embeddings().weight
         table = SoftTokenTable(new_dataset.num_users, prompt_config.num_slots, embeddings.shape[1])
         slots = [p.num_soft_tokens for p in prompt_config.profiles]
         table.initialise(embeddings, builder.phrase_ids, slots, SoftTokenConfig(), seed)
         model = ProfileModel(lm, table, prompt_config)
-        examples = build_examples(new_dataset, builder)
+        examples = build_examples(new_dataset, builder).subset(user_ids)
         config = dataclasses.replace(train_config, train_aux=False, checkpoint_every=0)
-        ProfileTrainer(model, examples, config, aux=frozen_aux).train()
-        profile_embeds = model.profile_embeds(torch.arange(new_dataset.num_users)).clone()
-        profile_embeds[torch.as_tensor(examples.skipped_user_ids, dtype=torch.long)] = float("nan")
+        if len(examples):  # else every row stays NaN below
+            ProfileTrainer(model, examples, config, aux=frozen_aux).train()
+        profile_embeds = model.profile_embeds(torch.as_tensor(user_ids)).clone()
+        profile_embeds[torch.from_numpy(~np.isin(user_ids, examples.user_ids))] = float("nan")  # no target
         return profile_embeds
 
     return fit

@@ -107,12 +107,12 @@ class OfflineLMConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int | None = None  # None: 4 * hidden_size
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # untied: see the class docstring
     vocab_size: int = 4096  # cap for the trained tokenizer; required words are added beyond it
     tokenizer_model: TokenizerModel = TokenizerModel.WORD
     max_length: int = 256  # position budget; must cover the template + slot words + max_target_tokens
     epochs: int = 6
-    max_steps: int | None = 800
+    max_steps: int | None = 300
     batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.01

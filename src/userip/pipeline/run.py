@@ -28,6 +28,7 @@ from userip.feature_bank import FeatureBank
 from userip.profile.stage import ProfileStageConfig, run_profile_stage
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, atomic_write_text, read_json
+from userip.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def run_pipeline(config: PipelineConfig | None = None) -> dict[str, Any]:
     config = config or PipelineConfig()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "logs" / "run.log")
     atomic_write_json(run_dir / "config.json", to_dict(config))
     timings: dict[str, float] = {}
 

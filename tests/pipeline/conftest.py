@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from userip.pipeline.run import PipelineConfig, run_pipeline
+from userip.utils.config import from_dict
+
+# The smallest setting that still runs every stage for real: synthetic data -> offline LM pre-training ->
+# Algorithm 1 (soft tokens + codebooks + surrogate) -> feature bank -> DCN with and without profile IDs.
+TINY = {
+    "source_options": {"num_users": 120, "num_items": 36, "mean_interactions": 15},
+    "profile": {
+        "offline_lm": {"max_steps": 10, "hidden_size": 32, "num_layers": 1},
+        "train": {"num_epochs": 1, "batch_size": 16, "progress": False, "checkpoint_every": 0},
+        "quantization": {"kmeans_init_samples": 32},
+    },
+    "trainer": {"max_epochs": 1},
+    "seeds": [0],
+}
+
+
+def tiny_config(run_dir: Path, **overrides) -> PipelineConfig:
+    return from_dict(PipelineConfig, {**TINY, "run_dir": str(run_dir), **overrides}, "tiny config")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = tmp_path_factory.mktemp("run")
+        summary = run_pipeline(tiny_config(run_dir))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir, summary
