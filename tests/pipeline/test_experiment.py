@@ -37,7 +37,7 @@ def test_tables_plots_and_numbers(tiny_experiment):
         assert heading in md
     assert (out_dir / "figure5_hobby_codebook.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = pd.read_csv(out_dir / "results.csv")
-    # 2 seeds x (lr, dcn, UserIP-DCN, UserIP-DCN w/o VQ, UserIP-DCN hobby6): hobby4 is the main bank, run once.
+    # 2 seeds x (lr, dcn, UserIP-DCN, w/o VQ, hobby6): hobby4 is the main bank, trained once.
     assert len(results) == 2 * 5
     table2 = pd.DataFrame(out["tables"]["table2"]).set_index("model")
     ours = results[(results.model == "dcn") & (results.variant == "userip")].sort_values("seed")
