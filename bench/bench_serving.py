@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="existing run with ctr/dcn and ctr/dcn+profiles")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement")
-    parser.add_argument("--http-rounds", type=int, default=10, help="interleaved closed-loop HTTP rounds")
+    parser.add_argument("--http-rounds", type=int, default=20, help="interleaved closed-loop HTTP rounds")
     parser.add_argument("--rate", type=float, default=40.0, help="paced requests per second (both servers)")
     parser.add_argument(
         "--latency-requests", type=int, default=300, help="paced requests per model (bounded)"

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tests.prompts.conftest import _one_torch_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from userip.data.schema import Dataset
 
@@ -24,15 +25,6 @@ TITLES = (
     "great movie",
     "funny",
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def planted_clusters(n_per: int = 30, dim: int = 6, k: int = 3, spread: float = 0.05, seed: int = 0):

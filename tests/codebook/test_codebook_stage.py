@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 from tests.codebook.conftest import planted_clusters
-from transformers import LlamaConfig
 
 from userip.codebook import QuantizationConfig
 from userip.codebook.stage import (
@@ -117,6 +116,7 @@ def test_new_users_are_upserted_without_touching_others(tiny_dataset, tmp_path):
 
 def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     """Algorithm 1 end to end on a tiny LM: the trainer's aux hook, checkpoint of the aux state, the bank."""
+    from tests.profile.conftest import llama_config
     from tests.prompts.conftest import make_word_tokenizer
 
     from userip.profile.lm import load_causal_lm
@@ -126,28 +126,19 @@ def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
 
     tokenizer = make_word_tokenizer(with_bos=True)
     torch.manual_seed(0)
-    lm_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    lm = load_causal_lm(lm_config, dtype="fp32", device="cpu")
+    lm = load_causal_lm(llama_config(len(tokenizer)), dtype="fp32", device="cpu")  # hidden 32
     builder = PromptBuilder(tokenizer, PromptConfig(profiles=PROFILES))
-    table = SoftTokenTable(tiny_dataset.num_users, 2, 16)
+    table = SoftTokenTable(tiny_dataset.num_users, 2, 32)
     table.initialise(lm.get_input_embeddings().weight, builder.phrase_ids, [1, 1], SoftTokenConfig(), 0)
     model = ProfileModel(lm, table, builder.config)
     examples = build_examples(tiny_dataset, builder)
-    aux = build_aux(tiny_dataset, PROFILES, 16, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0))
+    aux = build_aux(tiny_dataset, PROFILES, 32, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0))
     train_cfg = TrainConfig(batch_size=8, num_epochs=2, progress=False, checkpoint_every=0)
     result = ProfileTrainer(model, examples, train_cfg, aux=aux, checkpoint_dir=tmp_path / "ckpt").train()
     assert result.steps == 6 and "rec_loss" in result.aux_metrics and "perplexity_hobby" in result.aux_metrics
     assert all(bool(q.initialized) for q in aux.quantizer.quantizers) and int(aux.step) == 6
     resumed_aux = build_aux(
-        tiny_dataset, PROFILES, 16, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0)
+        tiny_dataset, PROFILES, 32, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0)
     )
     ProfileTrainer(
         model, examples, train_cfg, aux=resumed_aux, checkpoint_dir=tmp_path / "ckpt"
@@ -160,7 +151,7 @@ def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     assert np.array_equal(FeatureBank.load(tmp_path / "bank").codes, aux.assign_codes(profile_table))
     assert "recovery" in report
     # New users in a "later process": objective restored from the bank folder, trainer with aux frozen.
-    restored = load_objective_state(build_aux(tiny_dataset, PROFILES, 16), tmp_path / "bank")
+    restored = load_objective_state(build_aux(tiny_dataset, PROFILES, 32), tmp_path / "bank")
     assert torch.equal(restored.quantizer.quantizers[1].codebook, aux.quantizer.quantizers[1].codebook)
     new = read_new_users(_new_users_file(tmp_path), tiny_dataset, bank)
     fit = trainer_fit_profiles(lm, tokenizer, builder.config, train_cfg)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,13 @@ from tests.serving.serving_helpers import free_port, shifted_bank
 from userip.cli import main
 from userip.feature_bank import FeatureBank
 from userip.serving.scorer import Scorer
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # `userip serve` sets it process-wide
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: ~5-30 s on a busy 2-core machine
@@ -63,11 +71,7 @@ def test_serve_command_wires_config_into_uvicorn(run_dir: Path, monkeypatch: pyt
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     argv = ["serve", "--run-dir", str(run_dir), "--model", "dcn", "--port", "0", "--limit-concurrency", "7"]
-    threads = torch.get_num_threads()
-    try:
-        assert main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)  # the command sets it process-wide
+    assert main(argv) == 0
     assert (seen["host"], seen["port"], seen["limit_concurrency"]) == ("127.0.0.1", 0, 7)
     assert seen["app"].state.scorer.model_name == "dcn"
 
@@ -76,3 +80,13 @@ def test_serve_command_rejects_bad_config(run_dir: Path, tmp_path: Path) -> None
     config = tmp_path / "serve.yaml"
     config.write_text("serve:\n  max_items_per_request: -1\n")
     assert main(["serve", "--run-dir", str(run_dir), "--config", str(config)]) == 2
+    assert main(["serve", "--run-dir", str(run_dir), "--model", "no-such-model"]) == 2
+
+
+def test_publish_to_redis_command(run_dir: Path, redis_url: str) -> None:
+    from userip.serving.redis_bank import current_version
+
+    prefix = "test:cli-publish"
+    argv = ["serve", "--run-dir", str(run_dir), "--publish-to-redis", redis_url, "--redis-prefix", prefix]
+    assert main(argv) == 0
+    assert current_version(redis_url, prefix) == FeatureBank.load(run_dir / "bank").version

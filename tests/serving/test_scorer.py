@@ -118,6 +118,17 @@ def test_reload_refuses_a_bank_that_does_not_fit_the_model(run_dir: Path, bank_d
     foreign.write(bank_dir)
     with pytest.raises(BankReloadError, match="built from dataset 'another-dataset'"):
         scorer.reload_bank()
+    continuous = FeatureBank.build(
+        profile_names=old.profile_names,
+        codebooks=old.codebooks,
+        codes=old.codes,
+        raw_user_ids=old.raw_user_ids,
+        dataset_hash=old.dataset_hash,
+        kind="continuous",
+        profile_vectors=np.zeros((len(old.codes), 2, 4)),
+    )
+    with pytest.raises(BankReloadError, match="without-VQ"):
+        scorer.set_bank(continuous)
     assert scorer.snapshot.version == old.version
 
 

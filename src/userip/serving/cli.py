@@ -92,9 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from userip.serving.scorer import Scorer
 
     torch.set_num_threads(config.num_threads)
-    scorer = Scorer.from_run_dir(
-        args.run_dir, model=args.model, bank=args.bank, redis_prefix=args.redis_prefix
-    )
+    try:
+        scorer = Scorer.from_run_dir(
+            args.run_dir, model=args.model, bank=args.bank, redis_prefix=args.redis_prefix
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # missing/incomplete artifacts, incompatible bank
+        log.error("cannot serve: %s", e)
+        return 2
     info = scorer.describe()
     log.info(
         "serving %s (fields %s, bank %s) on http://%s:%d with %s",
@@ -121,7 +125,11 @@ def _publish(args: argparse.Namespace) -> int:
     from userip.feature_bank import FeatureBank
     from userip.serving.redis_bank import DEFAULT_PREFIX, publish_bank
 
-    bank = FeatureBank.load(args.bank or args.run_dir / "bank")
-    version = publish_bank(bank, args.publish_to_redis, args.redis_prefix or DEFAULT_PREFIX)
+    try:
+        bank = FeatureBank.load(args.bank or args.run_dir / "bank")
+        version = publish_bank(bank, args.publish_to_redis, args.redis_prefix or DEFAULT_PREFIX)
+    except Exception as e:  # noqa: BLE001 - a CLI reports any failure in one line
+        log.error("cannot publish the bank to %s: %s", args.publish_to_redis, e)
+        return 2
     log.info("published bank version %s to %s (prefix %s)", version, args.publish_to_redis, args.redis_prefix)
     return 0

@@ -308,6 +308,11 @@ class Scorer:
             return ReloadResult(new.version != old.version, old.version, new.version)
 
     def _make_snapshot(self, bank: Any, source: str, signature: Hashable) -> BankSnapshot:
+        if getattr(bank, "kind", "codes") != "codes":
+            raise BankReloadError(
+                f"bank ({source}) is a {bank.kind!r} (without-VQ) bank: an offline ablation whose profiles "
+                "live in the model's frozen embedding rows; serving needs a bank of profile codes"
+            )
         expected_hash = self.info.get("dataset_hash")
         bank_hash = getattr(bank, "dataset_hash", None)
         if expected_hash and bank_hash and bank_hash != expected_hash:
