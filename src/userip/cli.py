@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "userip.pipeline.experiment_cli",
         "the paper's tables and figures over seeds, from a config",
     ),
+    "explain": ("userip.evaluation.explain_cli", "nearest vocabulary words of users' learned soft tokens"),
 }
 
 

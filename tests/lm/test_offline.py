@@ -22,7 +22,7 @@ from userip.lm import (
     resolve_lm,
 )
 from userip.lm import offline as offline_module
-from userip.lm.offline import pretraining_examples
+from userip.lm.offline import pretraining_examples, short_target_example
 from userip.prompts import PromptBuilder, PromptConfig, TokenKind, collate
 from userip.utils.config import ConfigError, from_dict
 
@@ -70,6 +70,24 @@ def test_pretraining_prompts_put_hint_words_in_the_slots(toy_dataset, prompt_con
     train_titles = set(toy_dataset.items.title[train.item_id])
     for title in set(toy_dataset.items.title[held_out.item_id]) - train_titles:
         assert title not in target
+
+
+def test_short_target_windows_keep_the_template_and_whole_titles(toy_dataset, prompt_config, tiny_lm_config):
+    tokenizer = build_dataset_tokenizer(toy_dataset, prompt_config, tiny_lm_config)
+    builder = PromptBuilder(tokenizer, prompt_config)
+    example = builder.build(
+        "budget toys doll, luxury books atlas, budget toys robot", slot_texts={"hobby": "toys"}
+    )
+    rng = np.random.default_rng(0)
+    windows = {tokenizer.decode(w.labels[w.labels >= 0]) for w in
+               (short_target_example(example, builder.separator_ids, 2, rng) for _ in range(60))}  # fmt: skip
+    titles = ["budget toys doll", "luxury books atlas", "budget toys robot"]
+    expected = set(titles) | {" , ".join(titles[i : i + 2]) for i in range(2)}
+    assert windows == expected
+    short = short_target_example(example, builder.separator_ids, 1, rng)
+    n = int((example.token_kinds != TokenKind.TARGET).sum())
+    assert np.array_equal(short.input_ids[:n], example.input_ids[:n])
+    assert (short.token_kinds[n:] == TokenKind.TARGET).all() and (short.labels[:n] == -100).all()
 
 
 def test_plain_title_examples_are_bos_plus_title(toy_dataset, prompt_config, tiny_lm_config):

@@ -1,0 +1,93 @@
+"""Explainability (paper 3.8, Table 5): which vocabulary words a user's learned soft tokens are closest to.
+
+A soft token lives in the LLM's input-embedding space, so its nearest vocabulary embeddings (cosine) say what
+the frozen LLM "reads" in that slot: for a user whose hobby is outdoors, the hobby token should sit near words
+like "outdoors" or "hiking".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def nearest_tokens(
+    soft_embeds: torch.Tensor,
+    vocab_embeds: torch.Tensor,
+    k: int = 5,
+    candidate_ids: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` vocabulary ids by cosine similarity for each soft token.
+
+    soft_embeds (N, D), vocab_embeds (V, D) -> (ids (N, k), cosine (N, k)). ``candidate_ids`` restricts the
+    search to a word list (e.g. the profile words), returning ids of the full vocabulary.
+    """
+    if soft_embeds.ndim != 2 or vocab_embeds.ndim != 2 or soft_embeds.shape[1] != vocab_embeds.shape[1]:
+        raise ValueError(
+            f"expected soft_embeds (N, D) and vocab_embeds (V, D); got {tuple(soft_embeds.shape)} and "
+            f"{tuple(vocab_embeds.shape)}"
+        )
+    vocab = vocab_embeds.float()
+    ids = torch.arange(vocab.shape[0])
+    if candidate_ids is not None:
+        ids = torch.as_tensor(list(candidate_ids), dtype=torch.long)
+        vocab = vocab[ids]
+    sims = (
+        torch.nn.functional.normalize(soft_embeds.float(), dim=-1)
+        @ torch.nn.functional.normalize(vocab, dim=-1).T
+    )  # (N, V')
+    top = sims.topk(min(k, vocab.shape[0]), dim=-1)
+    return ids[top.indices], top.values
+
+
+def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, k: int = 5, limit: int = 10):
+    """For users of a finished ``userip profile`` run: each profile's top-``k`` nearest words and, where the
+    bank knows them, their profile IDs. Returns a list of dicts (one per user)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from userip.data.schema import Dataset
+    from userip.feature_bank import FeatureBank
+    from userip.profile.recipe import load_soft_tokens
+    from userip.utils.io import read_json
+
+    run_dir = Path(run_dir)
+    dataset = Dataset.load(run_dir)
+    stage = read_json(run_dir / "profile" / "stage_config.json")
+    soft_tokens, trained, manifest = load_soft_tokens(run_dir / "profile")
+    lm = AutoModelForCausalLM.from_pretrained(stage["lm_path"])
+    tokenizer = AutoTokenizer.from_pretrained(stage["lm_path"])
+    vocab_embeds = lm.get_input_embeddings().weight.detach()
+    bank = FeatureBank.load(run_dir / "bank")
+    raw_of = dataset.users["raw_user_id"].astype(str).to_numpy()
+    if raw_user_ids is None:
+        user_ids = np.flatnonzero(trained.numpy())[:limit]
+    else:
+        index = {r: i for i, r in enumerate(raw_of)}
+        missing = [r for r in raw_user_ids if str(r) not in index]
+        if missing:
+            raise KeyError(f"unknown user(s) {missing[:5]} (not in {run_dir / 'data'})")
+        user_ids = np.array([index[str(r)] for r in raw_user_ids], dtype=np.int64)
+    profiles = manifest["profiles"]
+    offsets = np.cumsum([0] + [p["num_soft_tokens"] for p in profiles])
+    codes = bank.lookup(user_ids)
+    out: list[dict[str, Any]] = []
+    for row, uid in enumerate(user_ids):
+        entry: dict[str, Any] = {"raw_user_id": raw_of[uid]}
+        for p, spec in enumerate(profiles):
+            token = soft_tokens[uid, offsets[p] : offsets[p + 1]].mean(dim=0, keepdim=True)  # (1, D)
+            ids, sims = nearest_tokens(token, vocab_embeds, k)
+            entry[spec["name"]] = {
+                "code": int(codes[row, p]),
+                "nearest": [
+                    (tokenizer.decode([int(i)]).strip(), round(float(s), 3)) for i, s in zip(ids[0], sims[0])
+                ],
+            }
+        if dataset.truth is not None:
+            truth = dataset.truth.set_index("user_id").loc[uid]
+            entry["truth"] = {c: int(v) for c, v in truth.items()}
+        out.append(entry)
+    return out
