@@ -19,7 +19,6 @@ def test_every_stage_writes_its_artifacts(tiny_run):
     for path in (
         "data/manifest.json",
         "profile/soft_tokens.safetensors",
-        "profile/aux.safetensors",
         "bank/report.json",
         "results/summary.md",
         "results/summary.json",
@@ -70,3 +69,27 @@ def test_unknown_config_key_fails_before_any_work(tmp_path, capsys):
 def test_unknown_model_fails_naming_accepted_values(tmp_path):
     with pytest.raises(ConfigError, match="ctr_model.*dcn"):
         tiny_config(tmp_path, ctr_model="nope")
+
+
+def test_new_users_are_upserted_without_retraining_anyone(tiny_run, tmp_path):
+    # Last in this module: it adds a bank version to the shared tiny run.
+    run_dir, _ = tiny_run
+    dataset = Dataset.load(run_dir)
+    before = FeatureBank.load(run_dir / "bank")
+    items = dataset.items["raw_item_id"].tolist()
+    known = dataset.users["raw_user_id"].iloc[0]
+    rows = [
+        {"raw_user_id": f"new{u}", "raw_item_id": items[(3 * u + i) % len(items)], "rating": 5 if i % 2 else 2}
+        for u in range(3)
+        for i in range(6)
+    ] + [{"raw_user_id": known, "raw_item_id": items[0], "rating": 4}]
+    path = tmp_path / "new.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    assert main(["profile", "--run-dir", str(run_dir), "--new-users", str(path)]) == 0
+    after = FeatureBank.load(run_dir / "bank")
+    assert after.version != before.version
+    codes, known_mask = after.lookup_raw(["new0", "new1", "new2"])
+    assert known_mask.all() and ((codes >= 0) & (codes < [4, 3])).all()
+    # Everyone already in the bank keeps exactly their IDs.
+    old_ids = dataset.users["user_id"].to_numpy()
+    assert (after.lookup(old_ids) == before.lookup(old_ids)).all()

@@ -229,6 +229,15 @@ class FeatureBank:
 
     def lookup_raw(self, raw_user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """raw ids (N,) -> codes (N, P) int64 (-1 where unknown) and known_mask (N,) bool."""
+        if len(raw_user_ids) == 1:
+            # Online scoring asks for one user per request: a dict probe and a row copy (~8 us) instead of the
+            # ~10 numpy calls of the batch path (~70 us), which were >5% of UserIP + DCN's request time.
+            row = self._row_of.get(str(raw_user_ids[0]), -1)
+            if 0 <= row < len(self.codes):
+                codes = self.codes[row : row + 1].copy()
+            else:
+                codes = np.full((1, len(self.profile_names)), UNKNOWN_CODE, dtype=np.int64)
+            return codes, np.array([bool((codes[0] >= 0).all())])
         rows = np.fromiter((self._row_of.get(str(r), -1) for r in raw_user_ids), np.int64, len(raw_user_ids))
         codes = self.lookup(rows)
         return codes, (codes >= 0).all(axis=1)

@@ -1,9 +1,10 @@
 """The whole ``userip profile`` stage: resolve the LM -> Algorithm 1 (soft tokens + codebooks + surrogate)
 -> feature bank + report; and new users against the frozen result.
 
-Reads ``RUN/data``; writes ``RUN/profile/`` (soft tokens, ``aux.safetensors`` = codebooks + surrogate,
-``stage_config.json``), ``RUN/bank/`` (feature bank + ``report.json`` with code usage and, on synthetic data,
-profile recovery NMI/ARI) and ``RUN/lm/`` (the offline LM when ``lm.name_or_path`` is ``offline``/``random``).
+Reads ``RUN/data``; writes ``RUN/profile/`` (soft tokens, ``stage_config.json``), ``RUN/bank/`` (feature
+bank, the trained codebooks + surrogate it was written with, ``report.json`` with code usage and, on synthetic
+data, profile recovery NMI/ARI) and ``RUN/lm/`` (the offline LM when ``lm.name_or_path`` is ``offline`` or
+``random``).
 """
 
 from __future__ import annotations
@@ -13,27 +14,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.objective import JointObjective
-from userip.codebook.stage import build_aux, infer_new_users, read_new_users, write_bank
+from userip.codebook.stage import (
+    build_aux,
+    infer_new_users,
+    load_objective_state,
+    read_new_users,
+    trainer_fit_profiles,
+    write_bank,
+)
 from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
 from userip.lm.offline import OfflineLMConfig, resolve_lm
 from userip.profile.lm import LMConfig
 from userip.profile.model import SoftTokenConfig
 from userip.profile.recipe import ProfileConfig, ProfileSetup, run_profile, setup
-from userip.profile.trainer import ProfileTrainer, TrainConfig
+from userip.profile.trainer import TrainConfig
 from userip.prompts import PromptConfig
 from userip.utils.config import from_dict, to_dict
-from userip.utils.io import atomic_path, atomic_write_json, read_json
+from userip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-AUX_FILE = "aux.safetensors"
 STAGE_CONFIG_FILE = "stage_config.json"
 
 
@@ -112,13 +116,13 @@ def run_profile_stage(
     profile_config = _profile_config(config, lm_path)
     prepared = setup(run_dir, profile_config)
     hidden = prepared.model.table.weight.shape[-1]
-    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization)
+    # The trainer hands aux the batch on the LM's device; keep the codebooks and surrogate there too.
+    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization).to(prepared.model.lm_device)
     _, result = run_profile(run_dir, profile_config, aux=aux, resume=resume, prepared=prepared)
 
-    profile_dir = run_dir / "profile"
-    with atomic_path(profile_dir / AUX_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()}, str(tmp))
-    atomic_write_json(profile_dir / STAGE_CONFIG_FILE, {"lm_path": lm_path, "config": to_dict(config)})
+    atomic_write_json(
+        run_dir / "profile" / STAGE_CONFIG_FILE, {"lm_path": lm_path, "config": to_dict(config)}
+    )
 
     template = prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids)
     bank, report = write_bank(
@@ -137,25 +141,11 @@ def run_profile_stage(
     return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
 
 
-def load_trained_aux(
-    run_dir: Path, dataset: Dataset, config: ProfileStageConfig, hidden: int
-) -> JointObjective:
-    """Rebuild the joint objective and load its trained codebooks and surrogate from ``RUN/profile``."""
-    path = run_dir / "profile" / AUX_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no trained codebooks; run `userip profile --run-dir {run_dir}` first"
-        )
-    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization)
-    state = load_file(str(path))
-    # k-means-initialised codebooks are buffers/parameters whose init flags are part of the state too.
-    aux.load_state_dict(state)
-    return aux
-
-
 def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBank:
     """``userip profile --new-users FILE``: fit soft tokens for unseen users only (LM, codebooks and surrogate
     frozen) and upsert their IDs into a new bank version; nobody else is retrained."""
+    from userip.profile.lm import load_causal_lm, load_tokenizer
+
     run_dir = Path(run_dir)
     stage = read_json(run_dir / "profile" / STAGE_CONFIG_FILE)
     config = ProfileStageConfig.from_dict(stage["config"], f"{run_dir / 'profile' / STAGE_CONFIG_FILE}")
@@ -164,38 +154,15 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     new = read_new_users(new_users_file, dataset, bank)
     log.info(
         "new users: %d to fit, %d already known (skipped), %d rows on unknown items dropped",
-        len(new.user_ids),
-        len(new.skipped_known),
-        new.dropped_interactions,
+        len(new.raw_user_ids), len(new.skipped_known), new.dropped_interactions,
+    )  # fmt: skip
+    lm_cfg = config.lm
+    lm = load_causal_lm(stage["lm_path"], lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
+    tokenizer = load_tokenizer(stage["lm_path"])
+    hidden = lm.get_input_embeddings().weight.shape[1]
+    # The objective the current bank version was written with: trained codebooks and surrogate.
+    aux = load_objective_state(
+        build_aux(dataset, config.prompt.profiles, hidden, config.quantization), run_dir / "bank"
     )
-    profile_config = _profile_config(config, stage["lm_path"])
-
-    def fit_profiles(extended: Dataset, user_ids: np.ndarray, frozen_aux: JointObjective) -> torch.Tensor:
-        prepared = _setup_for(extended, profile_config)
-        examples = prepared.examples.subset(user_ids)
-        if len(examples) == 0:
-            raise ValueError("none of the new users has a training target (empty history)")
-        train = dataclasses.replace(profile_config.train, train_aux=False, checkpoint_every=0)
-        ProfileTrainer(prepared.model, examples, train, aux=frozen_aux).train()
-        with torch.no_grad():
-            return prepared.model.profile_embeds(torch.from_numpy(user_ids)).float().cpu()
-
-    hidden = _hidden_size(stage["lm_path"])
-    aux = load_trained_aux(run_dir, dataset, config, hidden)
-    return infer_new_users(run_dir / "bank", dataset, aux, new, fit_profiles)
-
-
-def _setup_for(dataset: Dataset, profile_config: ProfileConfig) -> ProfileSetup:
-    """``recipe.setup`` on an in-memory dataset (the original plus the new users)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dataset.save(Path(tmp) / "data")
-        return setup(tmp, profile_config)
-
-
-def _hidden_size(lm_path: str) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(lm_path)
-    return int(cfg.get_text_config().hidden_size)
+    fit = trainer_fit_profiles(lm, tokenizer, config.prompt, config.train, seed=config.train.seed)
+    return infer_new_users(run_dir / "bank", dataset, aux.to(lm.device), new, fit)
