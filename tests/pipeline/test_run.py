@@ -79,7 +79,11 @@ def test_new_users_are_upserted_without_retraining_anyone(tiny_run, tmp_path):
     items = dataset.items["raw_item_id"].tolist()
     known = dataset.users["raw_user_id"].iloc[0]
     rows = [
-        {"raw_user_id": f"new{u}", "raw_item_id": items[(3 * u + i) % len(items)], "rating": 5 if i % 2 else 2}
+        {
+            "raw_user_id": f"new{u}",
+            "raw_item_id": items[(3 * u + i) % len(items)],
+            "rating": 5 if i % 2 else 2,
+        }
         for u in range(3)
         for i in range(6)
     ] + [{"raw_user_id": known, "raw_item_id": items[0], "rating": 4}]

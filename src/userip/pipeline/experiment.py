@@ -428,5 +428,3 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
 
 def cell_count(config: ExperimentConfig) -> int:
     return len(Experiment(config).cells())
-
-
