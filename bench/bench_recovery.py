@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--lm-steps", type=int, default=None, help="offline LM pre-training steps (default: its config)"
     )
-    p.add_argument("--epochs", type=int, default=6, help="profile-inference epochs")
+    p.add_argument("--epochs", type=int, default=15, help="profile-inference epochs (as `userip profile`)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.02, help="soft-token learning rate")
     p.add_argument(

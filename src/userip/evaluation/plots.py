@@ -35,6 +35,7 @@ def plot_sweep(
         ax.plot(xs, mean, marker="o", color="tab:blue" if metric == "auc" else "tab:red")
         ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=ax.lines[-1].get_color())
         ax.set_xscale("log")
+        ax.minorticks_off()  # the log axis' minor labels (2x10^1, ...) overprint the sizes
         ax.set_xticks(xs)
         ax.set_xticklabels([str(int(v)) for v in xs])
         ax.set_xlabel(x.replace("_", " "))
