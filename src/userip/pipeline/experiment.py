@@ -17,6 +17,8 @@ method.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -148,7 +150,8 @@ class Experiment:
             return self.banks[variant]
         hobby, background = self._variant_sizes(variant)
         quant = dataclasses.replace(self.config.profile.quantization, without_vq=variant == "novq")
-        bank_dir = self.out / "banks" / variant
+        # Keyed by the main bank's version: rebuilt soft tokens never meet stale variant banks.
+        bank_dir = self.out / "banks" / self.banks["userip"].version / variant
         assert self.dataset is not None
         try:
             bank = FeatureBank.load(bank_dir, expected_dataset_hash=self.dataset.content_hash)
@@ -208,8 +211,22 @@ class Experiment:
                 return "userip"
         return variant
 
+    def cell_path(self, cell: Cell) -> Path:
+        """Cells are keyed by what they depend on (trainer and model config, profile config), so a rerun with
+        another config retrains instead of reusing stale numbers."""
+        key = {
+            "trainer": to_dict(self.config.trainer),
+            "model": self.config.model_configs.get(cell.model, {}),
+            "profile": to_dict(self.config.profile),
+            "requantize_epochs": self.config.requantize_epochs,
+            "bank": self.banks["userip"].version if "userip" in self.banks else None,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        name = f"{cell.model}__{self._canonical(cell.variant)}__seed{cell.seed}__{digest}.json"
+        return self.out / "cells" / name
+
     def run_cell(self, cell: Cell) -> dict[str, Any]:
-        path = self.out / "cells" / f"{cell.model}__{self._canonical(cell.variant)}__seed{cell.seed}.json"
+        path = self.cell_path(cell)
         if path.exists():
             return read_json(path)
         variant = self._canonical(cell.variant)
@@ -242,10 +259,7 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         self.setup()
         cells = self.cells()
-        done = sum(
-            (self.out / "cells" / f"{c.model}__{self._canonical(c.variant)}__seed{c.seed}.json").exists()
-            for c in cells
-        )
+        done = sum(self.cell_path(c).exists() for c in cells)
         log.info("%d cells (%d already finished)", len(cells), done)
         records = []
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):

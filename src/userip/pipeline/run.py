@@ -77,14 +77,18 @@ def stage_profile(
     config: PipelineConfig, run_dir: Path, dataset: Dataset
 ) -> tuple[FeatureBank, dict[str, Any]]:
     bank_manifest = run_dir / "bank" / "report.json"
-    if bank_manifest.exists():
+    stage_file = run_dir / "profile" / "stage_config.json"
+    same_config = stage_file.exists() and read_json(stage_file)["config"] == to_dict(config.profile)
+    if bank_manifest.exists() and not same_config:
+        log.info("profile: the stage config changed since %s was written; rebuilding", run_dir / "bank")
+    elif bank_manifest.exists():
         try:
             bank = FeatureBank.load(run_dir / "bank", expected_dataset_hash=dataset.content_hash)
             log.info("profile: reusing bank %s", bank.version)
             return bank, read_json(bank_manifest)
         except Exception as e:  # a stale or broken bank is rebuilt, not trusted
             log.warning("profile: existing bank unusable (%s); rebuilding", e)
-    resume = (run_dir / "profile" / "checkpoints").exists()
+    resume = same_config and (run_dir / "profile" / "checkpoints").exists()
     result = run_profile_stage(run_dir, config.profile, resume=resume)
     return result.bank, result.report
 
