@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, PreTrainedTokenizerFast
 
+from userip.lm.tokenizer import build_tokenizer
 from userip.profile.lm import freeze, load_causal_lm
 from userip.profile.model import ProfileModel, SoftTokenTable
 from userip.profile.trainer import ProfileTrainer, TrainConfig, plan_batches
@@ -68,28 +68,13 @@ def _rss() -> int:
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
-    words = [
-        "this",
-        "user's",
-        "hobby",
-        "is",
-        ",",
-        "his",
-        "background",
-        "is",
-        ".",
-        "the",
-        "recent",
-        "items",
-        "are",
-        ":",
-    ]
-    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + sorted(set(words)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    """A word-level tokenizer that knows the template's words (targets are random ids, so nothing else)."""
+    return build_tokenizer(
+        [], vocab_size=64, required_texts=[PromptConfig().task_description, *TEMPLATE_WORDS]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+TEMPLATE_WORDS = [p.phrase for p in PromptConfig().profiles]
 
 
 def make_examples(builder: PromptBuilder, num: int, seq_len: int, vocab: int, seed: int) -> ExampleSet:
