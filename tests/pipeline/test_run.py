@@ -97,3 +97,26 @@ def test_new_users_are_upserted_without_retraining_anyone(tiny_run, tmp_path):
     # Everyone already in the bank keeps exactly their IDs.
     old_ids = dataset.users["user_id"].to_numpy()
     assert (after.lookup(old_ids) == before.lookup(old_ids)).all()
+
+
+def test_summary_reports_relative_improvement_and_paired_p_value():
+    from scipy import stats
+
+    from userip.pipeline.run import PipelineConfig, summarize
+
+    results = pd.DataFrame(
+        {
+            "model": ["DCN", "UserIP-DCN"] * 3,
+            "seed": [0, 0, 1, 1, 2, 2],
+            "auc": [0.70, 0.72, 0.71, 0.74, 0.69, 0.70],
+            "logloss": [0.60, 0.58, 0.59, 0.57, 0.61, 0.60],
+        }
+    )
+    md, summary = summarize(results, {}, PipelineConfig(seeds=[0, 1, 2]))
+    ours = [0.72, 0.74, 0.70]
+    base = [0.70, 0.71, 0.69]
+    expected_p = stats.ttest_rel(ours, base).pvalue
+    expected_impr = (sum(ours) / 3 - 0.5) / (sum(base) / 3 - 0.5) - 1
+    row = next(line for line in md.splitlines() if line.startswith("| UserIP-DCN"))
+    assert f"{expected_p:.3g}" in row
+    assert f"{100 * expected_impr:+.2f}%" in row

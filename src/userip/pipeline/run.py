@@ -22,7 +22,7 @@ from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
 from userip.data.preprocess import PrepareConfig
 from userip.data.schema import MANIFEST, Dataset
-from userip.evaluation.metrics import rela_impr_auc, rela_impr_logloss
+from userip.evaluation.metrics import paired_test, rela_impr_auc, rela_impr_logloss
 from userip.evaluation.tables import markdown_table
 from userip.feature_bank import FeatureBank
 from userip.profile.stage import ProfileStageConfig, run_profile_stage
@@ -152,6 +152,12 @@ def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineCon
     )
     if len(config.seeds) < 2:
         table = table.drop(columns=["auc_std", "logloss_std"])
+    else:  # paired over seeds: same split, same CTR seed, with vs without the profile fields
+        by_seed = results.pivot(index="seed", columns="model", values="auc")
+        test = paired_test(by_seed[f"UserIP-{base_name}"].to_numpy(), by_seed[base_name].to_numpy())
+        table[f"p (paired t vs {base_name}, AUC)"] = [
+            "" if m == base_name else f"{test.t_pvalue:.3g}" for m in means.index
+        ]
     md = [f"Test metrics over {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))})", ""]
     md.append(markdown_table(table, mark_columns={"auc_mean": True, "logloss_mean": False}))
     recovery = (report.get("recovery") or {}).get("profiles", {})
