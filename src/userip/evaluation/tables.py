@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from userip.evaluation.metrics import paired_test, rela_impr_auc, rela_impr_logloss
+
 # Direction of each metric: True if higher is better.
 HIGHER_IS_BETTER: dict[str, bool] = {"auc": True, "logloss": False, "nmi": True, "ari": True}
 
@@ -25,6 +27,38 @@ def summarize_over_seeds(results: pd.DataFrame, by: Sequence[str], metrics: Sequ
     out.columns = [f"{m}_{stat}" for m, stat in out.columns]
     out["num_seeds"] = grouped.size()
     return out.reset_index()
+
+
+def compare_with_base(
+    results: pd.DataFrame, name_col: str, base_name: str, ours: Sequence[str]
+) -> pd.DataFrame:
+    """The paper's comparison table from per-seed test metrics (columns ``name_col``, seed, auc, logloss).
+
+    One row per name: ``auc_mean/std``, ``logloss_mean/std``, the paper's RelaImpr of AUC and Logloss against
+    ``base_name``, and for the names in ``ours`` the p-value of a paired t-test of AUC over the seeds both
+    share ("n/a (1 seed)" with fewer than two).
+    """
+    summary = summarize_over_seeds(results, by=[name_col], metrics=["auc", "logloss"])
+    summary = summary.drop(columns=["num_seeds"]).rename(columns={name_col: "model"})
+    base = summary.set_index("model").loc[base_name]
+    summary["RelaImpr AUC"] = [
+        f"{100 * rela_impr_auc(a, base['auc_mean']):+.2f}%" for a in summary["auc_mean"]
+    ]
+    summary["RelaImpr Logloss"] = [
+        f"{100 * rela_impr_logloss(ll, base['logloss_mean']):+.2f}%" for ll in summary["logloss_mean"]
+    ]
+    auc_by_seed = results.pivot(index="seed", columns=name_col, values="auc")
+
+    def pvalue(name: str) -> str:
+        if name not in ours:
+            return ""
+        pair = auc_by_seed[[name, base_name]].dropna()
+        if len(pair) < 2:
+            return "n/a (1 seed)"
+        return f"{paired_test(pair[name].to_numpy(), pair[base_name].to_numpy()).t_pvalue:.3g}"
+
+    summary[f"p (paired t vs {base_name}, AUC)"] = [pvalue(name) for name in summary["model"]]
+    return summary
 
 
 def rank_marks(values: Sequence[float], higher_is_better: bool) -> list[str]:

@@ -35,9 +35,8 @@ from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
 from userip.data.preprocess import PrepareConfig
 from userip.data.schema import Dataset
-from userip.evaluation.metrics import paired_test, rela_impr_auc, rela_impr_logloss
 from userip.evaluation.plots import plot_sweep
-from userip.evaluation.tables import markdown_table, summarize_over_seeds
+from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import FeatureBank
 from userip.pipeline.run import PipelineConfig, stage_prepare, stage_profile
 from userip.profile.recipe import load_soft_tokens
@@ -287,21 +286,11 @@ class Experiment:
         out: dict[str, Any] = {"tables": {}}
 
         def table(rows: pd.DataFrame, title: str, key: str, base_name: str | None, ours: list[str]) -> None:
-            summary = summarize_over_seeds(rows, by=["name"], metrics=["auc", "logloss"])
-            summary = summary.drop(columns=["num_seeds"]).rename(columns={"name": "model"})
-            if base_name is not None and base_name in set(summary["model"]):
-                base = summary.set_index("model").loc[base_name]
-                summary["RelaImpr AUC"] = [
-                    f"{100 * rela_impr_auc(a, base['auc_mean']):+.2f}%" for a in summary["auc_mean"]
-                ]
-                summary["RelaImpr Logloss"] = [
-                    f"{100 * rela_impr_logloss(ll, base['logloss_mean']):+.2f}%"
-                    for ll in summary["logloss_mean"]
-                ]
-                pvals = []
-                for name in summary["model"]:
-                    pvals.append(self._pvalue(rows, name, base_name) if name in ours else "")
-                summary[f"p (paired t vs {base_name}, AUC)"] = pvals
+            if base_name is not None and base_name in set(rows["name"]):
+                summary = compare_with_base(rows, "name", base_name, ours)
+            else:
+                summary = summarize_over_seeds(rows, by=["name"], metrics=["auc", "logloss"])
+                summary = summary.drop(columns=["num_seeds"]).rename(columns={"name": "model"})
             md.extend(
                 ["", f"## {title}", "", markdown_table(summary, {"auc_mean": True, "logloss_mean": False})]
             )
@@ -369,15 +358,6 @@ class Experiment:
         atomic_write_json(self.out / "results.json", out)
         out["markdown"] = text
         return out
-
-    def _pvalue(self, rows: pd.DataFrame, name: str, base_name: str) -> str:
-        a = rows[rows.name == name].set_index("seed")["auc"]
-        b = rows[rows.name == base_name].set_index("seed")["auc"]
-        seeds = a.index.intersection(b.index)
-        if len(seeds) < 2:
-            return "n/a (1 seed)"
-        test = paired_test(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy())
-        return f"{test.t_pvalue:.3g}"
 
 
 def _stats_line(dataset: Dataset | None) -> str:

@@ -22,8 +22,7 @@ from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
 from userip.data.preprocess import PrepareConfig
 from userip.data.schema import MANIFEST, Dataset
-from userip.evaluation.metrics import paired_test, rela_impr_auc, rela_impr_logloss
-from userip.evaluation.tables import markdown_table
+from userip.evaluation.tables import compare_with_base, markdown_table
 from userip.feature_bank import FeatureBank
 from userip.profile.stage import ProfileStageConfig, run_profile_stage
 from userip.utils.config import ConfigError, to_dict
@@ -136,28 +135,9 @@ def stage_ctr(config: PipelineConfig, run_dir: Path, dataset: Dataset, bank: Fea
 
 def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineConfig) -> tuple[str, dict]:
     base_name = config.ctr_model.upper()
-    grouped = results.groupby("model", sort=False)[["auc", "logloss"]]
-    means, stds = grouped.mean(), grouped.std()
-    base_auc, base_ll = means.loc[base_name, "auc"], means.loc[base_name, "logloss"]
-    table = pd.DataFrame(
-        {
-            "model": means.index,
-            "auc_mean": means["auc"].to_numpy(),
-            "auc_std": stds["auc"].to_numpy(),
-            "logloss_mean": means["logloss"].to_numpy(),
-            "logloss_std": stds["logloss"].to_numpy(),
-            "RelaImpr AUC": [f"{100 * rela_impr_auc(a, base_auc):+.2f}%" for a in means["auc"]],
-            "RelaImpr Logloss": [f"{100 * rela_impr_logloss(ll, base_ll):+.2f}%" for ll in means["logloss"]],
-        }
-    )
+    table = compare_with_base(results, "model", base_name, [f"UserIP-{base_name}"])
     if len(config.seeds) < 2:
-        table = table.drop(columns=["auc_std", "logloss_std"])
-    else:  # paired over seeds: same split, same CTR seed, with vs without the profile fields
-        by_seed = results.pivot(index="seed", columns="model", values="auc")
-        test = paired_test(by_seed[f"UserIP-{base_name}"].to_numpy(), by_seed[base_name].to_numpy())
-        table[f"p (paired t vs {base_name}, AUC)"] = [
-            "" if m == base_name else f"{test.t_pvalue:.3g}" for m in means.index
-        ]
+        table = table.drop(columns=["auc_std", "logloss_std", f"p (paired t vs {base_name}, AUC)"])
     md = [f"Test metrics over {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))})", ""]
     md.append(markdown_table(table, mark_columns={"auc_mean": True, "logloss_mean": False}))
     recovery = (report.get("recovery") or {}).get("profiles", {})
@@ -175,7 +155,9 @@ def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineCon
         md += [f"- {name}: {info['users_per_code']}" for name, info in usage.items()]
     summary = {
         "results": results.to_dict(orient="records"),
-        "mean": means.reset_index().to_dict(orient="records"),
+        "mean": table[["model", "auc_mean", "logloss_mean"]]
+        .rename(columns={"auc_mean": "auc", "logloss_mean": "logloss"})
+        .to_dict(orient="records"),
         "recovery": recovery,
         "code_usage": usage,
         "config": to_dict(config),
