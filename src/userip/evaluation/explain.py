@@ -51,13 +51,15 @@ def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, 
 
     from userip.data.schema import Dataset
     from userip.feature_bank import FeatureBank
+    from userip.profile.model import profile_means
     from userip.profile.recipe import load_soft_tokens
+    from userip.profile.stage import ProfileStageConfig
     from userip.utils.io import read_json
 
     run_dir = Path(run_dir)
     dataset = Dataset.load(run_dir)
     stage = read_json(run_dir / "profile" / "stage_config.json")
-    soft_tokens, trained, manifest = load_soft_tokens(run_dir / "profile")
+    soft_tokens, trained, _ = load_soft_tokens(run_dir / "profile")
     lm = AutoModelForCausalLM.from_pretrained(stage["lm_path"])
     tokenizer = AutoTokenizer.from_pretrained(stage["lm_path"])
     vocab_embeds = lm.get_input_embeddings().weight.detach()
@@ -71,23 +73,24 @@ def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, 
         if missing:
             raise KeyError(f"unknown user(s) {missing[:5]} (not in {run_dir / 'data'})")
         user_ids = np.array([index[str(r)] for r in raw_user_ids], dtype=np.int64)
-    profiles = manifest["profiles"]
-    offsets = np.cumsum([0] + [p["num_soft_tokens"] for p in profiles])
+    prompt_config = ProfileStageConfig.from_dict(stage["config"]).prompt
+    profile_embeds = profile_means(soft_tokens[torch.as_tensor(user_ids)], prompt_config)  # (N, P, D)
+    nearest = [nearest_tokens(profile_embeds[:, p], vocab_embeds, k) for p in range(profile_embeds.shape[1])]
     codes = bank.lookup(user_ids)
+    truth = None if dataset.truth is None else dataset.truth.set_index("user_id").loc[user_ids]
     out: list[dict[str, Any]] = []
     for row, uid in enumerate(user_ids):
         entry: dict[str, Any] = {"raw_user_id": raw_of[uid]}
-        for p, spec in enumerate(profiles):
-            token = soft_tokens[uid, offsets[p] : offsets[p + 1]].mean(dim=0, keepdim=True)  # (1, D)
-            ids, sims = nearest_tokens(token, vocab_embeds, k)
-            entry[spec["name"]] = {
+        for p, spec in enumerate(prompt_config.profiles):
+            ids, sims = nearest[p]
+            entry[spec.name] = {
                 "code": int(codes[row, p]),
                 "nearest": [
-                    (tokenizer.decode([int(i)]).strip(), round(float(s), 3)) for i, s in zip(ids[0], sims[0])
+                    (tokenizer.decode([int(i)]).strip(), round(float(s), 3))
+                    for i, s in zip(ids[row], sims[row])
                 ],
             }
-        if dataset.truth is not None:
-            truth = dataset.truth.set_index("user_id").loc[uid]
-            entry["truth"] = {c: int(v) for c, v in truth.items()}
+        if truth is not None:
+            entry["truth"] = {c: int(v) for c, v in truth.iloc[row].items()}
         out.append(entry)
     return out

@@ -39,6 +39,7 @@ from userip.evaluation.plots import plot_sweep
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import FeatureBank
 from userip.pipeline.run import PipelineConfig, stage_prepare, stage_profile
+from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
 from userip.profile.stage import ProfileStageConfig
 from userip.prompts import ProfileSpec
@@ -381,11 +382,7 @@ def requantize(
     """Train codebooks + surrogate (eq. 5, straight-through) on the *fixed* soft tokens of ``RUN/profile``
     with other codebook sizes (or without VQ), and write that bank to ``bank_dir``."""
     soft_tokens, trained_mask, _ = load_soft_tokens(run_dir / "profile")
-    offsets = profile.prompt.slot_offsets()
-    counts = [p.num_soft_tokens for p in profile.prompt.profiles]
-    profile_table = torch.stack(
-        [soft_tokens[:, o : o + c].mean(dim=1) for o, c in zip(offsets, counts)], dim=1
-    )  # (U, P, D)
+    profile_table = profile_means(soft_tokens, profile.prompt)  # (U, P, D)
     specs = [
         ProfileSpec(p.name, p.phrase, p.num_soft_tokens, k)
         for p, k in zip(profile.prompt.profiles, codebook_sizes)

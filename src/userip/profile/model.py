@@ -78,11 +78,6 @@ class ProfileModel(nn.Module):
         self.lm = lm
         self.table = table
         self.prompt_config = prompt_config
-        # slot -> profile, for averaging a profile's soft tokens
-        slot_profile = [
-            p for p, spec in enumerate(prompt_config.profiles) for _ in range(spec.num_soft_tokens)
-        ]
-        self.register_buffer("slot_profile", torch.tensor(slot_profile), persistent=False)
 
     @property
     def lm_device(self) -> torch.device:
@@ -148,16 +143,16 @@ class ProfileModel(nn.Module):
 
     def profile_embeds_from(self, soft_embeds: torch.Tensor) -> torch.Tensor:
         """(B, S, D) soft tokens -> (B, P, D): mean over each profile's soft tokens (differentiable)."""
-        P = self.prompt_config.num_profiles
-        index = self.slot_profile.to(soft_embeds.device)
-        summed = soft_embeds.new_zeros(soft_embeds.shape[0], P, soft_embeds.shape[-1]).index_add(
-            1, index, soft_embeds
-        )
-        counts = torch.bincount(index, minlength=P).to(soft_embeds.dtype)
-        return summed / counts[None, :, None]
+        return profile_means(soft_embeds, self.prompt_config)
 
     @torch.no_grad()
     def profile_embeds(self, user_ids: torch.Tensor) -> torch.Tensor:
         """(B, P, D) fp32 profile vectors of ``user_ids`` from the table (on the table's device)."""
         rows = self.table.weight[user_ids.to(self.table.weight.device)]
         return self.profile_embeds_from(rows)
+
+
+def profile_means(soft_embeds: torch.Tensor, prompt_config: PromptConfig) -> torch.Tensor:
+    """(B, S, D) soft tokens (slots in profile order) -> (B, P, D): each profile's mean soft token."""
+    sizes = [spec.num_soft_tokens for spec in prompt_config.profiles]
+    return torch.stack([chunk.mean(dim=1) for chunk in soft_embeds.split(sizes, dim=1)], dim=1)
