@@ -19,6 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> [0, 1, 2], with an error naming the flag."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
 def build_config(args: argparse.Namespace):
     from userip.pipeline.run import PipelineConfig
 
@@ -28,24 +36,18 @@ def build_config(args: argparse.Namespace):
     if args.lm is not None:
         data.setdefault("profile", {}).setdefault("lm", {})["name_or_path"] = args.lm
     if args.seeds is not None:
-        try:
-            data["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+        data["seeds"] = parse_seeds(args.seeds)
     return from_dict(PipelineConfig, data, str(args.config or "run config"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from userip.utils.logging import setup_logging
-
     try:
         config = build_config(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
     run_dir = Path(config.run_dir)
-    setup_logging(run_dir / "logs" / "run.log")
-    from userip.pipeline.run import run_pipeline
+    from userip.pipeline.run import run_pipeline  # it logs to RUN/logs/run.log
 
     start = time.perf_counter()
     try:

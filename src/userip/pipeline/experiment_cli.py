@@ -21,13 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from userip.pipeline.cli import parse_seeds
     from userip.pipeline.experiment import ExperimentConfig, run_experiment
     from userip.utils.logging import setup_logging
 
     try:
         data = load_yaml(args.config)
         if args.seeds:
-            data["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+            data["seeds"] = parse_seeds(args.seeds)
         if args.out_dir:
             data["out_dir"] = str(args.out_dir)
         config = from_dict(ExperimentConfig, data, str(args.config))
