@@ -14,6 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# mkstemp creates 0600 files; a renamed artifact should get the mode a plain open() would give it (0666 minus
+# the umask), or a bank written by one user is unreadable to the service running as another. Read once at
+# import, where setting and restoring the process umask cannot race with another thread's file creation.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -27,6 +34,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
