@@ -93,6 +93,8 @@ def test_config_validation_names_the_key():
         TrainerConfig(lr=-1.0)
     with pytest.raises(ValueError, match="patience"):
         TrainerConfig(patience=0)
+    with pytest.raises(ValueError, match="min_epochs"):
+        TrainerConfig(max_epochs=5, min_epochs=6)
     with pytest.raises(ConfigError, match="unknown key.*'epochs'"):
         from_dict(TrainerConfig, {"epochs": 3})
     assert from_dict(TrainerConfig, {"lr": 1, "max_epochs": 2}).lr == 1.0
@@ -161,6 +163,18 @@ def test_early_stopping_on_noise():
     fit = Trainer(model, TrainerConfig(lr=0.05, batch_size=64, max_epochs=30, patience=1)).fit(train, noise)
     assert fit.stopped_early and len(fit.history) < 30
     assert len(fit.history) == fit.best_epoch + 1  # stops right after the first epoch without a gain
+
+    # With a floor it keeps going to min_epochs, then stops at the first epoch without a gain after it.
+    model = build_model("dcn", feature_map(), **SMALL_DCN)
+    config = TrainerConfig(lr=0.05, batch_size=64, max_epochs=30, patience=1, min_epochs=8)
+    floored = Trainer(model, config).fit(train, noise)
+    aucs = [r.valid_auc for r in floored.history]
+    assert len(aucs) >= 8 and floored.stopped_early
+    assert aucs[-1] <= max(aucs[:-1])  # the last epoch gained nothing
+    assert all(
+        a > max(aucs[:i]) for i, a in enumerate(aucs[8:-1], start=8)
+    )  # every epoch after 8 but the last gained
+    assert floored.best_epoch == int(np.argmax(aucs)) + 1
 
 
 def test_same_seed_same_model_different_seed_differs():

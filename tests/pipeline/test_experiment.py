@@ -24,6 +24,7 @@ def tiny_experiment(tiny_run, tmp_path_factory):
         "baselines": ["lr", "dcn"],
         "hobby_sizes": [4, 6],
         "requantize_epochs": 2,
+        "trainer_search": {"grid": {"lr": [1e-3, 3e-2]}, "seeds": [0]},
     }
     config = from_dict(ExperimentConfig, data, "tiny experiment")
     return config, run_experiment(config)
@@ -49,6 +50,25 @@ def test_tables_plots_and_numbers(tiny_experiment):
     assert md.count("**") >= 4 and "<u>" in md
 
 
+def test_trainer_search_picks_best_valid_auc_and_uses_it(tiny_experiment):
+    config, out = tiny_experiment
+    search = pd.read_csv(config.output_dir / "trainer_search.csv")
+    # 4 rows (LR, DCN, UserIP-DCN, w/o VQ; hobby6 reuses UserIP-DCN's choice) x 2 candidates.
+    assert len(search) == 4 * 2 and set(search.lr) == {1e-3, 3e-2}
+    for (model, variant), group in search.groupby(["model", "variant"]):
+        chosen = group[group.chosen]
+        assert len(chosen) == 1
+        assert chosen.valid_auc_mean.iloc[0] == group.valid_auc_mean.max()
+        # The seeds ran with the chosen lr: the seed-0 cell is the winning search cell itself.
+        results = pd.read_csv(config.output_dir / "results.csv")
+        final = results[(results.model == model) & (results.variant == variant) & (results.seed == 0)]
+        assert np.isclose(final.valid_auc.iloc[0], chosen.valid_auc_mean.iloc[0])
+    assert "Trainer settings chosen on validation AUC" in out["markdown"]
+    assert len(out["tables"]["trainer_search"]) == 4
+    # Winning search cells are the seed-0 final cells: 10 final + 8 search - 4 shared files.
+    assert len(list((config.output_dir / "cells").glob("*.json"))) == 10 + 8 - 4
+
+
 def test_rerun_skips_finished_cells(tiny_experiment):
     config, _ = tiny_experiment
     cells = sorted((config.output_dir / "cells").glob("*.json"))
@@ -65,6 +85,9 @@ def test_rerun_skips_finished_cells(tiny_experiment):
         ({"hobby_sizes": [1]}, "codebook size"),
         ({"sources": "x"}, "sources"),
         ({"source": "netflix"}, "netflix"),
+        ({"trainer_search": {"grid": {"momentum": [0.9]}}}, "momentum"),
+        ({"trainer_search": {"grid": {"lr": []}}}, "trainer_search.grid.lr"),
+        ({"trainer_search": {"grid": {"lr": [-1.0]}}}, "lr must be a positive"),
     ],
 )
 def test_bad_config_fails_naming_the_key(data, match):
