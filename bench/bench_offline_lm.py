@@ -36,10 +36,17 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from userip.data.prepare import prepare
+from userip.data.preprocess import PROFILE_HINT_COLUMNS
 from userip.data.schema import Dataset
 from userip.lm import OfflineLMConfig, read_lm_manifest, resolve_lm
 from userip.profile.lm import load_causal_lm, load_tokenizer
-from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
+from userip.profile.model import (
+    ProfileModel,
+    SoftTokenConfig,
+    SoftTokenTable,
+    init_token_ids,
+    resolve_value_words,
+)
 from userip.profile.trainer import ProfileTrainer, TrainConfig
 from userip.prompts import PromptBuilder, PromptConfig, build_examples
 from userip.utils.config import from_dict
@@ -47,7 +54,7 @@ from userip.utils.config import from_dict
 log = logging.getLogger("bench_offline_lm")
 
 STORIES_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
-HINT_COLUMNS = {"hobby": "favourite_category", "background": "price_level"}
+HINT_COLUMNS = PROFILE_HINT_COLUMNS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--template-sees-soft-tokens", choices=["true", "false"], default="true")
     p.add_argument("--cache-dir", default=None, help="offline LM cache (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init",
+        default="value_words",
+        choices=["value_words", "phrase", "random"],
+        help="soft-token init (userip.profile.model.SoftTokenInit; default value_words)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -113,11 +126,13 @@ def fit_soft_tokens(
     builder = PromptBuilder(tokenizer, prompt_config)
     examples = build_examples(dataset, builder).subset(fit_user_ids)
     table = SoftTokenTable(dataset.num_users, prompt_config.num_slots, lm.config.hidden_size)
+    soft_config = SoftTokenConfig(init=args.init)
+    value_words = resolve_value_words(soft_config, prompt_config, dataset.hints)
     table.initialise(
         lm.get_input_embeddings().weight,
-        builder.phrase_ids,
+        init_token_ids(builder, soft_config, value_words),
         [p.num_soft_tokens for p in prompt_config.profiles],
-        SoftTokenConfig(),
+        soft_config,
         seed=args.seed,
     )
     model = ProfileModel(lm, table, prompt_config)

@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.001, help="commitment weight (paper: 0.001)")
     p.add_argument("--without-vq", action="store_true", help="ablation: continuous profiles, k-means IDs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init",
+        default="value_words",
+        choices=["value_words", "phrase", "random"],
+        help="soft-token init (userip.profile.model.SoftTokenInit; default value_words)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="offline LM cache (default: ~/.cache/userip/lm)")
     p.add_argument("--out", default=None, help="folder for the bank + report (default: a temporary folder)")
@@ -68,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from userip.data.prepare import prepare
     from userip.lm import OfflineLMConfig, resolve_lm
     from userip.profile.lm import load_causal_lm, load_tokenizer
-    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
+    from userip.profile.model import (
+        ProfileModel,
+        SoftTokenConfig,
+        SoftTokenTable,
+        init_token_ids,
+        resolve_value_words,
+    )
     from userip.profile.trainer import ProfileTrainer, TrainConfig
     from userip.prompts import PromptBuilder, PromptConfig, build_examples
 
@@ -88,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     builder = PromptBuilder(tokenizer, prompt_config)
     table = SoftTokenTable(dataset.num_users, prompt_config.num_slots, hidden)
     slots = [p.num_soft_tokens for p in prompt_config.profiles]
-    table.initialise(
-        lm.get_input_embeddings().weight, builder.phrase_ids, slots, SoftTokenConfig(), args.seed
-    )
+    soft_config = SoftTokenConfig(init=args.init)
+    value_words = resolve_value_words(soft_config, prompt_config, dataset.hints)
+    init_ids = init_token_ids(builder, soft_config, value_words)
+    table.initialise(lm.get_input_embeddings().weight, init_ids, slots, soft_config, args.seed)
+    print(f"soft tokens start from ({args.init}): {value_words if args.init == 'value_words' else 'phrases'}")
     model = ProfileModel(lm, table, prompt_config)
     examples = build_examples(dataset, builder)
 

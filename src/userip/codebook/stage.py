@@ -314,14 +314,23 @@ def infer_new_users(
 
 
 def trainer_fit_profiles(
-    lm: Any, tokenizer: Any, prompt_config: Any, train_config: Any, seed: int = 0
+    lm: Any,
+    tokenizer: Any,
+    prompt_config: Any,
+    train_config: Any,
+    seed: int = 0,
+    soft_token_config: Any = None,
+    value_words: dict[str, list[str]] | None = None,
 ) -> FitProfiles:
     """A ``fit_profiles`` that trains fresh soft tokens with ``userip.profile``'s trainer, aux frozen.
 
     ``lm`` is the frozen LM of the original run, ``prompt_config`` its ``PromptConfig``, ``train_config`` its
-    ``TrainConfig`` (``train_aux`` is forced off, checkpoints off).
+    ``TrainConfig`` (``train_aux`` is forced off, checkpoints off); ``soft_token_config`` and ``value_words``
+    (the original run's, from its profile manifest) start the new rows where the original ones started.
     """
-    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
+    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable, init_token_ids
+
+    soft_token_config = soft_token_config or SoftTokenConfig()
     from userip.profile.trainer import ProfileTrainer
     from userip.prompts import PromptBuilder, build_examples
 
@@ -330,7 +339,8 @@ def trainer_fit_profiles(
         embeddings = lm.get_input_embeddings().weight
         table = SoftTokenTable(new_dataset.num_users, prompt_config.num_slots, embeddings.shape[1])
         slots = [p.num_soft_tokens for p in prompt_config.profiles]
-        table.initialise(embeddings, builder.phrase_ids, slots, SoftTokenConfig(), seed)
+        init_ids = init_token_ids(builder, soft_token_config, value_words or {})
+        table.initialise(embeddings, init_ids, slots, soft_token_config, seed)
         model = ProfileModel(lm, table, prompt_config)
         examples = build_examples(new_dataset, builder).subset(user_ids)
         config = dataclasses.replace(train_config, train_aux=False, checkpoint_every=0)

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 PRICE_LEVELS = ("low", "medium", "high")
 UNKNOWN_PRICE_LEVEL = "unknown"
+# Which derived hint column names the values of each default profile (the paper's hobby and background).
+PROFILE_HINT_COLUMNS = {"hobby": "favourite_category", "background": "price_level"}
 
 
 class SplitMode(enum.Enum):

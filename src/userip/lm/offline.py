@@ -49,6 +49,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from userip.data.preprocess import PROFILE_HINT_COLUMNS
 from userip.data.schema import Dataset
 from userip.lm.tokenizer import TokenizerModel, build_tokenizer, unknown_words
 from userip.prompts import (
@@ -83,7 +84,7 @@ class SlotHintMode(enum.Enum):
 
 
 def _default_slot_hint_columns() -> dict[str, str]:
-    return {"hobby": "favourite_category", "background": "price_level"}
+    return dict(PROFILE_HINT_COLUMNS)
 
 
 @dataclasses.dataclass

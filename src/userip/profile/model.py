@@ -6,29 +6,91 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from userip.prompts import IGNORE_INDEX, PromptBatch, PromptConfig
+from userip.data.preprocess import PROFILE_HINT_COLUMNS, UNKNOWN_PRICE_LEVEL
+from userip.prompts import IGNORE_INDEX, PromptBatch, PromptBuilder, PromptConfig
 from userip.utils.config import ConfigError, choice
 
 
 class SoftTokenInit(enum.Enum):
+    VALUE_WORDS = "value_words"  # mean embedding of the words naming the profile's values + small noise
     PHRASE = "phrase"  # mean embedding of the profile's phrase tokens + small noise
     RANDOM = "random"  # normal with the embedding matrix's std
 
 
+def _default_value_word_columns() -> dict[str, str]:
+    return dict(PROFILE_HINT_COLUMNS)
+
+
 @dataclasses.dataclass
 class SoftTokenConfig:
-    init: SoftTokenInit = SoftTokenInit.PHRASE
+    """How each user's soft tokens start.
+
+    ``value_words`` (default) starts a profile's slots at the mean embedding of the words that name its
+    values (hobby: the category names; background: low / medium / high), i.e. prompt tuning's text
+    initialisation with the profile's vocabulary instead of its name. Why: with ``phrase`` both profiles start
+    at nearly the same point (their phrases share most words) and nothing ties a slot to its profile, so on
+    the synthetic default the background token took up the hobby and the hobby token, for some users, the
+    price level (recovery NMI hobby 0.60, background 0.09); starting each slot among its own value words,
+    where the offline LM learnt to read that profile, gave hobby 0.92 and background 0.75 and a lower LM
+    loss (bench/bench_recovery.py). The words come from ``value_words[profile]`` when given, else from the
+    dataset's derived hint column ``value_word_columns[profile]`` (training split only; "unknown" and empty
+    values skipped); a profile with neither falls back to its phrase.
+    """
+
+    init: SoftTokenInit = SoftTokenInit.VALUE_WORDS
     init_noise: float = 0.1  # noise std as a fraction of the embedding matrix's std (breaks user symmetry)
+    value_words: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    value_word_columns: dict[str, str] = dataclasses.field(default_factory=_default_value_word_columns)
 
     def __post_init__(self) -> None:
         self.init = choice(SoftTokenInit, self.init, "soft_tokens.init")  # type: ignore[assignment]
         if self.init_noise < 0:
             raise ConfigError(f"soft_tokens.init_noise must be >= 0, got {self.init_noise}")
+        for name, words in self.value_words.items():
+            if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ConfigError(
+                    f"soft_tokens.value_words.{name}: expected a list of non-empty words, got {words!r}"
+                )
+
+
+def resolve_value_words(
+    config: SoftTokenConfig, prompt_config: PromptConfig, hints: pd.DataFrame | None
+) -> dict[str, list[str]]:
+    """Profile name -> the words its soft tokens start from ([] -> the phrase), per ``SoftTokenConfig``."""
+    names = [p.name for p in prompt_config.profiles]
+    unknown = sorted(set(config.value_words) - set(names))
+    if unknown:
+        raise ConfigError(f"soft_tokens.value_words names profile(s) {unknown}; the prompt has {names}")
+    out: dict[str, list[str]] = {}
+    for name in names:
+        column = config.value_word_columns.get(name)
+        if name in config.value_words:
+            out[name] = list(config.value_words[name])
+        elif hints is not None and column in hints.columns:
+            values = {str(v).strip() for v in hints[column].dropna()}
+            out[name] = sorted(values - {"", UNKNOWN_PRICE_LEVEL})
+        else:
+            out[name] = []
+    return out
+
+
+def init_token_ids(
+    builder: PromptBuilder, config: SoftTokenConfig, value_words: dict[str, list[str]]
+) -> list[list[int]]:
+    """Per profile, the token ids whose mean embedding starts its soft tokens (for ``initialise``)."""
+    if config.init is not SoftTokenInit.VALUE_WORDS:
+        return [list(ids) for ids in builder.phrase_ids]
+    out = []
+    for spec, phrase_ids in zip(builder.config.profiles, builder.phrase_ids):
+        ids = [i for word in value_words.get(spec.name, []) for i in builder.encode(word)]
+        out.append(ids or list(phrase_ids))
+    return out
 
 
 class SoftTokenTable(nn.Module):
@@ -48,12 +110,13 @@ class SoftTokenTable(nn.Module):
     def initialise(
         self,
         input_embeds: torch.Tensor,
-        phrase_ids: Sequence[Sequence[int]],
+        init_ids: Sequence[Sequence[int]],
         slots_per_profile: Sequence[int],
         config: SoftTokenConfig,
         seed: int,
     ) -> None:
-        """Deterministic by ``seed``; ``input_embeds`` is the LM's (vocab, hidden) input embedding matrix."""
+        """Deterministic by ``seed``; ``input_embeds`` is the LM's (vocab, hidden) input embedding matrix and
+        ``init_ids[p]`` the token ids whose mean embedding starts profile p's slots (``init_token_ids``)."""
         emb = input_embeds.detach().float().cpu()
         std = emb.std().item()
         gen = torch.Generator().manual_seed(seed)
@@ -62,9 +125,7 @@ class SoftTokenTable(nn.Module):
         if config.init is SoftTokenInit.RANDOM:
             self.weight.copy_((noise * std).to(self.weight.device))
             return
-        base = torch.cat(
-            [emb[list(ids)].mean(0).expand(k, D) for ids, k in zip(phrase_ids, slots_per_profile)]
-        )
+        base = torch.cat([emb[list(ids)].mean(0).expand(k, D) for ids, k in zip(init_ids, slots_per_profile)])
         self.weight.copy_((base + noise * (config.init_noise * std)).to(self.weight.device))
 
 

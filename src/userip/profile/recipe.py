@@ -19,7 +19,13 @@ from torch import nn
 
 from userip.data.schema import Dataset
 from userip.profile.lm import LMConfig, load_causal_lm, load_tokenizer
-from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
+from userip.profile.model import (
+    ProfileModel,
+    SoftTokenConfig,
+    SoftTokenTable,
+    init_token_ids,
+    resolve_value_words,
+)
 from userip.profile.trainer import ProfileTrainer, TrainConfig, TrainResult
 from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
 from userip.utils.config import ConfigError, to_dict
@@ -50,6 +56,7 @@ class ProfileSetup:
     builder: PromptBuilder
     examples: ExampleSet
     model: ProfileModel
+    value_words: dict[str, list[str]]  # profile -> the words its soft tokens started from ([]: the phrase)
 
 
 def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
@@ -65,9 +72,10 @@ def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
     table = SoftTokenTable(
         dataset.num_users, config.prompt.num_slots, embeddings.shape[1], lm_cfg.table_device
     )
+    value_words = resolve_value_words(config.soft_tokens, config.prompt, dataset.hints)
     table.initialise(
         embeddings,
-        builder.phrase_ids,
+        init_token_ids(builder, config.soft_tokens, value_words),
         [p.num_soft_tokens for p in config.prompt.profiles],
         config.soft_tokens,
         config.train.seed,
@@ -83,7 +91,7 @@ def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
         config.prompt.num_slots,
         embeddings.shape[1],
     )
-    return ProfileSetup(dataset, builder, examples, ProfileModel(lm, table, config.prompt))
+    return ProfileSetup(dataset, builder, examples, ProfileModel(lm, table, config.prompt), value_words)
 
 
 def run_profile(
@@ -126,6 +134,7 @@ def save_soft_tokens(
                 prepared.builder.build("<target>").input_ids
             ),
             "config": to_dict(config),
+            "value_words": prepared.value_words,  # what the soft tokens started from (new users reuse it)
             "dataset_hash": prepared.dataset.content_hash,
             "num_users": int(table.shape[0]),
             "num_examples": len(prepared.examples),

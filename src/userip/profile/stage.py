@@ -30,7 +30,7 @@ from userip.feature_bank import FeatureBank
 from userip.lm.offline import OfflineLMConfig, resolve_lm
 from userip.profile.lm import LMConfig
 from userip.profile.model import SoftTokenConfig
-from userip.profile.recipe import ProfileConfig, ProfileSetup, run_profile, setup
+from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, run_profile, setup
 from userip.profile.trainer import TrainConfig
 from userip.prompts import PromptConfig
 from userip.utils.config import from_dict, to_dict
@@ -164,5 +164,14 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     aux = load_objective_state(
         build_aux(dataset, config.prompt.profiles, hidden, config.quantization), run_dir / "bank"
     )
-    fit = trainer_fit_profiles(lm, tokenizer, config.prompt, config.train, seed=config.train.seed)
+    manifest = read_json(run_dir / "profile" / MANIFEST_FILE)
+    fit = trainer_fit_profiles(
+        lm,
+        tokenizer,
+        config.prompt,
+        config.train,
+        seed=config.train.seed,
+        soft_token_config=config.soft_tokens,
+        value_words=manifest.get("value_words", {}),
+    )
     return infer_new_users(run_dir / "bank", dataset, aux.to(lm.device), new, fit)
