@@ -44,6 +44,19 @@ def nearest_tokens(
     return ids[top.indices], top.values
 
 
+def select_users(
+    dataset: Any, trained: torch.Tensor, raw_user_ids: Sequence[str] | None, limit: int, run_dir: Path
+) -> np.ndarray:
+    """Internal ids of ``raw_user_ids``, or of the first ``limit`` users with trained soft tokens."""
+    if raw_user_ids is None:
+        return np.flatnonzero(trained.numpy())[:limit]
+    index = {r: i for i, r in enumerate(dataset.users["raw_user_id"].astype(str))}
+    missing = [r for r in raw_user_ids if str(r) not in index]
+    if missing:
+        raise KeyError(f"unknown user(s) {missing[:5]} (not in {run_dir / 'data'})")
+    return np.array([index[str(r)] for r in raw_user_ids], dtype=np.int64)
+
+
 def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, k: int = 5, limit: int = 10):
     """For users of a finished ``userip profile`` run: each profile's top-``k`` nearest words and, where the
     bank knows them, their profile IDs. Returns a list of dicts (one per user)."""
@@ -65,14 +78,7 @@ def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, 
     vocab_embeds = lm.get_input_embeddings().weight.detach()
     bank = FeatureBank.load(run_dir / "bank")
     raw_of = dataset.users["raw_user_id"].astype(str).to_numpy()
-    if raw_user_ids is None:
-        user_ids = np.flatnonzero(trained.numpy())[:limit]
-    else:
-        index = {r: i for i, r in enumerate(raw_of)}
-        missing = [r for r in raw_user_ids if str(r) not in index]
-        if missing:
-            raise KeyError(f"unknown user(s) {missing[:5]} (not in {run_dir / 'data'})")
-        user_ids = np.array([index[str(r)] for r in raw_user_ids], dtype=np.int64)
+    user_ids = select_users(dataset, trained, raw_user_ids, limit, run_dir)
     prompt_config = ProfileStageConfig.from_dict(stage["config"]).prompt
     profile_embeds = profile_means(soft_tokens[torch.as_tensor(user_ids)], prompt_config)  # (N, P, D)
     nearest = [nearest_tokens(profile_embeds[:, p], vocab_embeds, k) for p in range(profile_embeds.shape[1])]

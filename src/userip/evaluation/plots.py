@@ -1,12 +1,17 @@
-"""PNG plots of sweeps (the paper's Figures 5 and 6: AUC and Logloss against codebook size)."""
+"""PNG plots: codebook-size sweeps (the paper's Figures 5 and 6: AUC and Logloss against codebook size) and
+profile attention heat maps (Fig. 7)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from userip.utils.io import atomic_write_with
+
+if TYPE_CHECKING:
+    from userip.evaluation.attention import ProfileAttention
 
 
 def plot_sweep(
@@ -45,6 +50,39 @@ def plot_sweep(
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def plot_attention(result: ProfileAttention, path: str | Path) -> Path:
+    """One heat map per (profile, before/after): users x sentence tokens, like the paper's Fig. 7."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_profiles = len(result.profile_names)
+    num_users, num_tokens = len(result.raw_user_ids), len(result.tokens)
+    fig, axes = plt.subplots(
+        num_profiles,
+        2,
+        figsize=(2 + 0.9 * num_tokens * 2, 1 + (0.35 * num_users + 0.8) * num_profiles),
+        squeeze=False,
+        layout="constrained",  # keeps each row's title clear of the tick labels above it
+    )
+    for p, name in enumerate(result.profile_names):
+        for col, (when, values) in enumerate(
+            (("before tuning", result.before), ("after tuning", result.after))
+        ):
+            ax = axes[p, col]
+            image = ax.imshow(values[:, p], cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_title(f"{name} profile, {when}", fontsize=10)
+            ax.set_xticks(range(num_tokens), result.tokens, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(num_users), result.raw_user_ids, fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention to the profile (scaled per user)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path
