@@ -1,6 +1,7 @@
 """`userip run` end to end on a tiny synthetic setting (every stage runs for real)."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -55,6 +56,18 @@ def test_rerun_reuses_finished_stages(tiny_run):
     run_pipeline(tiny_config(run_dir))
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert [p.stat().st_mtime_ns for p in ctr_metrics] == ctr_mtimes
+
+
+def test_changed_trainer_retrains_ctr_but_keeps_the_bank(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    bank_mtimes = {p: p.stat().st_mtime_ns for p in (copy / "bank").rglob("*") if p.is_file()}
+    config = tiny_config(copy, trainer={"max_epochs": 2, "patience": 1})
+    run_pipeline(config)
+    assert {p: p.stat().st_mtime_ns for p in bank_mtimes} == bank_mtimes
+    for saved in (copy / "ctr").rglob("config.json"):
+        assert json.loads(saved.read_text())["trainer"]["max_epochs"] == 2
 
 
 def test_unknown_config_key_fails_before_any_work(tmp_path, capsys):
@@ -120,3 +133,17 @@ def test_summary_reports_relative_improvement_and_paired_p_value():
     row = next(line for line in md.splitlines() if line.startswith("| UserIP-DCN"))
     assert f"{expected_p:.3g}" in row
     assert f"{100 * expected_impr:+.2f}%" in row
+
+
+def test_explain_attention_writes_heat_maps_and_numbers(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    png = tmp_path / "fig7.png"
+    code = main(["explain", "--run-dir", str(run_dir), "--attention", "--limit", "3", "--out", str(png)])
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pd.read_csv(png.with_suffix(".csv"))
+    assert len(table) == 2 * 3 * 2  # (before, after) x users x (hobby, background)
+    weights = table.drop(columns=["when", "user", "profile"]).to_numpy()
+    assert weights.min() >= 0.0 and weights.max() == 1.0  # scaled to [0, 1] per row
+    assert "after" in capsys.readouterr().out
+    assert main(["explain", "--run-dir", str(run_dir), "--attention", "--users", "nobody"]) == 2
