@@ -43,8 +43,7 @@ from userip.profile.lm import load_causal_lm, load_tokenizer
 from userip.profile.model import (
     ProfileModel,
     SoftTokenConfig,
-    SoftTokenTable,
-    init_token_ids,
+    initial_soft_token_table,
     resolve_value_words,
 )
 from userip.profile.trainer import ProfileTrainer, TrainConfig
@@ -125,15 +124,10 @@ def fit_soft_tokens(
     tokenizer = load_tokenizer(lm_path)
     builder = PromptBuilder(tokenizer, prompt_config)
     examples = build_examples(dataset, builder).subset(fit_user_ids)
-    table = SoftTokenTable(dataset.num_users, prompt_config.num_slots, lm.config.hidden_size)
     soft_config = SoftTokenConfig(init=args.init)
     value_words = resolve_value_words(soft_config, prompt_config, dataset.hints)
-    table.initialise(
-        lm.get_input_embeddings().weight,
-        init_token_ids(builder, soft_config, value_words),
-        [p.num_soft_tokens for p in prompt_config.profiles],
-        soft_config,
-        seed=args.seed,
+    table = initial_soft_token_table(
+        dataset.num_users, lm.get_input_embeddings().weight, builder, soft_config, value_words, args.seed
     )
     model = ProfileModel(lm, table, prompt_config)
     train_config = TrainConfig(

@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from userip.profile.model import (
         ProfileModel,
         SoftTokenConfig,
-        SoftTokenTable,
-        init_token_ids,
+        initial_soft_token_table,
         resolve_value_words,
     )
     from userip.profile.trainer import ProfileTrainer, TrainConfig
@@ -98,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_causal_lm(lm_path, dtype="fp32", device="cpu")
     hidden = lm.get_input_embeddings().weight.shape[1]
     builder = PromptBuilder(tokenizer, prompt_config)
-    table = SoftTokenTable(dataset.num_users, prompt_config.num_slots, hidden)
-    slots = [p.num_soft_tokens for p in prompt_config.profiles]
     soft_config = SoftTokenConfig(init=args.init)
     value_words = resolve_value_words(soft_config, prompt_config, dataset.hints)
-    init_ids = init_token_ids(builder, soft_config, value_words)
-    table.initialise(lm.get_input_embeddings().weight, init_ids, slots, soft_config, args.seed)
+    table = initial_soft_token_table(
+        dataset.num_users, lm.get_input_embeddings().weight, builder, soft_config, value_words, args.seed
+    )
     print(f"soft tokens start from ({args.init}): {value_words if args.init == 'value_words' else 'phrases'}")
     model = ProfileModel(lm, table, prompt_config)
     examples = build_examples(dataset, builder)

@@ -328,19 +328,22 @@ def trainer_fit_profiles(
     ``TrainConfig`` (``train_aux`` is forced off, checkpoints off); ``soft_token_config`` and ``value_words``
     (the original run's, from its profile manifest) start the new rows where the original ones started.
     """
-    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable, init_token_ids
-
-    soft_token_config = soft_token_config or SoftTokenConfig()
+    from userip.profile.model import ProfileModel, SoftTokenConfig, initial_soft_token_table
     from userip.profile.trainer import ProfileTrainer
     from userip.prompts import PromptBuilder, build_examples
 
+    soft_token_config = soft_token_config or SoftTokenConfig()
+
     def fit(new_dataset: Dataset, user_ids: np.ndarray, frozen_aux: JointObjective) -> torch.Tensor:
         builder = PromptBuilder(tokenizer, prompt_config)
-        embeddings = lm.get_input_embeddings().weight
-        table = SoftTokenTable(new_dataset.num_users, prompt_config.num_slots, embeddings.shape[1])
-        slots = [p.num_soft_tokens for p in prompt_config.profiles]
-        init_ids = init_token_ids(builder, soft_token_config, value_words or {})
-        table.initialise(embeddings, init_ids, slots, soft_token_config, seed)
+        table = initial_soft_token_table(
+            new_dataset.num_users,
+            lm.get_input_embeddings().weight,
+            builder,
+            soft_token_config,
+            value_words or {},
+            seed,
+        )
         model = ProfileModel(lm, table, prompt_config)
         examples = build_examples(new_dataset, builder).subset(user_ids)
         config = dataclasses.replace(train_config, train_aux=False, checkpoint_every=0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from userip.profile.model import ProfileModel, SoftTokenTable, init_token_ids
+from userip.profile.model import ProfileModel, SoftTokenTable, initial_soft_token_table
 from userip.prompts import PromptBuilder, TokenKind, collate
 
 
@@ -111,12 +111,12 @@ def explain_attention(
         sentence = str(dataset.items.set_index("item_id").loc[top_item, "title"])
     sentence_ids = builder.encode(sentence)[: config.prompt.max_target_tokens]
 
-    initial = SoftTokenTable(*soft_tokens.shape)
-    initial.initialise(
+    initial = initial_soft_token_table(
+        soft_tokens.shape[0],
         lm.get_input_embeddings().weight,
-        init_token_ids(builder, config.soft_tokens, manifest.get("value_words", {})),
-        [p.num_soft_tokens for p in config.prompt.profiles],
+        builder,
         config.soft_tokens,
+        manifest.get("value_words", {}),
         config.train.seed,
     )
     index = torch.as_tensor(user_ids)

@@ -11,7 +11,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, type=Path, help="a run after `userip profile`")
     parser.add_argument("--users", help="comma-separated raw user ids (default: the first --limit users)")
-    parser.add_argument("--limit", type=int, default=10, help="how many users when --users is not given")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="users shown when --users is not given (default 10; 7 with --attention, as in Fig. 7)",
+    )
     parser.add_argument("-k", type=int, default=5, help="nearest words per profile")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument(
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attention:
         return _run_attention(args, users)
     try:
-        rows = explain_run(args.run_dir, users, k=args.k, limit=args.limit)
+        rows = explain_run(args.run_dir, users, k=args.k, limit=10 if args.limit is None else args.limit)
     except (KeyError, FileNotFoundError, ValueError) as e:
         print(f"userip explain: {e}")
         return 2
@@ -61,7 +65,7 @@ def _run_attention(args: argparse.Namespace, users: list[str] | None) -> int:
     from userip.evaluation.plots import plot_attention
     from userip.utils.io import atomic_write_text
 
-    limit = args.limit if args.users or args.limit != 10 else 7  # the paper shows 7 users
+    limit = 7 if args.limit is None else args.limit
     try:
         result = explain_attention(args.run_dir, args.sentence, users, limit=limit)
     except (KeyError, FileNotFoundError, ValueError) as e:

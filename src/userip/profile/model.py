@@ -129,6 +129,30 @@ class SoftTokenTable(nn.Module):
         self.weight.copy_((base + noise * (config.init_noise * std)).to(self.weight.device))
 
 
+def initial_soft_token_table(
+    num_users: int,
+    input_embeds: torch.Tensor,
+    builder: PromptBuilder,
+    config: SoftTokenConfig,
+    value_words: dict[str, list[str]],
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> SoftTokenTable:
+    """A (num_users, S, D) table started per ``config`` for ``builder``'s prompt: the one way the profile
+    stage, new-user inference, explanations and benchmarks start soft tokens. ``input_embeds`` is the LM's
+    (vocab, D) input embedding matrix, ``value_words`` the words of ``resolve_value_words``."""
+    prompt = builder.config
+    table = SoftTokenTable(num_users, prompt.num_slots, input_embeds.shape[1], device)
+    table.initialise(
+        input_embeds,
+        init_token_ids(builder, config, value_words),
+        [p.num_soft_tokens for p in prompt.profiles],
+        config,
+        seed,
+    )
+    return table
+
+
 class ProfileModel(nn.Module):
     """Frozen LM + soft-token table. ``forward`` returns summed target-token NLL and the token count."""
 

@@ -22,8 +22,7 @@ from userip.profile.lm import LMConfig, load_causal_lm, load_tokenizer
 from userip.profile.model import (
     ProfileModel,
     SoftTokenConfig,
-    SoftTokenTable,
-    init_token_ids,
+    initial_soft_token_table,
     resolve_value_words,
 )
 from userip.profile.trainer import ProfileTrainer, TrainConfig, TrainResult
@@ -69,16 +68,15 @@ def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
     builder = PromptBuilder(tokenizer, config.prompt)
     examples = build_examples(dataset, builder)
     embeddings = lm.get_input_embeddings().weight
-    table = SoftTokenTable(
-        dataset.num_users, config.prompt.num_slots, embeddings.shape[1], lm_cfg.table_device
-    )
     value_words = resolve_value_words(config.soft_tokens, config.prompt, dataset.hints)
-    table.initialise(
+    table = initial_soft_token_table(
+        dataset.num_users,
         embeddings,
-        init_token_ids(builder, config.soft_tokens, value_words),
-        [p.num_soft_tokens for p in config.prompt.profiles],
+        builder,
         config.soft_tokens,
+        value_words,
         config.train.seed,
+        lm_cfg.table_device,
     )
     log.info(
         "%d examples for %d users (%d skipped); LM %s (%s, %s); %d soft tokens of dim %d per user",
