@@ -160,3 +160,54 @@ def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     assert known.all() and (codes[:2] < np.array([3, 2])).all()
     assert np.array_equal(updated.lookup(np.arange(tiny_dataset.num_users)), bank.codes)
     assert torch.equal(restored.quantizer.quantizers[1].codebook, aux.quantizer.quantizers[1].codebook)
+
+
+def _skewed_aux(dataset, share: float):
+    """Planted hobby codebook with code 2 moved far away: plain nearest gives it no user."""
+    aux = build_aux(dataset, PROFILES, 6, QuantizationConfig(kmeans_init_samples=24, balance_min_share=share))
+    table = _planted_table(dataset.num_users)
+    aux.quantizer.init_from(table)
+    with torch.no_grad():
+        aux.quantizer.quantizers[0].codebook[2] = 10.0
+    return aux, table
+
+
+def _plain_nearest(aux, table):
+    """Codes without offsets, by a plain numpy argmin of squared distances."""
+    cols = []
+    for p, q in enumerate(aux.quantizer.quantizers):
+        x, e = table[:, p].numpy().astype(np.float64), q.codebook.detach().numpy().astype(np.float64)
+        cols.append(((x[:, None] - e[None]) ** 2).sum(-1).argmin(1))
+    return np.stack(cols, axis=1)
+
+
+def test_balance_zero_keeps_plain_nearest_codes(tiny_dataset, tmp_path):
+    aux, table = _skewed_aux(tiny_dataset, 0.0)
+    bank, report = write_bank(tmp_path / "bank", tiny_dataset, aux, table)
+    assert np.array_equal(bank.codes, _plain_nearest(aux, table))
+    assert report["profiles"]["hobby"]["users_per_code"][2] == 0
+    assert all(not q.code_bias.any() for q in aux.quantizer.quantizers)
+
+
+def test_balanced_bank_and_new_users_use_the_saved_offsets(tiny_dataset, tmp_path):
+    aux, table = _skewed_aux(tiny_dataset, 0.05)  # floor: ceil(0.05 * 24) = 2 users per code
+    plain = _plain_nearest(aux, table)
+    bank, report = write_bank(tmp_path / "bank", tiny_dataset, aux, table)
+    for name in ("hobby", "background"):
+        assert min(report["profiles"][name]["users_per_code"]) >= 2
+    assert float(aux.quantizer.quantizers[0].code_bias[2]) > 0
+    moved = np.flatnonzero(bank.codes[:, 0] != plain[:, 0])  # users the offsets put on another code
+    assert len(moved) >= 2 and (bank.codes[moved, 0] == 2).all()
+    # "Later process": the objective comes back from the bank folder with its offsets.
+    restored = load_objective_state(build_aux(tiny_dataset, PROFILES, 6), tmp_path / "bank")
+    for q_new, q_old in zip(restored.quantizer.quantizers, aux.quantizer.quantizers):
+        assert torch.equal(q_new.code_bias, q_old.code_bias)
+    new = read_new_users(_new_users_file(tmp_path), tiny_dataset, bank)  # n1, n2
+
+    def fit_profiles(new_dataset, user_ids, frozen_aux):  # new users with the moved users' profiles
+        return table[moved[:2]].clone()
+
+    updated = infer_new_users(tmp_path / "bank", tiny_dataset, restored, new, fit_profiles)
+    codes, known = updated.lookup_raw(["n1", "n2"])
+    assert known.all() and np.array_equal(codes, bank.codes[moved[:2]])  # the trained users' rule
+    assert not np.array_equal(codes, plain[moved[:2]])  # which is not the plain nearest code

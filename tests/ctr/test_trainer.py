@@ -296,3 +296,25 @@ def test_cli_bad_input_ends_with_one_line(run_dir):
     bad.write_text("trainer:\n  epochs: 3\n")
     with pytest.raises(SystemExit, match="userip train: .*bad.yaml:trainer: unknown key"):
         cli_main(["train", "--run-dir", str(run_dir), "--model-config", str(bad)])
+
+
+def test_user_id_dropout_trains_the_unknown_user_row():
+    """Without dropout the unknown user's embedding row (field 0, index 0) never moves; with it, it learns,
+    and the training tensors themselves are left untouched."""
+    train, valid = planted_split(2000, 0), planted_split(500, 1)
+    original = train.x_ids.clone()
+    moved = {}
+    for p in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = build_model("dcn", feature_map(), **SMALL_DCN)
+        before = model.embedding.weight[0].detach().clone()
+        Trainer(model, TrainerConfig(**{**FAST, "max_epochs": 2}, user_id_dropout=p)).fit(train, valid)
+        moved[p] = float((model.embedding.weight[0].detach() - before).abs().max())
+    assert moved[0.0] == 0.0 and moved[0.3] > 1e-4
+    assert torch.equal(train.x_ids, original)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_user_id_dropout_must_be_a_share(value):
+    with pytest.raises(ValueError, match="user_id_dropout"):
+        TrainerConfig(user_id_dropout=value)

@@ -49,6 +49,19 @@ WORDS = [
     "movie",
     "funny",
     "sad",
+    "(",
+    ")",
+    "/",
+    "liked",
+    "disliked",
+    "loved",
+    "meh",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "10",
 ]
 
 

@@ -8,6 +8,7 @@ with the soft tokens); paper values: AdamW, lr 1e-3, batch 128.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from userip.codebook.quantizer import CodebookInit
 from userip.utils.config import ConfigError
@@ -24,6 +25,9 @@ class QuantizationConfig:
         256  # profiles buffered before the k-means init (capped at the number of users)
     )
     kmeans_iters: int = 20
+    # Final IDs: per-code offsets (ProfileQuantizer.fit_balance) so every code holds >= this share of the
+    # users; 0 = plain nearest code. Must be < 1/K for a codebook of K codes (checked where K is known).
+    balance_min_share: float = 0.05
     interactions_per_user: int = 8  # training interactions sampled per user and mini-batch for L_rec
     surrogate_proj_dim: int = 8  # width each profile vector is projected to before the DCN
     surrogate_embed_dim: int = 8
@@ -48,6 +52,11 @@ class QuantizationConfig:
             ("dead_code_threshold", self.dead_code_threshold >= 0, "must be >= 0 (0 disables revival)"),
             ("kmeans_init_samples", self.kmeans_init_samples >= 2, "must be >= 2"),
             ("kmeans_iters", self.kmeans_iters >= 0, "must be >= 0"),
+            (
+                "balance_min_share",
+                _is_real(self.balance_min_share) and 0.0 <= self.balance_min_share < 0.5,
+                "must be in [0, 1/K) for the smallest codebook of K >= 2 codes (0 disables balancing)",
+            ),
             ("interactions_per_user", self.interactions_per_user >= 1, "must be >= 1"),
             ("surrogate_proj_dim", self.surrogate_proj_dim >= 1, "must be >= 1"),
             ("surrogate_embed_dim", self.surrogate_embed_dim >= 1, "must be >= 1"),
@@ -58,3 +67,17 @@ class QuantizationConfig:
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"quantization.{key}: {msg}, got {getattr(self, key)!r}")
+        self.balance_min_share = float(self.balance_min_share)
+
+    def check_codebook_sizes(self, sizes: list[int]) -> None:
+        """``balance_min_share`` against the codebooks: every code >= share needs share < 1/K."""
+        too_big = [k for k in sizes if self.balance_min_share >= 1.0 / k]
+        if too_big:
+            raise ConfigError(
+                f"quantization.balance_min_share: must be < 1/K for a codebook of K codes; "
+                f"{self.balance_min_share!r} >= 1/{max(too_big)}"
+            )
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -198,7 +198,8 @@ def build_joint_objective(
     profile_dim: int,
     config: QuantizationConfig | None = None,
 ) -> JointObjective:
-    """The ``aux`` module for ``dataset``: codebooks + surrogate over the *training split* only."""
+    """The ``aux`` module for ``dataset``: codebooks + surrogate over the profile rows only (the training
+    split, or a protocol's ``history`` split)."""
     config = config or QuantizationConfig()
     quantizer = MultiProfileQuantizer(
         profile_names,
@@ -226,7 +227,7 @@ def build_joint_objective(
         dropout=config.surrogate_dropout,
         user_feature_vocab_sizes=vocab_sizes,
     )
-    sampler = InteractionSampler.from_interactions(dataset.split("train"), dataset.num_users)
+    sampler = InteractionSampler.from_interactions(dataset.profile_rows(), dataset.num_users)
     return JointObjective(
         quantizer,
         surrogate,

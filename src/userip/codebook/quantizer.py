@@ -4,33 +4,63 @@ Contract (as in vector-quantize-pytorch): ``forward(z) -> (quantized, code_ids, 
 ``ids_to_vectors(code_ids)``; once the codebook is initialised ``ids_to_vectors(forward(z)[1]) ==
 forward(z)[0]`` exactly (bit for bit).
 
-    k*        = argmin_k ||z - e_k||^2                                    (eq. 6)
+    k*        = argmin_k ||z - e_k||^2 - b_k                              (eq. 6 + balance offsets b)
     quantized = z + sg[e_k* - z]          value e_k*, gradient flows to z unchanged (straight-through)
     loss      = ||sg[z] - e_k*||^2 + beta * ||z - sg[e_k*]||^2            (eq. 5: codebook + commitment)
 
 Squared norms are summed over the D dimensions and averaged over the batch, exactly as written in eq. 5.
+``b`` is the per-code buffer ``code_bias`` (K,): zeros (plain eq. 6) until ``fit_balance`` sets it; it is part
+of the state dict, so checkpoints and the saved objective carry it and every later lookup (``nearest``, new
+users) uses the same rule. A state dict without it (written before it existed) loads as zeros.
 
 Why initialisation and revival matter here: with the paper's tiny weights (beta = lambda = 0.001) the codebook
 only moves by its optimizer's step size, and a code that wins no profile gets no gradient at all. Two
-mechanisms keep a small codebook (3-4 codes) from collapsing onto one code:
+mechanisms keep a small codebook (3-4 codes) from collapsing onto one code during training:
 
 * ``init="kmeans"`` (default): the first training batches' profiles are buffered; once ``kmeans_init_samples``
   vectors are held, the codebook is set to their k-means++ / Lloyd centroids. Until then ``forward`` passes
   ``z`` through unchanged with zero loss (the codebook has nothing meaningful to say yet).
   ``init_from(points)`` does the same at once from a given set (e.g. every user's current profile).
 * dead-code revival: a code not chosen by any vector for ``dead_code_threshold`` consecutive training steps is
-  moved onto the batch vector farthest from every current code (one code at a time, farthest-point style, so
-  two revived codes never land in the same group). ``dead_code_threshold=0`` disables it.
+  re-seeded *inside the batch's most populous group* (the batch vectors assigned to the most-used code): at
+  the group's coordinate-wise median moved by the median absolute projection along the group's first
+  principal direction. The seed sits in the bulk of that group, so it takes over a sizeable part of it (the
+  big group is split). The former rule, the batch vector farthest from every code, picked outliers: with 3-4
+  codes a revived code ended up holding a single user. Median and median absolute projection keep the seed
+  in the bulk even when the group holds an outlier. Dead codes are revived one at a time, each against the
+  codebook with the previous ones already placed. ``dead_code_threshold=0`` disables it.
+
+Balanced final assignment (after training): revival alone does not guarantee use; on MovieLens-100K the
+trained codebooks put [521, 421, 1] users on the background codes. ``fit_balance(points, min_share)`` sets
+``code_bias`` over all users' profiles so that every code is the (biased) nearest code of at least
+``ceil(min_share * N)`` of them, and leaves it at zero when plain eq. 6 already does so. It solves the dual
+of "assign every point to a code, each code gets >= floor points, minimum total squared distance":
+
+1. entropic optimal transport with floor-constrained code marginals (log-domain Sinkhorn, block coordinate
+   ascent of the smoothed dual: ``f_i = -eps LSE_k((b_k - c_ik)/eps)``, ``b_k = max(0, eps log floor - eps
+   LSE_i((f_i - c_ik)/eps))``, eps annealed from the mean cost down to 1e-3 of it), which moves all codes'
+   offsets together (no price war between two under-used codes);
+2. an exact auction-style repair on the very numbers ``nearest`` computes: while some code has fewer than
+   ``floor`` points, raise its offset just past the gap of its ``floor - count``-th cheapest outside point.
+
+It is written here, not taken from a library: POT's ``sinkhorn`` solves equality marginals only (it would
+force equal-size codes instead of a floor), its output is a soft plan whose hard argmin does not guarantee
+the floor, and the repair must use exactly the float32 distances that ``nearest`` uses. Everything is
+deterministic (no random numbers, fixed iteration counts, ties to the lowest index).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import math
 
 import torch
 from torch import nn
 
 from userip.codebook.kmeans import kmeans
+
+log = logging.getLogger(__name__)
 
 
 class CodebookInit(enum.Enum):
@@ -91,14 +121,22 @@ class ProfileQuantizer(nn.Module):
         )  # (K, D)
         self.register_buffer("initialized", torch.tensor(self.init is CodebookInit.RANDOM))
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))  # (K,)
+        # b_k of k* = argmin ||z - e_k||^2 - b_k; zeros = plain eq. 6 (set by ``fit_balance``)
+        self.register_buffer("code_bias", torch.zeros(codebook_size, dtype=torch.float32))  # (K,)
         self._init_buffer: list[torch.Tensor] = []  # profiles seen before k-means init (not checkpointed)
 
     # ------------------------------------------------------------------ the contract
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Code ids (B,) of the nearest codebook vectors (eq. 6) for ``z`` (B, D); no side effects."""
+        """Code ids (B,) for ``z`` (B, D): argmin_k ||z - e_k||^2 - code_bias_k (eq. 6 when the offsets are
+        zero); no side effects. Ties go to the lowest code id."""
         self._check_input(z)
-        with torch.no_grad():
-            return torch.cdist(z.detach().float(), self.codebook.detach().float()).argmin(-1)
+        return self._scores(z).argmin(-1)
+
+    @torch.no_grad()
+    def _scores(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, K) float32 ||z - e_k||^2 - code_bias_k: the one place assignments are computed."""
+        d2 = torch.cdist(z.detach().float(), self.codebook.detach().float()).pow(2)
+        return d2 - self.code_bias.float()
 
     def ids_to_vectors(self, code_ids: torch.Tensor) -> torch.Tensor:
         """Codebook vectors (..., D) for ``code_ids`` (...); the inverse of quantization."""
@@ -143,6 +181,7 @@ class ProfileQuantizer(nn.Module):
         self.codebook.data.copy_(centroids.to(self.codebook.dtype))
         self.initialized.fill_(True)
         self.steps_unused.zero_()
+        self.code_bias.zero_()  # offsets fitted to another codebook mean nothing for this one
         self._init_buffer = []
 
     def _collect_for_init(self, z: torch.Tensor) -> None:
@@ -158,22 +197,131 @@ class ProfileQuantizer(nn.Module):
         dead = (self.steps_unused >= self.dead_code_threshold).nonzero().flatten().tolist()
         if not dead:
             return
-        x = z.detach().to(self.codebook.dtype)
+        x = z.detach().float()
         for k in dead:
-            # Farthest point from every current code (revived ones included): a new group's representative.
-            dist_sq = torch.cdist(x, self.codebook.data).pow(2).min(-1).values  # (B,)
-            self.codebook.data[k] = x[int(dist_sq.argmax())]
+            # Split the batch's most populous group (revived codes included: each one sees the previous).
+            assign = self._scores(x).argmin(-1)  # (B,)
+            biggest = int(torch.bincount(assign, minlength=self.codebook_size).argmax())  # first on ties
+            self.codebook.data[k] = split_seed(x[assign == biggest]).to(self.codebook.dtype)
             self.steps_unused[k] = 0
+
+    # ------------------------------------------------------------------ balanced final assignment
+    @torch.no_grad()
+    def fit_balance(
+        self, points: torch.Tensor, min_share: float, *, sinkhorn_iters: int = 60, max_repairs: int = 200
+    ) -> torch.Tensor:
+        """Set ``code_bias`` so that ``nearest(points)`` gives every code >= ceil(min_share * N) points.
+
+        ``points`` (N, D): every user's profile (rows with a NaN/inf are ignored). ``min_share`` in [0, 1/K);
+        0 resets the offsets to zero. The offsets stay zero when plain eq. 6 already meets the floor. Returns
+        the codes' point counts (K,) under the new offsets (a warning is logged if the floor was not reached,
+        e.g. two identical codes, which no offset can separate). See the module docstring for the algorithm.
+        """
+        self._check_input(points)
+        size = self.codebook_size
+        if isinstance(min_share, bool) or not 0.0 <= float(min_share) < 1.0 / size:
+            raise CodebookError(
+                f"min_share must be in [0, 1/{size}) for a codebook of {size} codes, got {min_share!r}"
+            )
+        x = points.detach().float()
+        x = x[torch.isfinite(x).all(-1)]
+        self.code_bias.zero_()
+        n = x.shape[0]
+        floor = min(math.ceil(float(min_share) * n - 1e-9), n // size)
+        if floor <= 0:
+            return (
+                torch.bincount(self.nearest(x), minlength=size) if n else torch.zeros(size, dtype=torch.long)
+            )
+        scores = self._scores(x)  # (N, K) squared distances (offsets are zero here)
+        counts = torch.bincount(scores.argmin(-1), minlength=size)
+        if int(counts.min()) >= floor:
+            return counts
+        bias = floor_sinkhorn_offsets(scores.double(), floor, sinkhorn_iters)
+        self.code_bias.copy_(bias.to(self.code_bias))
+        # Exact repair on the float32 numbers nearest() uses: raise a short code's offset just past the gap of
+        # its (floor - count)-th cheapest outside point. tol: a few float32 ulps of the largest score.
+        for _ in range(max_repairs):
+            scores = self._scores(x)
+            assign = scores.argmin(-1)
+            counts = torch.bincount(assign, minlength=size)
+            if int(counts.min()) >= floor:
+                break
+            k = int(counts.argmin())  # the shortest code (first on ties)
+            outside = assign != k
+            gaps = (scores[:, k] - scores.min(-1).values)[outside]  # (N - count_k,) >= 0
+            need = floor - int(counts[k])
+            gap = float(torch.sort(gaps).values[need - 1])
+            tol = 1e-6 * float(scores.abs().max()) + 1e-30
+            self.code_bias[k] += gap + tol
+        counts = torch.bincount(self.nearest(x), minlength=size)
+        if int(counts.min()) < floor:
+            log.warning(
+                "fit_balance: could not give every code %d of %d points (counts %s); identical codes?",
+                floor, n, counts.tolist(),
+            )  # fmt: skip
+        return counts
 
     def _check_input(self, z: torch.Tensor) -> None:
         if z.dim() != 2 or z.shape[-1] != self.dim:
             raise CodebookError(f"expected z of shape (B, {self.dim}), got {tuple(z.shape)}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints and saved objectives from before ``code_bias`` existed assigned plain eq. 6: zeros.
+        state_dict.setdefault(prefix + "code_bias", torch.zeros_like(self.code_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, beta={self.beta}, init={self.init.value}, "
             f"dead_code_threshold={self.dead_code_threshold}"
         )
+
+
+def split_seed(group: torch.Tensor) -> torch.Tensor:
+    """A vector (D,) inside ``group`` (n, D) that splits it: the coordinate-wise median moved along the
+    group's first principal direction by the median absolute projection. Median-based, so one far outlier in
+    the group neither drags the seed out of the bulk nor becomes the seed (as the farthest point would).
+    Deterministic.
+    """
+    if group.shape[0] == 1:
+        return group[0].clone()
+    centre = group.median(0).values  # (D,)
+    dev = group - centre  # (n, D)
+    if not bool(dev.abs().max() > 0):  # every member at the same point: nothing to split
+        return centre
+    direction = torch.linalg.svd(dev, full_matrices=False).Vh[0]  # (D,) unit
+    direction = direction * torch.sign(direction[direction.abs().argmax()])  # SVD's sign is arbitrary: fix it
+    proj = (dev @ direction).abs()  # (n,)
+    step = proj.median()
+    if not bool(step > 0):
+        step = proj.max()
+    return centre + step * direction
+
+
+def floor_sinkhorn_offsets(cost: torch.Tensor, floor: int, iters_per_eps: int = 60) -> torch.Tensor:
+    """Code offsets b (K,) >= 0 from entropic OT with floor-constrained code marginals on ``cost`` (N, K).
+
+    Maximizes the smoothed dual of min <P, C> s.t. P 1 = 1, P^T 1 >= floor by block coordinate ascent
+    (log-domain Sinkhorn whose column step is clipped at 0: a code already at its floor keeps b = 0), eps
+    annealed from the mean (row-shifted) cost down to 1e-3 of it. The hard argmin of cost - b is close to
+    the floor; ``ProfileQuantizer.fit_balance`` makes it exact.
+    """
+    c = cost - cost.min(-1, keepdim=True).values  # a per-row shift changes no assignment
+    scale = float(c.mean())
+    if not scale > 0.0:
+        return torch.zeros(cost.shape[1], dtype=cost.dtype, device=cost.device)
+    c = c / scale
+    g = torch.zeros(cost.shape[1], dtype=cost.dtype, device=cost.device)
+    log_floor = math.log(floor)
+    for eps in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001):
+        for _ in range(iters_per_eps):
+            f = -eps * torch.logsumexp((g - c) / eps, dim=1)  # (N,) every point's mass is 1
+            g_new = (eps * log_floor - eps * torch.logsumexp((f[:, None] - c) / eps, dim=0)).clamp(min=0.0)
+            done = bool((g_new - g).abs().max() < 1e-9)
+            g = g_new
+            if done:
+                break
+    return g * scale
 
 
 class MultiProfileQuantizer(nn.Module):
@@ -240,6 +388,11 @@ class MultiProfileQuantizer(nn.Module):
                 f"expected code_ids of shape (B, {len(self.quantizers)}), got {tuple(code_ids.shape)}"
             )
         return torch.stack([q.ids_to_vectors(code_ids[:, p]) for p, q in enumerate(self.quantizers)], dim=1)
+
+    def fit_balance(self, profile_embeds: torch.Tensor, min_share: float) -> list[torch.Tensor]:
+        """``ProfileQuantizer.fit_balance`` of every profile on (N, P, D) profiles; the counts per profile."""
+        self._check_input(profile_embeds)
+        return [q.fit_balance(profile_embeds[:, p], min_share) for p, q in enumerate(self.quantizers)]
 
     def init_from(self, profile_embeds: torch.Tensor) -> None:
         """k-means initialise every codebook from (N, P, D) profiles."""

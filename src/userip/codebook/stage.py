@@ -61,15 +61,32 @@ def build_aux(
 
 
 def final_codes(
-    objective: JointObjective, profile_table: torch.Tensor, seed: int = 0
+    objective: JointObjective,
+    profile_table: torch.Tensor,
+    seed: int = 0,
+    trained_user_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
     """(codes (U, P), codebooks [(K_p, D)], profile_vectors (U, P, d) or None) after training.
 
-    With VQ: nearest code of each profile (eq. 6). ``without_vq``: the surrogate's projected continuous
-    profiles are the result; IDs from k-means on them (K_p clusters) keep the bank's ID contract for ID-only
-    CTR models.
+    With VQ: nearest code of each profile (eq. 6). When ``balance_min_share`` (QuantizationConfig) is > 0,
+    the codebooks' offsets are first fitted (``MultiProfileQuantizer.fit_balance``) over the trained users'
+    rows of ``profile_table`` (all rows when ``trained_user_ids`` is None; an untrained row is its initial
+    value, not a profile) so every code is the nearest code of at least that share of them; the offsets live
+    in the objective's state, which ``write_bank`` saves afterwards, so new users (``infer_new_users``) get
+    IDs by the same rule.
+    ``without_vq``: the surrogate's projected continuous profiles are the result; IDs from k-means on them
+    (K_p clusters) keep the bank's ID contract for ID-only CTR models.
     """
     if not objective.without_vq:
+        share = objective.config.balance_min_share if objective.config is not None else 0.0
+        if objective.config is not None:
+            objective.config.check_codebook_sizes(objective.quantizer.codebook_sizes)
+        fitted = (
+            profile_table if trained_user_ids is None else profile_table[torch.as_tensor(trained_user_ids)]
+        )
+        counts = objective.quantizer.fit_balance(fitted, share)  # share 0: offsets reset to zero
+        per_code = {name: c.tolist() for name, c in zip(objective.profile_names, counts)}
+        log.info("final codes: users per code %s (balance_min_share %s)", per_code, share)
         codes = objective.assign_codes(profile_table)
         codebooks = [
             q.codebook.detach().cpu().numpy().astype(np.float32) for q in objective.quantizer.quantizers
@@ -110,7 +127,7 @@ def write_bank(
             f"profile_table has {profile_table.shape[0]} rows, dataset has {dataset.num_users} users"
         )
     quant_cfg = to_dict(objective.config) if objective.config is not None else {}
-    codes, codebooks, vectors = final_codes(objective, profile_table)
+    codes, codebooks, vectors = final_codes(objective, profile_table, trained_user_ids=trained_user_ids)
     if trained_user_ids is not None:
         untrained = np.setdiff1d(np.arange(dataset.num_users), np.asarray(trained_user_ids, dtype=np.int64))
         codes[untrained] = UNKNOWN_CODE
@@ -204,12 +221,7 @@ class NewUsers:
 
 
 def read_new_users(path: str | Path, dataset: Dataset, bank: FeatureBank | None = None) -> NewUsers:
-    """Read a CSV or Parquet file of new users' interactions.
-
-    Columns: ``raw_user_id``, ``raw_item_id``, and ``rating`` and/or ``label``; optional ``timestamp`` and
-    ``review``. A missing ``label`` is ``rating > 3`` (the paper's rule). Items must be the dataset's (matched
-    on ``raw_item_id``; others are dropped and counted). Users the dataset or bank already has are skipped.
-    """
+    """Read a CSV or Parquet file of new users' interactions (see ``new_users_from_frame``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: new-users file not found")
@@ -217,18 +229,34 @@ def read_new_users(path: str | Path, dataset: Dataset, bank: FeatureBank | None 
         frame = pd.read_parquet(path)
     else:
         frame = pd.read_csv(path, dtype={"raw_user_id": str, "raw_item_id": str})
+    return new_users_from_frame(frame, dataset, bank, where=str(path))
+
+
+def new_users_from_frame(
+    frame: pd.DataFrame, dataset: Dataset, bank: FeatureBank | None = None, where: str = "new users"
+) -> NewUsers:
+    """New users' interactions as a ``NewUsers`` dataset.
+
+    Columns: ``raw_user_id``, ``raw_item_id``, and ``rating`` and/or ``label``; optional ``timestamp`` and
+    ``review``. A missing ``label`` is ``rating > 3`` (the paper's rule). Items must be the dataset's (matched
+    on ``raw_item_id``; others are dropped and counted). Users that already have a profile are skipped: with a
+    bank, those whose codes are known (a dataset user without a profile, e.g. one with no training rows, is
+    fitted); without one, every dataset user.
+    """
     if not {"raw_user_id", "raw_item_id"} <= set(frame.columns) or not {"rating", "label"} & set(
         frame.columns
     ):
         raise ValueError(
-            f"{path}: needs columns raw_user_id, raw_item_id and rating or label; has {list(frame.columns)}"
+            f"{where}: needs columns raw_user_id, raw_item_id and rating or label; has {list(frame.columns)}"
         )
     frame = frame.assign(
         raw_user_id=frame["raw_user_id"].astype(str), raw_item_id=frame["raw_item_id"].astype(str)
     )
-    known_raw = set(dataset.users["raw_user_id"].astype(str))
-    if bank is not None:
-        known_raw |= set(bank.raw_user_ids) - {""}
+    if bank is None:
+        known_raw = set(dataset.users["raw_user_id"].astype(str))
+    else:
+        profiled = (bank.codes != UNKNOWN_CODE).all(axis=1)
+        known_raw = {raw for raw, ok in zip(bank.raw_user_ids, profiled) if ok and raw}
     skipped = sorted(set(frame["raw_user_id"]) & known_raw)
     frame = frame[~frame["raw_user_id"].isin(known_raw)]
     item_of = dict(zip(dataset.items["raw_item_id"].astype(str), dataset.items["item_id"]))
@@ -238,7 +266,7 @@ def read_new_users(path: str | Path, dataset: Dataset, bank: FeatureBank | None 
     raw_new = list(dict.fromkeys(frame["raw_user_id"]))  # first-appearance order
     if not raw_new:
         raise ValueError(
-            f"{path}: no new user with an interaction on a known item ({len(skipped)} known skipped)"
+            f"{where}: no new user with an interaction on a known item ({len(skipped)} known skipped)"
         )
     uid_of = {r: i for i, r in enumerate(raw_new)}
     rating = frame["rating"].astype(np.float32) if "rating" in frame else pd.Series(np.nan, index=frame.index)

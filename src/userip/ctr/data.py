@@ -27,6 +27,7 @@ from userip.data.schema import SPLITS, Dataset
 
 USER_FIELD = "user_id"
 ITEM_FIELD = "item_id"
+USER_COLUMN = 0  # user_id is always field 0 of x_ids (the trainer's user-id dropout relies on it)
 
 
 @runtime_checkable

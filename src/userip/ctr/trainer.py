@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from userip.ctr.data import SplitTensors
+from userip.ctr.data import USER_COLUMN, SplitTensors
+from userip.ctr.features import UNKNOWN_INDEX
 from userip.evaluation.metrics import auc, logloss
 from userip.utils.io import atomic_write_with
 from userip.utils.logging import get_logger
@@ -57,6 +58,10 @@ class TrainerConfig:
     min_delta: float = 0.0  # a gain must exceed this to count as an improvement
     weight_decay: float = 0.0  # Adam (coupled L2) on dense, non-embedding parameters
     embedding_weight_decay: float = 0.0  # Adam (coupled L2) on nn.Embedding tables
+    # Share of training rows (redrawn every epoch) whose user_id is replaced by the unknown index 0, so that
+    # row of the user embedding learns what to predict for a user never seen in training (cold start). With
+    # 0 it never gets a gradient and every unseen user is scored from a random vector.
+    user_id_dropout: float = 0.0
     seed: int = 0
     device: str = "cpu"
     num_threads: int | None = None  # torch.set_num_threads (process-wide) when set
@@ -76,6 +81,8 @@ class TrainerConfig:
         for name in ("min_delta", "weight_decay", "embedding_weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.user_id_dropout < 1.0:
+            raise ValueError(f"user_id_dropout must be in [0, 1), got {self.user_id_dropout!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         try:
@@ -146,6 +153,10 @@ class Trainer:
         x_all, y_all = train.x_ids.to(self.device), train.labels.to(self.device)
         n = len(train)
         perm = torch.randperm(n, generator=generator).to(self.device)
+        if cfg.user_id_dropout > 0:
+            dropped = (torch.rand(n, generator=generator) < cfg.user_id_dropout).to(self.device)
+            x_all = x_all.clone()
+            x_all[dropped, USER_COLUMN] = UNKNOWN_INDEX
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         num_batches = math.ceil(n / cfg.batch_size)

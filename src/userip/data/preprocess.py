@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from userip.data.schema import SPLITS, Dataset
+from userip.data.schema import SPLITS, Dataset, profile_rows_of
 from userip.data.sources.base import RAW_INTERACTION_REQUIRED, DataLoadError, RawData
 from userip.utils.config import to_dict
 
@@ -329,7 +329,8 @@ def _favourite(
 
 
 def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-    """The paper's derived profile words per user, from the training split only.
+    """The paper's derived profile words per user, from the profile rows only (the training split, or the
+    ``history`` split of an evaluation protocol: ``userip.data.schema.profile_rows_of``).
 
     favourite_category  most frequent category among the user's train interactions (positives preferred)
     favourite_brand     the same for brands ("" when no train item has a brand)
@@ -337,7 +338,7 @@ def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
                         means; "unknown" without priced train items
     """
     num_users = int(interactions["user_id"].max()) + 1
-    train = interactions[interactions["split"] == "train"]
+    train = profile_rows_of(interactions)
     user_ids = train["user_id"].to_numpy()
     item_ids = train["item_id"].to_numpy()
     labels = train["label"].to_numpy()

@@ -32,7 +32,12 @@ import pandas as pd
 from userip.utils.io import atomic_write_json, atomic_write_with, read_json
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test")  # the CTR splits
+# Rows that are profile evidence only, never CTR training rows. Evaluation protocols
+# (``userip.data.protocols``) use it to keep the rows a profile is inferred from apart from the rows a CTR
+# model learns from.
+HISTORY_SPLIT = "history"
+ALL_SPLITS = (*SPLITS, HISTORY_SPLIT)
 TABLES = ("interactions", "items", "users", "truth", "hints")
 MANIFEST = "manifest.json"
 
@@ -46,6 +51,13 @@ INTERACTION_COLUMNS = {
 }
 ITEM_COLUMNS = ("item_id", "raw_item_id", "title", "categories", "brand", "price")
 USER_COLUMNS = ("user_id", "raw_user_id")
+
+
+def profile_rows_of(interactions: pd.DataFrame) -> pd.DataFrame:
+    """The rows profiles are inferred from (prompt targets, surrogate samples, hints): the ``history`` split
+    when there is one, else the training split."""
+    history = interactions[interactions["split"] == HISTORY_SPLIT]
+    return history if len(history) else interactions[interactions["split"] == "train"]
 
 
 class DatasetError(ValueError):
@@ -80,9 +92,13 @@ class Dataset:
         return "review" in self.interactions.columns
 
     def split(self, name: str) -> pd.DataFrame:
-        if name not in SPLITS:
-            raise DatasetError(f"unknown split {name!r}; expected one of {SPLITS}")
+        if name not in ALL_SPLITS:
+            raise DatasetError(f"unknown split {name!r}; expected one of {ALL_SPLITS}")
         return self.interactions[self.interactions["split"] == name]
+
+    def profile_rows(self) -> pd.DataFrame:
+        """The rows profiles are inferred from (see ``profile_rows_of``)."""
+        return profile_rows_of(self.interactions)
 
     @property
     def profile_names(self) -> list[str]:
@@ -100,7 +116,7 @@ class Dataset:
             "items": i,
             "sparsity_pct": round(sparsity, 4),
             "positive_rate": float(self.interactions["label"].mean()) if n else float("nan"),
-            **{f"num_{s}": int(by_split.get(s, 0)) for s in SPLITS},
+            **{f"num_{s}": int(by_split.get(s, 0)) for s in ALL_SPLITS},
         }
 
     # ------------------------------------------------------------------ validation
@@ -126,9 +142,9 @@ class Dataset:
             v = inter[col].to_numpy()
             if v.min() < 0 or v.max() >= n:
                 raise DatasetError(f"interactions.{col}: values outside 0..{n - 1}")
-        bad = set(inter["split"].unique()) - set(SPLITS)
+        bad = set(inter["split"].unique()) - set(ALL_SPLITS)
         if bad:
-            raise DatasetError(f"interactions.split: unknown values {sorted(bad)}; expected {SPLITS}")
+            raise DatasetError(f"interactions.split: unknown values {sorted(bad)}; expected {ALL_SPLITS}")
         if not set(np.unique(inter["label"].to_numpy())) <= {0, 1}:
             raise DatasetError("interactions.label: must be 0/1")
 

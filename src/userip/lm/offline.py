@@ -62,6 +62,8 @@ from userip.prompts import (
     build_examples,
     collate,
 )
+from userip.prompts.targets import history_feedback_texts
+from userip.prompts.template import HistoryFeedback
 from userip.utils.config import ConfigError, choice, to_dict
 from userip.utils.seed import seed_everything
 
@@ -222,7 +224,8 @@ def tokenizer_texts(dataset: Dataset, prompt_config: PromptConfig) -> tuple[list
 
     The corpus is item metadata (titles, categories, brands: descriptions of items, not of user behaviour, so
     using all items leaks nothing) and, in review mode, the training split's reviews. Required texts are the
-    template pieces and every hint word, which must never be ``<unk>``.
+    template pieces, the history feedback texts (" (liked)", " (4/5)") and every hint word, which must never
+    be ``<unk>``.
     """
     items = dataset.items
     corpus = items["title"].fillna("").astype(str).tolist()
@@ -233,6 +236,8 @@ def tokenizer_texts(dataset: Dataset, prompt_config: PromptConfig) -> tuple[list
     required = [p.phrase for p in prompt_config.profiles]
     required += [prompt_config.task_prefix + prompt_config.task_description + prompt_config.task_suffix]
     required += [prompt_config.separator]
+    if prompt_config.target_mode is TargetMode.HISTORY:  # " (liked)", " (4/5)": never <unk> either
+        required += [t for t in history_feedback_texts(dataset.profile_rows(), prompt_config)[1] if t]
     if dataset.hints is not None:
         for column in dataset.hints.columns:
             if column != "user_id":
@@ -400,7 +405,8 @@ def short_target_example(
 ) -> PromptExample:
     """``example`` with its target cut to a random window of 1..``max_titles`` consecutive titles.
 
-    Titles are the pieces between separator tokens; the template part (everything before the target) is kept.
+    Titles are the pieces between separator tokens (with history feedback, title + feedback stay one piece);
+    the template part (everything before the target) is kept.
     """
     is_target = example.token_kinds == TokenKind.TARGET
     start = int(np.argmax(is_target)) if is_target.any() else len(example)
@@ -541,10 +547,17 @@ def default_cache_dir(run_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _prompt_key_fields(prompt_config: PromptConfig) -> dict[str, Any]:
-    """The prompt settings that change pre-training (codebook sizes do not)."""
+    """The prompt settings that change pre-training (codebook sizes do not).
+
+    Without history feedback its settings change nothing, so they are left out: such keys stay those of
+    configs written before the option existed, and the feedback words do not split the cache.
+    """
     fields = to_dict(prompt_config)
     for profile in fields["profiles"]:
         profile.pop("codebook_size", None)
+    if prompt_config.history_feedback is HistoryFeedback.NONE:
+        for key in ("history_feedback", "liked_word", "disliked_word", "max_rating"):
+            fields.pop(key, None)
     return fields
 
 

@@ -34,27 +34,38 @@ import torch
 from tqdm.auto import tqdm
 
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.stage import build_aux, write_bank
+from userip.codebook.stage import build_aux, new_users_from_frame, write_bank
 from userip.ctr.models import MODELS
 from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
-from userip.data.preprocess import PrepareConfig
-from userip.data.schema import Dataset
+from userip.data.prepare import prepare
+from userip.data.preprocess import PrepareConfig, SplitMode
+from userip.data.protocols import Protocol, ProtocolConfig, apply_protocol, known_rows_of
+from userip.data.schema import HISTORY_SPLIT, MANIFEST, Dataset
+from userip.evaluation.controls import bag_of_items_bank
 from userip.evaluation.plots import plot_sweep
+from userip.evaluation.probes import code_usage, one_hot_codes, probe_markdown, probe_report
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import FeatureBank
-from userip.pipeline.run import PipelineConfig, stage_prepare, stage_profile
+from userip.pipeline.run import PipelineConfig, stage_profile
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
-from userip.profile.stage import ProfileStageConfig
+from userip.profile.stage import ProfileStageConfig, add_new_users
 from userip.prompts import ProfileSpec
+from userip.prompts.template import HistoryFeedback
 from userip.utils.config import ConfigError, to_dict
-from userip.utils.io import atomic_write_json, atomic_write_text, read_json
+from userip.utils.io import atomic_write_json, atomic_write_text, atomic_write_with, read_json
 
 log = logging.getLogger(__name__)
 
 PAPER_BASELINES = ["ffm", "afm", "fibinet", "difm", "afn", "deepfm", "autoint", "onn", "pnn", "dcnv2", "dcn"]
 TABLES = ("table2", "table3", "table4", "figure5", "figure6")
+# Control rows of Table 2 (UserIP-<model>'s CTR model with other user fields):
+#   bag_of_items  IDs from k-means on each user's bag of profile-row items (same codebook sizes): what the LM
+#                 adds over plain clustering of the same evidence
+#   attributes    the dataset's true user attributes (``attribute_features``): the ceiling of a user profile
+CONTROLS = ("bag_of_items", "attributes")
+NEW_USERS_FILE = "new_users.parquet"  # cold_start: the cold users' known rows, as a --new-users file
 
 
 # TrainerConfig keys a search may vary; the rest (seed, device, threads, progress) are not hyper-parameters.
@@ -66,6 +77,7 @@ SEARCHABLE_TRAINER_KEYS = (
     "max_epochs",
     "min_epochs",
     "patience",
+    "user_id_dropout",
 )
 
 
@@ -136,8 +148,30 @@ class ExperimentConfig:
     model_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
+    protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
+    controls: list[str] = dataclasses.field(default_factory=list)  # see CONTROLS
+    attribute_features: list[str] = dataclasses.field(default_factory=list)  # user columns for "attributes"
 
     def __post_init__(self) -> None:
+        bad = [c for c in self.controls if c not in CONTROLS]
+        if bad:
+            raise ConfigError(f"controls: unknown {bad}; accepted: {list(CONTROLS)}")
+        if "attributes" in self.controls and not self.attribute_features:
+            raise ConfigError(
+                "controls: 'attributes' needs attribute_features (e.g. [gender, age, occupation])"
+            )
+        protocol = self.protocol.name
+        if (protocol is Protocol.TIME) != (self.prepare.split is SplitMode.TIME):
+            raise ConfigError(
+                f"protocol.name {protocol.value!r} with prepare.split {self.prepare.split.value!r}: the time "
+                "protocol is the time split (prepare.split: time), and only it"
+            )
+        requantized = sorted({"table3", "figure5", "figure6"} & set(self.tables))
+        if protocol is Protocol.COLD_START and requantized:
+            raise ConfigError(
+                f"tables {requantized} re-quantize the soft tokens of trained users only, so cold users "
+                "would have no IDs there; use tables [table2, table4] with protocol cold_start"
+            )
         for key in ("baselines", "transfer_models"):
             bad = [m for m in getattr(self, key) if m.lower() not in MODELS]
             if bad:
@@ -200,14 +234,104 @@ class Experiment:
             profile=cfg.profile,
             ctr_model=cfg.userip_model,
         )
-        self.dataset = stage_prepare(pipeline, self.run_dir)
+        self.dataset = self._prepare()
         bank, report = stage_profile(pipeline, self.run_dir, self.dataset)
+        new_users = self.run_dir / "protocol" / NEW_USERS_FILE
+        if new_users.exists():
+            bank = self._add_new_users(bank, new_users)
         self.banks["userip"] = bank
         atomic_write_json(self.out / "profile_report.json", report)
+        self.diagnostics()
+
+    def diagnostics(self) -> None:
+        """What the profiles know (``OUT/diagnostics.md``, ``probes.csv``, ``code_usage.csv``): code usage of
+        the main bank, and cross-validated linear-probe AUCs of the soft tokens and the codes against truths
+        no profile saw (user attributes; held-out positive rate and genres), beside the bag of the same
+        profile rows and random vectors. Users: those with trained soft tokens."""
+        if (self.out / "diagnostics.md").exists() and (self.out / "probes.csv").exists():
+            cached = read_json(self.out / "diagnostics.json")
+            if cached.get("bank") == self.banks["userip"].version:
+                return
+        assert self.dataset is not None
+        bank = self.banks["userip"]
+        usage = code_usage(bank.codes[: self.dataset.num_users], bank.profile_names, bank.codebook_sizes)
+        soft_tokens, trained_mask, _ = load_soft_tokens(self.run_dir / "profile")
+        users = torch.nonzero(trained_mask).squeeze(1).numpy()
+        profiles = profile_means(soft_tokens[users], self.config.profile.prompt)  # (N, P, D)
+        codes = bank.lookup(users)
+        features = {
+            "soft_tokens": profiles.flatten(1).numpy(),
+            **{f"soft_token_{n}": profiles[:, p].numpy() for p, n in enumerate(bank.profile_names)},
+            "codes": one_hot_codes(codes, bank.codebook_sizes),
+        }
+        # Everything but the profile rows is held out from the profiles (a cold-start protocol's history
+        # split leaves the CTR training rows out of them too).
+        held_out = ("train", "valid", "test") if len(self.dataset.split(HISTORY_SPLIT)) else ("valid", "test")
+        probes = probe_report(self.dataset, features, self.dataset.profile_rows(), users, held_out)
+        atomic_write_text(self.out / "code_usage.csv", usage.to_csv(index=False))
+        atomic_write_text(self.out / "probes.csv", probes.to_csv())
+        text = "\n".join(
+            [
+                f"# {self.config.name}: what the profiles know",
+                "",
+                "## Code usage (main bank, every user with a profile)",
+                "",
+                markdown_table(usage),
+                "## Linear probes (5-fold cross-validated AUC)",
+                "",
+                f"{len(users)} users with trained soft tokens; targets from {', '.join(held_out)} rows and "
+                "the users table, which no profile saw. `bag_of_items`/`bag_of_categories`: the same profile "
+                "rows as a plain bag; `random`: chance.",
+                "",
+                probe_markdown(probes),
+            ]
+        )
+        atomic_write_text(self.out / "diagnostics.md", text + "\n")
+        atomic_write_json(self.out / "diagnostics.json", {"bank": bank.version})
+
+    def _prepare(self) -> Dataset:
+        """``RUN/data`` as the protocol evaluates it (reused when it was written for the same source, prepare
+        and protocol settings); cold_start also writes the cold users' known rows to ``RUN/protocol``."""
+        cfg = self.config
+        data_dir = self.run_dir / "data"
+        wanted = {"source_options": cfg.source_options, "prepare": to_dict(cfg.prepare)}
+        wanted["protocol"] = to_dict(cfg.protocol)
+        if (data_dir / MANIFEST).exists():
+            written = Dataset.read_manifest(data_dir).get("config", {}).get("experiment")
+            if written == wanted:
+                log.info("prepare: reusing %s", data_dir)
+                return Dataset.load(data_dir)
+            log.info("prepare: %s was written for other settings; rebuilding", data_dir)
+        protocol = apply_protocol(prepare(cfg.source, cfg.source_options, cfg.prepare), cfg.protocol)
+        dataset = protocol.dataset
+        dataset.config["experiment"] = wanted
+        new_users = self.run_dir / "protocol" / NEW_USERS_FILE
+        new_users.unlink(missing_ok=True)
+        if protocol.new_users is not None:
+            new_users.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_with(new_users, lambda tmp: protocol.new_users.to_parquet(tmp, index=False))
+        dataset.save(data_dir)  # manifest last: the new-users file is in place before the data vouches for it
+        log.info("prepare: %s (%s protocol) -> %s", cfg.source, cfg.protocol.name.value, data_dir)
+        return dataset
+
+    def _add_new_users(self, bank: FeatureBank, path: Path) -> FeatureBank:
+        """cold_start: the cold users' profiles from their known rows, through the production new-user path
+        (LM, codebooks and surrogate frozen); skipped when the bank already has them."""
+        assert self.dataset is not None
+        pending = new_users_from_frame(pd.read_parquet(path), self.dataset, bank, where=str(path))
+        if not len(pending.raw_user_ids):
+            return bank
+        log.info(
+            "cold start: inferring profiles of %d cold users from their known rows", len(pending.raw_user_ids)
+        )
+        return add_new_users(self.run_dir, path)
 
     def bank(self, variant: str) -> FeatureBank:
         """The main bank, or one re-quantized from the fixed soft tokens (cached under OUT/banks)."""
         if variant in self.banks:
+            return self.banks[variant]
+        if variant == "bag_of_items":
+            self.banks[variant] = self._bag_of_items_bank()
             return self.banks[variant]
         hobby, background = self._variant_sizes(variant)
         quant = dataclasses.replace(self.config.profile.quantization, without_vq=variant == "novq")
@@ -229,6 +353,23 @@ class Experiment:
         self.banks[variant] = bank
         return bank
 
+    def _bag_of_items_bank(self) -> FeatureBank:
+        """The bag-of-items control: the profiles' evidence (profile rows, cold users' known rows), same code
+        counts."""
+        assert self.dataset is not None
+        known_rows = None
+        new_users = self.run_dir / "protocol" / NEW_USERS_FILE
+        if new_users.exists():
+            known_rows = known_rows_of(pd.read_parquet(new_users), self.dataset)
+        prompt = self.config.profile.prompt
+        return bag_of_items_bank(
+            self.dataset,
+            [p.name for p in prompt.profiles],
+            [p.codebook_size for p in prompt.profiles],
+            known_rows=known_rows,
+            signed=prompt.history_feedback is not HistoryFeedback.NONE,
+        )
+
     def _variant_sizes(self, variant: str) -> tuple[int, int]:
         specs = self.config.profile.prompt.profiles
         hobby, background = specs[0].codebook_size, specs[1].codebook_size
@@ -246,6 +387,7 @@ class Experiment:
             if "table2" in cfg.tables:
                 out += [Cell("table2", m.lower(), "base", seed) for m in cfg.baselines]
                 out.append(Cell("table2", main, "userip", seed))
+                out += [Cell("table2", main, control, seed) for control in cfg.controls]
             if "table3" in cfg.tables:
                 out.append(Cell("table3", main, "novq", seed))
             if "table4" in cfg.tables:
@@ -330,6 +472,7 @@ class Experiment:
             "model": self.config.model_configs.get(cell.model, {}),
             "profile": to_dict(self.config.profile),
             "requantize_epochs": self.config.requantize_epochs,
+            "attribute_features": self.config.attribute_features if cell.variant == "attributes" else None,
             "bank": self.banks["userip"].version if "userip" in self.banks else None,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -341,13 +484,14 @@ class Experiment:
         if path.exists():
             return read_json(path)
         variant = self._canonical(cell.variant)
-        with_profiles = variant != "base"
+        with_profiles = variant not in ("base", "attributes")
         start = time.perf_counter()
         result = train_ctr(
             self.dataset,
             cell.model,
             with_profiles=with_profiles,
             bank=self.bank(variant) if with_profiles else None,
+            user_features=self.config.attribute_features if variant == "attributes" else (),
             model_config=self.config.model_configs.get(cell.model, {}),
             config=trainer,
             seed=cell.seed,
@@ -410,8 +554,15 @@ class Experiment:
             rows = results[
                 (results.variant == "base") & results.model.isin([m.lower() for m in cfg.baselines])
             ]
-            rows = pd.concat([rows, results[(results.model == main) & (results.variant == "userip")]])
-            table(rows, "Table 2: overall performance", "table2", main.upper(), [f"UserIP-{main.upper()}"])
+            ours = ["userip", *cfg.controls]
+            rows = pd.concat([rows, results[(results.model == main) & results.variant.isin(ours)]])
+            table(
+                rows,
+                f"Table 2: overall performance ({cfg.protocol.name.value} protocol)",
+                "table2",
+                main.upper(),
+                [row_name(main, v) for v in ours],
+            )
         if self.search_results is not None:
             chosen = self.search_results[self.search_results["chosen"]].drop(columns=["chosen"])
             chosen = chosen.assign(model=[row_name(m, v) for m, v in zip(chosen.model, chosen.variant)]).drop(
@@ -493,7 +644,13 @@ class Experiment:
 
 def row_name(model: str, variant: str) -> str:
     """A table row's name: ``DCN``, ``UserIP-DCN``, ``UserIP-DCN w/o VQ``, ``UserIP-DCN hobby9``."""
-    label = {"base": "{M}", "userip": "UserIP-{M}", "novq": "UserIP-{M} w/o VQ"}
+    label = {
+        "base": "{M}",
+        "userip": "UserIP-{M}",
+        "novq": "UserIP-{M} w/o VQ",
+        "bag_of_items": "{M} + bag-of-items IDs (control)",
+        "attributes": "{M} + true attributes (control)",
+    }
     return label.get(variant, "UserIP-{M} " + variant).format(M=model.upper())
 
 

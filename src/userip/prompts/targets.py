@@ -1,7 +1,11 @@
 """Targets from a ``Dataset``: the behaviour text each user's soft tokens must explain.
 
+Targets come from the dataset's profile rows (``Dataset.profile_rows``: the training split, or an evaluation
+protocol's ``history`` split).
 ``history``: titles of the user's *training-split* interactions sorted by timestamp, joined by the separator,
 cut to ``max_target_tokens`` keeping the most recent titles whole (a single over-long title keeps its end).
+With ``history_feedback`` label/rating each title is followed by the user's response (" (liked)", " (4/5)"),
+and title + response is the unit kept whole.
 ``review``: one example per training interaction with non-empty review text (the review's first tokens).
 
 Targets are kept as one flat int32 array with offsets (CSR), so memory is proportional to the data, and a
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
+import pandas as pd
 
 from userip.data.schema import Dataset
-from userip.prompts.template import PromptBuilder, PromptExample, TargetMode
+from userip.prompts.template import HistoryFeedback, PromptBuilder, PromptConfig, PromptExample, TargetMode
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +63,9 @@ class ExampleSet:
 
 
 def build_examples(dataset: Dataset, builder: PromptBuilder) -> ExampleSet:
-    """Per-user (history) or per-interaction (review) examples from the training split."""
+    """Per-user (history) or per-interaction (review) examples from the profile rows."""
     mode = builder.config.target_mode
-    train = dataset.split("train")
+    train = dataset.profile_rows()
     if mode is TargetMode.HISTORY:
         user_ids, pieces = _history_targets(dataset, train, builder)
     else:
@@ -85,6 +91,29 @@ def _from_pieces(
     return ExampleSet(builder, np.asarray(user_ids, dtype=np.int64), offsets, flat, np.asarray(skipped))
 
 
+def history_feedback_texts(train: pd.DataFrame, config: PromptConfig) -> tuple[np.ndarray, list[str]]:
+    """(code per row of ``train``, distinct feedback texts): row r's title is followed by ``texts[codes[r]]``.
+
+    Vectorised: each distinct (label, rating) response is formatted once, never once per interaction.
+    """
+    n = len(train)
+    if config.history_feedback is HistoryFeedback.NONE or n == 0:
+        return np.zeros(n, dtype=np.int64), [""]
+    labels = (train["label"].to_numpy() > 0).astype(np.float64)
+    if config.history_feedback is HistoryFeedback.RATING:
+        ratings = train["rating"].to_numpy(dtype=np.float64)
+        use_rating = ~np.isnan(ratings)
+        keys = np.stack([use_rating.astype(np.float64), np.where(use_rating, ratings, labels)], axis=1)
+    else:
+        keys = np.stack([np.zeros(n), labels], axis=1)
+    distinct, codes = np.unique(keys, axis=0, return_inverse=True)
+    texts = [
+        config.feedback_text(int(value), value if from_rating else math.nan)
+        for from_rating, value in distinct
+    ]
+    return codes.reshape(-1).astype(np.int64), texts
+
+
 def _history_targets(dataset: Dataset, train, builder: PromptBuilder) -> tuple[np.ndarray, list[np.ndarray]]:
     budget = builder.config.max_target_tokens
     sep = builder.separator_ids
@@ -95,19 +124,32 @@ def _history_targets(dataset: Dataset, train, builder: PromptBuilder) -> tuple[n
     order = np.lexsort((train["timestamp"].to_numpy(), train["user_id"].to_numpy()))  # by user, then time
     users = train["user_id"].to_numpy()[order]
     items = train["item_id"].to_numpy()[order]
+    codes, texts = history_feedback_texts(train, builder.config)
+    codes = codes[order]
     keep = has_title[items]
-    users, items = users[keep], items[keep]
+    users, items, codes = users[keep], items[keep], codes[keep]
+    # A unit is "title + feedback": each distinct feedback text is tokenized once, and each distinct
+    # (item, feedback) pair concatenated once; rows then index units (for feedback none, unit = title).
+    suffix_ids = (
+        [np.asarray(ids, dtype=np.int32) for ids in builder.encode_many(texts)] if texts != [""] else []
+    )
+    if suffix_ids:
+        pairs, unit_of_row = np.unique(np.stack([items, codes], axis=1), axis=0, return_inverse=True)
+        unit_ids = [np.concatenate([title_ids[i], suffix_ids[c]]) for i, c in pairs]
+        units = unit_of_row.reshape(-1)
+    else:
+        unit_ids, units = title_ids, items
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=int)
     ends = np.r_[starts[1:], len(users)]
     out_users, pieces = [], []
     for s, e in zip(starts, ends):
         kept: list[np.ndarray] = []
         used = 0
-        for item in items[s:e][::-1]:  # most recent first
-            t = title_ids[item]
+        for unit in units[s:e][::-1]:  # most recent first
+            t = unit_ids[unit]
             cost = len(t) + (len(sep) if kept else 0)
             if used + cost > budget:
-                if not kept:  # a single over-long title: keep its end
+                if not kept:  # a single over-long unit: keep its end (the feedback survives)
                     kept.append(t[-budget:])
                 break
             if kept:

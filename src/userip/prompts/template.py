@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,14 @@ class TokenKind(enum.IntEnum):
 class TargetMode(enum.Enum):
     HISTORY = "history"  # titles of the user's training interactions in time order (most recent kept)
     REVIEW = "review"  # one example per training interaction with review text
+
+
+class HistoryFeedback(enum.Enum):
+    """What follows each title of a history target (how the user responded to the item)."""
+
+    NONE = "none"  # the title alone: "heat , jumanji"
+    LABEL = "label"  # the training label as a word: "heat (liked) , jumanji (disliked)"
+    RATING = "rating"  # the rating: "heat (4/5) , jumanji (2/5)"; a NaN rating falls back to the label word
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +98,11 @@ class PromptConfig:
     block.
     ``template_sees_soft_tokens``: whether the task-description tokens attend to the soft tokens (paper: yes).
     Target tokens always see every soft token.
+
+    ``history_feedback`` (target_mode history only) writes the user's response after each title, so the
+    profiles can learn taste and rating tendency, not only what was consumed: ``label`` appends
+    `` (<liked_word>)`` or `` (<disliked_word>)`` from the interaction's training label, ``rating`` appends
+    `` (<rating>/<max_rating>)`` (`` (4/5)``, `` (3.5/5)``), or the label word where the rating is NaN.
     """
 
     profiles: tuple[ProfileSpec, ...] = dataclasses.field(default_factory=default_profiles)
@@ -100,6 +114,10 @@ class PromptConfig:
     separator: str = ","
     add_bos: bool | None = None  # None: add BOS iff the tokenizer itself adds one (Llama yes, GPT-2 no)
     template_sees_soft_tokens: bool = True
+    history_feedback: HistoryFeedback = HistoryFeedback.NONE
+    liked_word: str = "liked"
+    disliked_word: str = "disliked"
+    max_rating: float = 5.0
 
     def __post_init__(self) -> None:
         self.profiles = tuple(self.profiles)
@@ -111,6 +129,48 @@ class PromptConfig:
         self.target_mode = choice(TargetMode, self.target_mode, "PromptConfig.target_mode")  # type: ignore[assignment]
         if self.max_target_tokens < 1:
             raise ConfigError(f"PromptConfig.max_target_tokens must be >= 1, got {self.max_target_tokens}")
+        self.history_feedback = choice(  # type: ignore[assignment]
+            HistoryFeedback, self.history_feedback, "PromptConfig.history_feedback"
+        )
+        if self.history_feedback is not HistoryFeedback.NONE and self.target_mode is not TargetMode.HISTORY:
+            raise ConfigError(
+                f"PromptConfig.history_feedback {self.history_feedback.value!r} applies to "
+                f"PromptConfig.target_mode 'history' only, got target_mode {self.target_mode.value!r}; "
+                "set history_feedback: none or target_mode: history"
+            )
+        for key in ("liked_word", "disliked_word"):
+            word = getattr(self, key)
+            if not isinstance(word, str) or not word.strip():
+                raise ConfigError(f"PromptConfig.{key} must be a non-empty word, got {word!r}")
+            if self.separator.strip() and self.separator.strip() in word:
+                raise ConfigError(
+                    f"PromptConfig.{key} {word!r} contains the separator {self.separator!r}, which splits "
+                    "the history into titles"
+                )
+            setattr(self, key, word.strip())
+        if self.liked_word == self.disliked_word:
+            raise ConfigError(
+                f"PromptConfig.liked_word and disliked_word must differ, both are {self.liked_word!r}"
+            )
+        if (
+            isinstance(self.max_rating, bool)
+            or not isinstance(self.max_rating, int | float)
+            or not (math.isfinite(self.max_rating) and self.max_rating > 0)
+        ):
+            raise ConfigError(f"PromptConfig.max_rating must be a positive number, got {self.max_rating!r}")
+
+    def feedback_text(self, label: int, rating: float = math.nan) -> str:
+        """The text written after a title for one interaction (``""`` for ``history_feedback`` none).
+
+        >>> PromptConfig(history_feedback="rating").feedback_text(1, 4.0)
+        ' (4/5)'
+        """
+        mode = self.history_feedback
+        if mode is HistoryFeedback.NONE:
+            return ""
+        if mode is HistoryFeedback.RATING and not math.isnan(rating):
+            return f" ({float(rating):g}/{float(self.max_rating):g})"
+        return f" ({self.liked_word if label else self.disliked_word})"
 
     @property
     def num_profiles(self) -> int:
