@@ -93,3 +93,51 @@ def test_rerun_skips_finished_cells(tiny_experiment):
 def test_bad_config_fails_naming_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(ExperimentConfig, data, "cfg")
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"protocol": {"name": "time"}}, "time split"),
+        ({"prepare": {"split": "time"}}, "time split"),
+        ({"protocol": {"name": "cold_start"}}, "cold_start"),  # default tables include table3/figure5/6
+        ({"controls": ["oracle"]}, "controls"),
+        ({"controls": ["attributes"]}, "attribute_features"),
+    ],
+)
+def test_bad_protocol_or_control_fails_naming_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(ExperimentConfig, data, "cfg")
+
+
+def test_cold_start_experiment_profiles_cold_users_through_the_new_user_path(tmp_path):
+    """Cold users never reach CTR training; their IDs come from their known rows via the new-user path; the
+    control rows and diagnostics are written."""
+    data = {
+        **{k: v for k, v in TINY.items() if k != "seeds"},
+        "name": "tiny cold start",
+        "run_dir": str(tmp_path / "run"),
+        "seeds": [0],
+        "tables": ["table2"],
+        "baselines": ["dcn"],
+        "protocol": {"name": "cold_start", "history_rows": 3, "cold_user_fraction": 0.25},
+        "controls": ["bag_of_items"],
+    }
+    config = from_dict(ExperimentConfig, data, "tiny cold start")
+    out = run_experiment(config)
+    from userip.data.schema import Dataset
+    from userip.feature_bank import FeatureBank
+
+    dataset = Dataset.load(tmp_path / "run")
+    cold = set(pd.read_parquet(tmp_path / "run" / "protocol" / "new_users.parquet")["raw_user_id"])
+    raw = dataset.users["raw_user_id"].astype(str)
+    cold_ids = dataset.users["user_id"][raw.isin(cold)].to_numpy()
+    assert len(cold_ids) == 30  # 0.25 x 120 users
+    assert not set(dataset.split("train")["user_id"]) & set(cold_ids)
+    assert set(dataset.split("test")["user_id"]) | set(dataset.split("valid")["user_id"]) == set(cold_ids)
+    bank = FeatureBank.load(tmp_path / "run" / "bank")
+    assert (bank.lookup(cold_ids) >= 0).all()  # every cold user got IDs from the new-user path
+    names = {row["model"] for row in out["tables"]["table2"]}
+    assert names == {"DCN", "UserIP-DCN", "DCN + bag-of-items IDs (control)"}
+    diagnostics = (config.output_dir / "diagnostics.md").read_text()
+    assert "Linear probes" in diagnostics and "bag_of_items" in diagnostics
