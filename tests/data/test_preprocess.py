@@ -144,6 +144,8 @@ def test_hints_from_train_only_match_independent_computation():
     tertiles = np.quantile(means, [1 / 3, 2 / 3])
     expected = [["low", "medium", "high"][int((m >= tertiles).sum())] for m in means] + ["unknown"]
     assert list(hints["price_level"]) == expected == ["medium", "low", "high", "unknown"]
+    # positive shares of train rows: user0 2/4, user1 0/3, user2 1/1 -> tertiles of [0.5, 0, 1]
+    assert list(hints["rating_level"]) == ["moderate", "critical", "enthusiastic", "unknown"]
     # Changing valid/test labels or items never changes the hints.
     changed = inter.copy()
     changed.loc[changed.split != "train", "item_id"] = 2

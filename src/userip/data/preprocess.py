@@ -25,7 +25,11 @@ from userip.utils.config import to_dict
 log = logging.getLogger(__name__)
 
 PRICE_LEVELS = ("low", "medium", "high")
-UNKNOWN_PRICE_LEVEL = "unknown"
+UNKNOWN_PRICE_LEVEL = "unknown"  # also the rating level of a user without profile rows
+# A user's share of positive profile rows, bucketed at the tertiles of all users' shares: the rating tendency,
+# the natural "background" of a data set without prices (map it with soft_tokens.value_word_columns and
+# offline_lm.slot_hint_columns).
+RATING_LEVELS = ("critical", "moderate", "enthusiastic")
 # Which derived hint column names the values of each default profile (the paper's hobby and background).
 PROFILE_HINT_COLUMNS = {"hobby": "favourite_category", "background": "price_level"}
 
@@ -336,6 +340,8 @@ def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
     favourite_brand     the same for brands ("" when no train item has a brand)
     price_level         the user's mean train price, bucketed low/medium/high at the tertiles of all users'
                         means; "unknown" without priced train items
+    rating_level        the user's share of positive rows, bucketed critical/moderate/enthusiastic at the
+                        tertiles of all users' shares; "unknown" without rows
     """
     num_users = int(interactions["user_id"].max()) + 1
     train = profile_rows_of(interactions)
@@ -368,18 +374,27 @@ def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
     priced = ~np.isnan(prices)
     sums = np.bincount(user_ids[priced], weights=prices[priced], minlength=num_users)
     counts = np.bincount(user_ids[priced], minlength=num_users)
-    price_level = np.full(num_users, UNKNOWN_PRICE_LEVEL, dtype=object)
-    if counts.any():
-        means = sums[counts > 0] / counts[counts > 0]
-        tertiles = np.quantile(means, [1 / 3, 2 / 3])
-        price_level[counts > 0] = np.array(PRICE_LEVELS, dtype=object)[
-            np.searchsorted(tertiles, means, side="right")
-        ]
     return pd.DataFrame(
         {
             "user_id": np.arange(num_users, dtype=np.int64),
             "favourite_category": favourite_category.astype(str),
             "favourite_brand": favourite_brand.astype(str),
-            "price_level": price_level.astype(str),
+            "price_level": _tertile_levels(sums, counts, PRICE_LEVELS),
+            "rating_level": _tertile_levels(
+                np.bincount(user_ids, weights=labels, minlength=num_users),
+                np.bincount(user_ids, minlength=num_users),
+                RATING_LEVELS,
+            ),
         }
     )
+
+
+def _tertile_levels(sums: np.ndarray, counts: np.ndarray, names: tuple[str, str, str]) -> np.ndarray:
+    """Per user, ``names[i]`` for the tertile of ``sums / counts`` among users with counts (the upper tertile
+    boundary belongs to the higher level); ``UNKNOWN_PRICE_LEVEL`` without counts."""
+    levels = np.full(len(counts), UNKNOWN_PRICE_LEVEL, dtype=object)
+    if counts.any():
+        means = sums[counts > 0] / counts[counts > 0]
+        tertiles = np.quantile(means, [1 / 3, 2 / 3])
+        levels[counts > 0] = np.array(names, dtype=object)[np.searchsorted(tertiles, means, side="right")]
+    return levels.astype(str)
