@@ -55,14 +55,22 @@ def test_warm_and_time_leave_the_dataset_unchanged():
         assert out.dataset is ds and out.new_users is None
 
 
-def test_sparse_keeps_each_users_first_k_training_rows_only():
+def test_sparse_keeps_k_random_training_rows_of_each_user():
     ds = toy_dataset()
     out = apply_protocol(ds, ProtocolConfig(name="sparse", history_rows=3)).dataset
-    expected = {u: rows[:3] for u, rows in by_user_time(ds.split("train")).items()}
-    assert by_user_time(out.split("train")) == expected
+    before, after = by_user_time(ds.split("train")), by_user_time(out.split("train"))
+    assert set(after) == set(before)
+    for u, rows in before.items():
+        assert len(after[u]) == min(3, len(rows)) and set(after[u]) <= set(rows)
+    # Not simply the first rows in time order, for at least one user.
+    assert any(after[u] != rows[:3] for u, rows in before.items())
     for split in ("valid", "test"):  # untouched
         assert by_user_time(out.split(split)) == by_user_time(ds.split(split))
     assert out.config["protocol"]["name"] == "sparse"
+    again = apply_protocol(ds, ProtocolConfig(name="sparse", history_rows=3)).dataset
+    other = apply_protocol(ds, ProtocolConfig(name="sparse", history_rows=3, seed=1)).dataset
+    assert again.interactions.equals(out.interactions)
+    assert not other.interactions.equals(out.interactions)
 
 
 def test_cold_start_splits_users_and_rows_as_documented():

@@ -2,8 +2,10 @@
 evaluation rows (``protocol:`` in ``userip experiment``).
 
     warm        the paper's random 8:1:1 split, unchanged: every user is seen in training
-    sparse      each user's training rows capped at the first ``history_rows`` (time order); valid/test
-                untouched
+    sparse      each user's training rows capped at ``history_rows`` drawn at random (seeded); valid/test
+                untouched. Random, not the first rows in time order: valid/test rows are random rows of the
+                whole history, and a user's first ratings are a different population (on ML-100K, DCN trained
+                on every user's first 5 rows reached test AUC 0.626, on 5 random rows 0.680)
     cold_start  a share of users (``cold_user_fraction``) never seen by the CTR model: their first
                 ``history_rows`` interactions are all that is known of them (given to the new-user path,
                 ``userip profile --new-users``), and they are scored on the rest (half of them in valid, half
@@ -44,7 +46,7 @@ class ProtocolConfig:
     name: Protocol = Protocol.WARM
     history_rows: int = 5  # k: sparse's training rows per user; cold start's known rows per user
     cold_user_fraction: float = 0.2  # cold_start: share of users held out of CTR training
-    seed: int = 0  # which users are cold
+    seed: int = 0  # which rows sparse keeps; which users are cold
 
     def __post_init__(self) -> None:
         try:
@@ -82,7 +84,8 @@ def apply_protocol(dataset: Dataset, config: ProtocolConfig) -> ProtocolData:
 
 
 def _rank_in_user(interactions: pd.DataFrame) -> np.ndarray:
-    """Each row's 0-based position in its user's history by (timestamp, row order)."""
+    """Each row's 0-based position in its user's history by (timestamp, row order); any sortable
+    ``timestamp`` column works."""
     order = np.lexsort(
         (
             np.arange(len(interactions)),
@@ -117,8 +120,11 @@ def _with(dataset: Dataset, interactions: pd.DataFrame, config: ProtocolConfig) 
 def _sparse(dataset: Dataset, config: ProtocolConfig) -> Dataset:
     inter = dataset.interactions
     is_train = (inter["split"] == "train").to_numpy()
+    train = inter[is_train]
+    # A random order within each user: rank by a seeded random key instead of the timestamp.
+    random_key = np.random.default_rng(config.seed).random(len(train))
     train_rank = np.full(len(inter), -1, dtype=np.int64)
-    train_rank[is_train] = _rank_in_user(inter[is_train])
+    train_rank[is_train] = _rank_in_user(train.assign(timestamp=random_key))
     keep = ~is_train | (train_rank < config.history_rows)
     return _with(dataset, inter[keep], config)
 
