@@ -248,10 +248,11 @@ class Experiment:
         the main bank, and cross-validated linear-probe AUCs of the soft tokens and the codes against truths
         no profile saw (user attributes; held-out positive rate and genres), beside the bag of the same
         profile rows and random vectors. Users: those with trained soft tokens."""
-        if (self.out / "diagnostics.md").exists() and (self.out / "probes.csv").exists():
-            cached = read_json(self.out / "diagnostics.json")
-            if cached.get("bank") == self.banks["userip"].version:
-                return
+        marker = (
+            self.out / "diagnostics.json"
+        )  # written last: marks diagnostics of that bank version complete
+        if marker.exists() and read_json(marker).get("bank") == self.banks["userip"].version:
+            return
         assert self.dataset is not None
         bank = self.banks["userip"]
         usage = code_usage(bank.codes[: self.dataset.num_users], bank.profile_names, bank.codebook_sizes)
@@ -287,7 +288,7 @@ class Experiment:
             ]
         )
         atomic_write_text(self.out / "diagnostics.md", text + "\n")
-        atomic_write_json(self.out / "diagnostics.json", {"bank": bank.version})
+        atomic_write_json(marker, {"bank": bank.version})
 
     def _prepare(self) -> Dataset:
         """``RUN/data`` as the protocol evaluates it (reused when it was written for the same source, prepare
