@@ -141,3 +141,9 @@ def test_cold_start_experiment_profiles_cold_users_through_the_new_user_path(tmp
     assert names == {"DCN", "UserIP-DCN", "DCN + bag-of-items IDs (control)"}
     diagnostics = (config.output_dir / "diagnostics.md").read_text()
     assert "Linear probes" in diagnostics and "bag_of_items" in diagnostics
+    # A rerun reuses everything: the bank already has the cold users, so no new version is written.
+    cells = sorted((config.output_dir / "cells").glob("*.json"))
+    mtimes = [p.stat().st_mtime_ns for p in cells]
+    run_experiment(config)
+    assert FeatureBank.load(tmp_path / "run" / "bank").version == bank.version
+    assert [p.stat().st_mtime_ns for p in cells] == mtimes

@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.stage import build_aux, new_users_from_frame, write_bank
+from userip.codebook.stage import build_aux, write_bank
 from userip.ctr.models import MODELS
 from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
@@ -46,7 +47,7 @@ from userip.evaluation.controls import bag_of_items_bank
 from userip.evaluation.plots import plot_sweep
 from userip.evaluation.probes import code_usage, one_hot_codes, probe_markdown, probe_report
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
-from userip.feature_bank import FeatureBank
+from userip.feature_bank import UNKNOWN_CODE, FeatureBank
 from userip.pipeline.run import PipelineConfig, stage_profile
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
@@ -236,9 +237,9 @@ class Experiment:
         )
         self.dataset = self._prepare()
         bank, report = stage_profile(pipeline, self.run_dir, self.dataset)
-        new_users = self.run_dir / "protocol" / NEW_USERS_FILE
-        if new_users.exists():
-            bank = self._add_new_users(bank, new_users)
+        known_rows = self._known_rows()
+        if known_rows is not None:
+            bank = self._add_new_users(bank, known_rows)
         self.banks["userip"] = bank
         atomic_write_json(self.out / "profile_report.json", report)
         self.diagnostics()
@@ -315,17 +316,23 @@ class Experiment:
         log.info("prepare: %s (%s protocol) -> %s", cfg.source, cfg.protocol.name.value, data_dir)
         return dataset
 
-    def _add_new_users(self, bank: FeatureBank, path: Path) -> FeatureBank:
-        """cold_start: the cold users' profiles from their known rows, through the production new-user path
-        (LM, codebooks and surrogate frozen); skipped when the bank already has them."""
+    def _known_rows(self) -> pd.DataFrame | None:
+        """cold_start: the cold users' known rows (``RUN/protocol``) in dataset ids; None otherwise."""
+        path = self.run_dir / "protocol" / NEW_USERS_FILE
+        if not path.exists():
+            return None
         assert self.dataset is not None
-        pending = new_users_from_frame(pd.read_parquet(path), self.dataset, bank, where=str(path))
-        if not len(pending.raw_user_ids):
+        return known_rows_of(pd.read_parquet(path), self.dataset)
+
+    def _add_new_users(self, bank: FeatureBank, known_rows: pd.DataFrame) -> FeatureBank:
+        """cold_start: the cold users' profiles from their known rows, through the production new-user path
+        (LM, codebooks and surrogate frozen); skipped when the bank already has them (a rerun)."""
+        cold_ids = np.unique(known_rows["user_id"].to_numpy())
+        num_pending = int((bank.lookup(cold_ids) == UNKNOWN_CODE).any(axis=1).sum())
+        if num_pending == 0:
             return bank
-        log.info(
-            "cold start: inferring profiles of %d cold users from their known rows", len(pending.raw_user_ids)
-        )
-        return add_new_users(self.run_dir, path)
+        log.info("cold start: inferring profiles of %d cold users from their known rows", num_pending)
+        return add_new_users(self.run_dir, self.run_dir / "protocol" / NEW_USERS_FILE)
 
     def bank(self, variant: str) -> FeatureBank:
         """The main bank, or one re-quantized from the fixed soft tokens (cached under OUT/banks)."""
@@ -358,16 +365,12 @@ class Experiment:
         """The bag-of-items control: the profiles' evidence (profile rows, cold users' known rows), same code
         counts."""
         assert self.dataset is not None
-        known_rows = None
-        new_users = self.run_dir / "protocol" / NEW_USERS_FILE
-        if new_users.exists():
-            known_rows = known_rows_of(pd.read_parquet(new_users), self.dataset)
         prompt = self.config.profile.prompt
         return bag_of_items_bank(
             self.dataset,
             [p.name for p in prompt.profiles],
             [p.codebook_size for p in prompt.profiles],
-            known_rows=known_rows,
+            known_rows=self._known_rows(),
             signed=prompt.history_feedback is not HistoryFeedback.NONE,
         )
 
