@@ -4,12 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from userip.codebook.stage import code_report
 from userip.data.schema import Dataset
 from userip.evaluation.probes import (
     bag_of_categories,
     bag_of_items,
-    code_usage,
     one_hot_codes,
     probe_auc,
     probe_markdown,
@@ -87,26 +85,6 @@ def users_table(occupation: list[str]) -> pd.DataFrame:
 def tiny() -> Dataset:
     occupation = ["student", "engineer", "student", "", "other"]
     return make_dataset(TRAIN_ROWS + HELD_OUT_ROWS, users_table(occupation), CATEGORIES)
-
-
-# ---------------------------------------------------------------------------------------------- code usage
-def test_code_usage_entropy_by_hand():
-    codes = np.array([[0, 0], [0, 0], [1, 0], [1, 1], [-1, -1]])
-    usage = code_usage(codes, ["a", "b"], [2, 4]).set_index("profile")
-    a, b = usage.loc["a"], usage.loc["b"]
-    assert a["users_per_code"] == [2, 2] and a["unknown_users"] == 1 and a["num_users"] == 4
-    assert a["entropy_bits"] == pytest.approx(1.0)
-    assert a["normalized_entropy"] == pytest.approx(1.0)
-    assert a["perplexity"] == pytest.approx(2.0)
-    assert a["smallest_code_share"] == pytest.approx(0.5)
-    # b: counts [3, 1, 0, 0] over K = 4
-    expected = -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))
-    assert b["users_per_code"] == [3, 1, 0, 0] and b["num_unused_codes"] == 2
-    assert b["entropy_bits"] == pytest.approx(expected)
-    assert b["normalized_entropy"] == pytest.approx(expected / 2.0)
-    assert b["smallest_code_share"] == 0.0
-    report = code_report(codes, ["a", "b"], [2, 4])["profiles"]
-    assert b["perplexity"] == pytest.approx(report["b"]["perplexity"])
 
 
 def test_one_hot_codes_unknown_is_zero_row():

@@ -188,19 +188,59 @@ def load_objective_state(objective: JointObjective, bank_dir: str | Path) -> Joi
 
 
 def code_report(codes: np.ndarray, profile_names: list[str], codebook_sizes: list[int]) -> dict[str, Any]:
-    """Per profile: users per code and perplexity (1 = everyone on one code)."""
-    out: dict[str, Any] = {"profiles": {}}
+    """Per profile: users per code and perplexity (1 = everyone on one code; 0 without known users)."""
+    usage = code_usage(codes, profile_names, codebook_sizes)
+    return {
+        "profiles": {
+            row.profile: {
+                "users_per_code": list(row.users_per_code),
+                "perplexity": float(row.perplexity) if row.num_users else 0.0,
+                "unknown_users": int(row.unknown_users),
+            }
+            for row in usage.itertuples(index=False)
+        }
+    }
+
+
+def code_usage(codes: np.ndarray, profile_names: list[str], codebook_sizes: list[int]) -> pd.DataFrame:
+    """One row per profile: how evenly users spread over its codes (a collapsed codebook knows nothing).
+
+    Codes of -1 (unknown user) are left out of the distribution and counted in ``unknown_users``.
+    ``normalized_entropy`` is entropy / log2 K (1 = uniform; NaN for K = 1); ``perplexity`` = 2 ** entropy,
+    the effective number of codes in use. ``code_report`` (the bank's report.json) is a summary of it.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != len(profile_names) or len(profile_names) != len(codebook_sizes):
+        raise ValueError(
+            f"codes {codes.shape} must be (num_users, {len(profile_names)}) with one codebook size per "
+            f"profile; got {len(codebook_sizes)} sizes"
+        )
+    rows = []
     for p, (name, size) in enumerate(zip(profile_names, codebook_sizes)):
         col = codes[:, p]
-        counts = np.bincount(col[col >= 0], minlength=size)
-        probs = counts / max(counts.sum(), 1)
+        known = col[col >= 0]
+        if len(known) and known.max() >= size:
+            raise ValueError(f"profile {name!r}: code {known.max()} outside codebook of size {size}")
+        counts = np.bincount(known, minlength=size)
+        num_known = int(counts.sum())
+        probs = counts / max(num_known, 1)
         nz = probs[probs > 0]
-        out["profiles"][name] = {
-            "users_per_code": counts.tolist(),
-            "perplexity": float(np.exp(-(nz * np.log(nz)).sum())) if len(nz) else 0.0,
-            "unknown_users": int((col < 0).sum()),
-        }
-    return out
+        entropy = float(-(nz * np.log2(nz)).sum()) if num_known else float("nan")
+        rows.append(
+            {
+                "profile": name,
+                "codebook_size": int(size),
+                "num_users": num_known,
+                "unknown_users": int((col < 0).sum()),
+                "users_per_code": counts.tolist(),
+                "num_unused_codes": int((counts == 0).sum()),
+                "smallest_code_share": float(counts.min() / num_known) if num_known else float("nan"),
+                "entropy_bits": entropy,
+                "normalized_entropy": entropy / np.log2(size) if size > 1 else float("nan"),
+                "perplexity": float(2.0**entropy),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------- new users

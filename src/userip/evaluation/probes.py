@@ -7,7 +7,7 @@ only, cannot have seen. The same probes run on baselines built from the very row
 from (bag of items, bag of categories) and on random vectors (chance level, ~0.5), so a table reads as "the
 profile IDs keep x of what the raw history tells".
 
-    usage = code_usage(codes, bank.profile_names, bank.codebook_sizes)
+    usage = code_usage(codes, bank.profile_names, bank.codebook_sizes)   # userip.codebook.stage
     table = probe_report(dataset, {"profile_ids": one_hot_codes(codes, sizes)}, dataset.split("train"))
     print(probe_markdown(table))
 """
@@ -40,48 +40,6 @@ HELD_OUT_SPLITS = ("valid", "test")
 NUM_TOP_GENRES = 2
 # MovieLens-1M stores occupation as a code: 4 = "college/grad student", 10 = "K-12 student".
 _ML1M_STUDENT_CODES = frozenset({"4", "10"})
-
-
-# ---------------------------------------------------------------------------------------------- code usage
-def code_usage(codes: np.ndarray, profile_names: list[str], codebook_sizes: list[int]) -> pd.DataFrame:
-    """One row per profile: how evenly users spread over its codes (a collapsed codebook knows nothing).
-
-    Codes of -1 (unknown user) are left out of the distribution and counted in ``unknown_users``.
-    ``normalized_entropy`` is entropy / log2 K (1 = uniform; NaN for K = 1); ``perplexity`` = 2 ** entropy,
-    the effective number of codes in use (same value as ``code_report``'s).
-    """
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] != len(profile_names) or len(profile_names) != len(codebook_sizes):
-        raise ValueError(
-            f"codes {codes.shape} must be (num_users, {len(profile_names)}) with one codebook size per "
-            f"profile; got {len(codebook_sizes)} sizes"
-        )
-    rows = []
-    for p, (name, size) in enumerate(zip(profile_names, codebook_sizes)):
-        col = codes[:, p]
-        known = col[col >= 0]
-        if len(known) and known.max() >= size:
-            raise ValueError(f"profile {name!r}: code {known.max()} outside codebook of size {size}")
-        counts = np.bincount(known, minlength=size)
-        num_known = int(counts.sum())
-        probs = counts / max(num_known, 1)
-        nz = probs[probs > 0]
-        entropy = float(-(nz * np.log2(nz)).sum()) if num_known else float("nan")
-        rows.append(
-            {
-                "profile": name,
-                "codebook_size": int(size),
-                "num_users": num_known,
-                "unknown_users": int((col < 0).sum()),
-                "users_per_code": counts.tolist(),
-                "num_unused_codes": int((counts == 0).sum()),
-                "smallest_code_share": float(counts.min() / num_known) if num_known else float("nan"),
-                "entropy_bits": entropy,
-                "normalized_entropy": entropy / np.log2(size) if size > 1 else float("nan"),
-                "perplexity": float(2.0**entropy),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------- targets

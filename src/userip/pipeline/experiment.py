@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.stage import build_aux, write_bank
+from userip.codebook.stage import build_aux, code_usage, write_bank
 from userip.ctr.models import MODELS
 from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
@@ -45,7 +45,7 @@ from userip.data.protocols import Protocol, ProtocolConfig, apply_protocol, know
 from userip.data.schema import HISTORY_SPLIT, MANIFEST, Dataset
 from userip.evaluation.controls import bag_of_items_bank
 from userip.evaluation.plots import plot_sweep
-from userip.evaluation.probes import code_usage, one_hot_codes, probe_markdown, probe_report
+from userip.evaluation.probes import one_hot_codes, probe_markdown, probe_report
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import UNKNOWN_CODE, FeatureBank
 from userip.pipeline.run import PipelineConfig, stage_profile
