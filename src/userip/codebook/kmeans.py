@@ -20,7 +20,9 @@ def kmeans(
         raise ValueError(f"kmeans: num_clusters must be >= 1, got {num_clusters}")
     if points.shape[0] == 0:
         raise ValueError("kmeans: no points")
-    x = points.detach().float()
+    # On the CPU whatever the points' device: the seeding draws from ``generator`` (a CPU generator cannot
+    # drive CUDA sampling) and the k-means inputs are small (init samples, one profile per user).
+    x = points.detach().float().cpu()
     n = x.shape[0]
     first = int(torch.randint(n, (1,), generator=generator))
     centroids = [x[first]]
@@ -45,4 +47,4 @@ def kmeans(
         if torch.equal(new_assign, assign):
             break
         assign = new_assign
-    return c.to(points.dtype), assign
+    return c.to(device=points.device, dtype=points.dtype), assign.to(points.device)

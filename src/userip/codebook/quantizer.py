@@ -135,7 +135,9 @@ class ProfileQuantizer(nn.Module):
     @torch.no_grad()
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
         """(B, K) float32 ||z - e_k||^2 - code_bias_k: the one place assignments are computed."""
-        d2 = torch.cdist(z.detach().float(), self.codebook.detach().float()).pow(2)
+        # z may come from another device (the CPU soft-token table vs a CUDA codebook): scores live with the
+        # codebook.
+        d2 = torch.cdist(z.detach().float().to(self.codebook.device), self.codebook.detach().float()).pow(2)
         return d2 - self.code_bias.float()
 
     def ids_to_vectors(self, code_ids: torch.Tensor) -> torch.Tensor:
@@ -172,13 +174,14 @@ class ProfileQuantizer(nn.Module):
     def init_from(self, points: torch.Tensor) -> None:
         """Set the codebook to the k-means centroids of ``points`` (N, D) and mark it initialised."""
         self._check_input(points)
+        points = points.detach().float().cpu()  # the CPU generator draws; moved to the codebook below
         centroids, _ = kmeans(points, self.codebook_size, self.kmeans_iters, self.generator)
         if points.shape[0] < self.codebook_size:  # surplus codes: sampled points (revival sorts them out)
             extra = points[torch.randint(points.shape[0], (self.codebook_size,), generator=self.generator)]
             centroids = torch.where(
                 torch.arange(self.codebook_size)[:, None] < points.shape[0], centroids, extra
             )
-        self.codebook.data.copy_(centroids.to(self.codebook.dtype))
+        self.codebook.data.copy_(centroids.to(self.codebook))
         self.initialized.fill_(True)
         self.steps_unused.zero_()
         self.code_bias.zero_()  # offsets fitted to another codebook mean nothing for this one
@@ -188,7 +191,7 @@ class ProfileQuantizer(nn.Module):
         self._init_buffer.append(z.detach().float().cpu())
         held = torch.cat(self._init_buffer)
         if held.shape[0] >= self.kmeans_init_samples:
-            self.init_from(held.to(self.codebook.device))
+            self.init_from(held)
 
     @torch.no_grad()
     def _revive_dead_codes(self, z: torch.Tensor, code_ids: torch.Tensor) -> None:
@@ -197,7 +200,7 @@ class ProfileQuantizer(nn.Module):
         dead = (self.steps_unused >= self.dead_code_threshold).nonzero().flatten().tolist()
         if not dead:
             return
-        x = z.detach().float()
+        x = z.detach().float().to(self.codebook.device)
         for k in dead:
             # Split the batch's most populous group (revived codes included: each one sees the previous).
             assign = self._scores(x).argmin(-1)  # (B,)
@@ -223,7 +226,7 @@ class ProfileQuantizer(nn.Module):
             raise CodebookError(
                 f"min_share must be in [0, 1/{size}) for a codebook of {size} codes, got {min_share!r}"
             )
-        x = points.detach().float()
+        x = points.detach().float().to(self.codebook.device)
         x = x[torch.isfinite(x).all(-1)]
         self.code_bias.zero_()
         n = x.shape[0]

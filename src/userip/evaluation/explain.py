@@ -32,16 +32,16 @@ def nearest_tokens(
             f"{tuple(vocab_embeds.shape)}"
         )
     vocab = vocab_embeds.float()
-    ids = torch.arange(vocab.shape[0])
+    ids = torch.arange(vocab.shape[0], device=vocab.device)
     if candidate_ids is not None:
-        ids = torch.as_tensor(list(candidate_ids), dtype=torch.long)
+        ids = torch.as_tensor(list(candidate_ids), dtype=torch.long, device=vocab.device)
         vocab = vocab[ids]
     sims = (
-        torch.nn.functional.normalize(soft_embeds.float(), dim=-1)
+        torch.nn.functional.normalize(soft_embeds.float().to(vocab.device), dim=-1)
         @ torch.nn.functional.normalize(vocab, dim=-1).T
-    )  # (N, V')
+    )  # (N, V') on the vocabulary's device (the LM's)
     top = sims.topk(min(k, vocab.shape[0]), dim=-1)
-    return ids[top.indices], top.values
+    return ids[top.indices].cpu(), top.values.cpu()
 
 
 def select_users(
