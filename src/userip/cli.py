@@ -2,13 +2,31 @@
 
 Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported lazily so that
 ``userip --help`` is fast and a stage's heavy imports are paid only when it runs.
+
+One error path for every command: a corrupt or missing artifact, a bad input file or a wrongly typed config
+value ends in one line ``userip <command>: error: <ErrorName>: <message>`` on stderr and exit code 2 (the
+code argparse uses for bad arguments), never a traceback. ``USERIP_TRACEBACK=1`` re-raises for debugging.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import zlib
+from pathlib import Path
+
+EXIT_ERROR = 2
+
+# What bad inputs and damaged artifacts raise: the project's named errors are ValueError subclasses
+# (ConfigError, DatasetError, FeatureBankError, CorruptArtifactError, ...); OSError covers missing files,
+# a file where a folder belongs and unreadable gzip; EOFError / zlib.error are truncated or corrupt
+# compressed files. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, EOFError, zlib.error)
+
+# Arguments naming run folders, which must not be existing files (mkdir under a file fails deep in a stage).
+FOLDER_ARGS: dict[str, tuple[str, ...]] = {"prepare": ("out",), "experiment": ("out_dir",)}
 
 # Fixed registry (never built from user input): subcommand -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,8 +65,59 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=command)
     args = parser.parse_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        check_folder_args(args)
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args) or 0)
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # argparse and explicit exit codes pass through
+            raise
+        # A stage's `raise SystemExit(message)` would exit with 1: same message, exit code 2 like the rest.
+        print(e.code, file=sys.stderr)
+        raise StageExit(e.code) from None
+    except (*INPUT_ERRORS, *_library_errors()) as e:
+        if os.environ.get("USERIP_TRACEBACK"):
+            raise
+        print(f"userip {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+class StageExit(SystemExit):
+    """A stage's exit with a message, re-raised with exit code ``EXIT_ERROR`` (the message already printed);
+    ``str()`` is still the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_ERROR)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_folder_args(args: argparse.Namespace) -> None:
+    """``--run-dir`` / ``--out`` pointing at an existing file is refused before the stage starts."""
+    for name in ("run_dir", *FOLDER_ARGS.get(args.command, ())):
+        value = getattr(args, name, None)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            flag = "--" + name.replace("_", "-")
+            raise NotADirectoryError(f"{flag} {value}: is a file; expected a run directory (a folder)")
+
+
+def describe_error(e: BaseException) -> str:
+    """``ErrorName: message``; an OSError's message gets its file name when Python left it out."""
+    message = str(e) or repr(e)
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in message:
+        message = f"{e.filename}: {message}"
+    return f"{type(e).__name__}: {message}"
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    # Errors of readers that derive from neither ValueError nor OSError (safetensors: truncated header).
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return ()
+    return (SafetensorError,)
 
 
 if __name__ == "__main__":

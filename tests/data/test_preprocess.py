@@ -110,7 +110,10 @@ def test_prepare_config_validation():
         from_dict(PrepareConfig, {"min_users": 3})
     with pytest.raises(ConfigError, match="split_ratios must be three"):
         from_dict(PrepareConfig, {"split_ratios": [0.5, 0.5, 0.5]})
-    with pytest.raises(ConfigError, match=r"'weekly' is not one of \['random', 'time', 'source'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'weekly' is not one of \['random', 'time', 'source', 'leave_last_out', 'user_ordered'\]",
+    ):
         from_dict(PrepareConfig, {"split": "weekly"})
 
 

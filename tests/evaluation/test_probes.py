@@ -156,12 +156,12 @@ def test_bag_of_items_unit_norm_and_given_rows_only(tiny):
     np.testing.assert_array_equal(cats[2], 0.0)
 
 
-def test_probe_report_reads_planted_attribute():
-    rng = np.random.default_rng(3)
-    num_users, num_items = 200, 6
+def _planted_gender(num_users: int, seed: int, categories: list[list[str]]):
+    """(dataset, codes (U, 2)): random rows over len(categories) items; code 0 is the user's gender."""
+    rng = np.random.default_rng(seed)
     gender = rng.choice(["M", "F"], num_users)
     rows = [
-        (u, int(rng.integers(num_items)), int(rng.integers(2)), s)
+        (u, int(rng.integers(len(categories))), int(rng.integers(2)), s)
         for u in range(num_users)
         for s in ("train", "test")
     ]
@@ -172,8 +172,12 @@ def test_probe_report_reads_planted_attribute():
             "gender": gender,
         }
     )
-    ds = make_dataset(rows, users, [["A"], ["B"], ["C"], ["A", "B"], ["C"], []])
     codes = np.stack([(gender == "M").astype(np.int64), rng.integers(0, 3, num_users)], axis=1)
+    return make_dataset(rows, users, categories), codes
+
+
+def test_probe_report_reads_planted_attribute():
+    ds, codes = _planted_gender(200, 3, [["A"], ["B"], ["C"], ["A", "B"], ["C"], []])
     table = probe_report(ds, {"profile_ids": one_hot_codes(codes, [2, 3])}, ds.split("train"), C=1.0)
     assert list(table.index) == ["profile_ids", "bag_of_items", "bag_of_categories", "random"]
     assert "gender_male" in table.columns and "heldout_positive_rate_high" in table.columns
@@ -181,3 +185,12 @@ def test_probe_report_reads_planted_attribute():
     assert abs(table.loc["random", "gender_male"] - 0.5) < 0.15
     md = probe_markdown(table)
     assert md.splitlines()[0].startswith("| features | gender_male |")
+
+
+def test_probe_report_without_categories_and_on_a_user_sample():
+    ds, codes = _planted_gender(300, 4, [[] for _ in range(6)])  # titles only, like Amazon Games
+    feats = {"profile_ids": one_hot_codes(codes, [2, 3])}
+    table = probe_report(ds, feats, ds.split("train"), C=1.0, max_users=120)
+    assert list(table.index) == ["profile_ids", "bag_of_items", "random"]  # no category bag to build
+    assert table.attrs["num_users"]["gender_male"][0] == 120  # the sample, not all 300
+    assert table.loc["profile_ids", "gender_male"] > 0.99

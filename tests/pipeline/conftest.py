@@ -34,3 +34,13 @@ def tiny_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return run_dir, summary
+
+
+def new_user_rows(dataset, num_users: int = 3, rows_each: int = 6) -> list[dict]:
+    """Interactions of users ``new0..`` over the dataset's items (alternating ratings 2 and 5)."""
+    items = dataset.items["raw_item_id"].tolist()
+    return [
+        {"raw_user_id": f"new{u}", "raw_item_id": items[(3 * u + i) % len(items)], "rating": 2 + 3 * (i % 2)}
+        for u in range(num_users)
+        for i in range(rows_each)
+    ]

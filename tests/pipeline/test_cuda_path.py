@@ -14,7 +14,7 @@ from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
 from userip.pipeline.run import run_pipeline
 
-from .conftest import TINY, tiny_config
+from .conftest import TINY, new_user_rows, tiny_config
 
 pytestmark = [
     pytest.mark.cuda,
@@ -32,14 +32,8 @@ def test_pipeline_runs_on_cuda(tmp_path, table_device):
     assert ((codes >= 0) & (codes < np.array(bank.codebook_sizes))).all()
     assert summary  # the CTR stage ran with and without profile IDs
 
-    items = dataset.items["raw_item_id"].tolist()
-    rows = [
-        {"raw_user_id": f"new{u}", "raw_item_id": items[(3 * u + i) % len(items)], "rating": 5 if i % 2 else 2}
-        for u in range(3)
-        for i in range(6)
-    ]
     path = tmp_path / "new.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
+    pd.DataFrame(new_user_rows(dataset)).to_csv(path, index=False)
     assert main(["profile", "--run-dir", str(tmp_path), "--new-users", str(path), "--device", "cuda"]) == 0
     new_codes, known = FeatureBank.load(tmp_path / "bank").lookup_raw(["new0", "new1", "new2"])
     assert known.all() and ((new_codes >= 0) & (new_codes < np.array(bank.codebook_sizes))).all()

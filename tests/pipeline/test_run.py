@@ -12,7 +12,7 @@ from userip.feature_bank import FeatureBank
 from userip.pipeline.run import run_pipeline
 from userip.utils.config import ConfigError
 
-from .conftest import tiny_config
+from .conftest import new_user_rows, tiny_config
 
 
 def test_every_stage_writes_its_artifacts(tiny_run):
@@ -89,17 +89,9 @@ def test_new_users_are_upserted_without_retraining_anyone(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     dataset = Dataset.load(run_dir)
     before = FeatureBank.load(run_dir / "bank")
-    items = dataset.items["raw_item_id"].tolist()
     known = dataset.users["raw_user_id"].iloc[0]
-    rows = [
-        {
-            "raw_user_id": f"new{u}",
-            "raw_item_id": items[(3 * u + i) % len(items)],
-            "rating": 5 if i % 2 else 2,
-        }
-        for u in range(3)
-        for i in range(6)
-    ] + [{"raw_user_id": known, "raw_item_id": items[0], "rating": 4}]
+    first_item = dataset.items["raw_item_id"].iloc[0]
+    rows = new_user_rows(dataset) + [{"raw_user_id": known, "raw_item_id": first_item, "rating": 4}]
     path = tmp_path / "new.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     assert main(["profile", "--run-dir", str(run_dir), "--new-users", str(path)]) == 0

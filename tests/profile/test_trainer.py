@@ -156,3 +156,33 @@ def test_plan_batches_deterministic_and_bucketed():
     plain = plan_batches(lengths, 8, seed=1, epoch=0, bucket_by_length=False)
     pad_plain = sum(lengths[x].max() * len(x) - lengths[x].sum() for x in plain)
     assert pad_bucketed < 0.5 * pad_plain
+
+
+def test_stopping_rule_ends_training_when_the_epoch_loss_flattens(tiny_llama, word_tokenizer, tmp_path):
+    ds = history_dataset(num_users=8)
+    model, ex = make_setup(tiny_llama, word_tokenizer, ds)
+    full = ProfileTrainer(model, ex, _config(num_epochs=4)).train()
+    per_epoch = len(full.loss_history) // 4
+    means = [float(np.mean(full.loss_history[e * per_epoch : (e + 1) * per_epoch])) for e in range(4)]
+    gain = (means[0] - means[1]) / means[0]  # epoch 2's relative improvement, computed independently
+    assert gain > 0
+
+    # A threshold just above epoch 2's improvement stops after epoch 2; just below, epoch 3 runs.
+    model_a, ex_a = make_setup(tiny_llama, word_tokenizer, ds)
+    trainer = ProfileTrainer(model_a, ex_a, _config(num_epochs=4, min_epoch_improvement=gain * 1.01))
+    stopped = trainer.train()
+    assert stopped.steps == 2 * per_epoch and trainer.state.stopped_early
+    assert stopped.loss_history == full.loss_history[: 2 * per_epoch]  # same run up to the stop
+    model_b, ex_b = make_setup(tiny_llama, word_tokenizer, ds)
+    go_on = ProfileTrainer(model_b, ex_b, _config(num_epochs=4, min_epoch_improvement=gain * 0.99)).train()
+    assert go_on.steps > 2 * per_epoch
+
+    # A resumed run that had stopped stays stopped.
+    model_c, ex_c = make_setup(tiny_llama, word_tokenizer, ds)
+    cfg = _config(num_epochs=4, min_epoch_improvement=gain * 1.01, checkpoint_every=1)
+    ProfileTrainer(model_c, ex_c, cfg, checkpoint_dir=tmp_path).train()
+    model_d, ex_d = make_setup(tiny_llama, word_tokenizer, ds)
+    resumed = ProfileTrainer(model_d, ex_d, cfg, checkpoint_dir=tmp_path).train(resume=True)
+    assert resumed.steps == 2 * per_epoch and resumed.tokens == 0  # no step taken after the resume
+    with pytest.raises(ConfigError, match="min_epoch_improvement"):
+        _config(min_epoch_improvement=1.5)

@@ -68,12 +68,24 @@ def test_serve_command_end_to_end(run_dir: Path, bank_dir: Path, tmp_path: Path)
 def test_serve_command_wires_config_into_uvicorn(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
+    from userip.serving.app import ConcurrencyLimitMiddleware
+    from userip.serving.http import GuardedH11Protocol
+
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(config=self.config))
     argv = ["serve", "--run-dir", str(run_dir), "--model", "dcn", "--port", "0", "--limit-concurrency", "7"]
+    argv += ["--timeout-request-s", "2.5", "--max-connections", "300", "--timeout-keep-alive", "3"]
     assert main(argv) == 0
-    assert (seen["host"], seen["port"], seen["limit_concurrency"]) == ("127.0.0.1", 0, 7)
-    assert seen["app"].state.scorer.model_name == "dcn"
+    config = seen["config"]
+    assert (config.host, config.port, config.timeout_keep_alive) == ("127.0.0.1", 0, 3)
+    # uvicorn's own limit counts idle connections (the starvation bug): off; the app bounds requests instead.
+    assert config.limit_concurrency is None
+    assert issubclass(config.http, GuardedH11Protocol)
+    assert (config.http.timeout_request_s, config.http.max_connections) == (2.5, 300)
+    app = config.app
+    assert app.state.scorer.model_name == "dcn"
+    limits = [m.kwargs["limit"] for m in app.user_middleware if m.cls is ConcurrencyLimitMiddleware]
+    assert limits == [7]
 
 
 def test_serve_command_rejects_bad_config(run_dir: Path, tmp_path: Path) -> None:

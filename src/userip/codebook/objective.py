@@ -227,7 +227,9 @@ def build_joint_objective(
         dropout=config.surrogate_dropout,
         user_feature_vocab_sizes=vocab_sizes,
     )
-    sampler = InteractionSampler.from_interactions(dataset.profile_rows(), dataset.num_users)
+    # The surrogate is a recommender: it trains on the profile split's labelled rows, sampled negatives of
+    # implicit data included (on positives alone its BCE would only learn "everything is a click").
+    sampler = InteractionSampler.from_interactions(dataset.profile_samples(), dataset.num_users)
     return JointObjective(
         quantizer,
         surrogate,

@@ -174,12 +174,7 @@ def save_objective_state(objective: JointObjective, bank_dir: str | Path) -> str
 def load_objective_state(objective: JointObjective, bank_dir: str | Path) -> JointObjective:
     """Restore, into a freshly built objective of the same config, the one the current bank version names."""
     bank = FeatureBank.load(bank_dir)
-    rel = bank.manifest.get("objective_file")
-    if not rel:
-        raise FeatureBankError(f"{bank_dir}: bank {bank.version} names no trained objective (objective_file)")
-    source = Path(bank_dir) / rel
-    if not source.exists():
-        raise FeatureBankError(f"{source}: missing; named by bank {bank.version}")
+    source = bank.verify_objective(bank_dir)  # confined to the bank, present, SHA-256 as recorded
     try:
         objective.load_state_dict(load_file(str(source)))
     except (RuntimeError, OSError, ValueError) as e:  # shape mismatch, truncated file

@@ -207,6 +207,8 @@ def train_ctr(
                 else {
                     "version": bank.version,
                     "dataset_hash": bank.dataset_hash,
+                    # serving refuses a bank whose codebooks differ (getattr: a ProfileBank need not hash)
+                    "codebook_hash": getattr(bank, "codebook_hash", None),
                     "profiles": bank.profile_names,
                 },
             },

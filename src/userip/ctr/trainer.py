@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from userip.ctr.data import USER_COLUMN, SplitTensors
 from userip.ctr.features import UNKNOWN_INDEX
 from userip.evaluation.metrics import auc, logloss
-from userip.utils.io import atomic_write_with
+from userip.utils.artifacts import save_tensors
 from userip.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -271,6 +270,6 @@ def predict_probs(
 def save_state_dict(
     state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Atomically write a state dict as safetensors (contiguous CPU copies; tied tensors are not expected)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    """Atomically write a state dict as safetensors with its content hash (``userip.utils.artifacts``: a
+    serving process refuses altered weights); tied tensors are not expected."""
+    save_tensors(path, state, metadata)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", help="source folder or file")
     parser.add_argument("--reviews", help="Amazon reviews file (JSON lines, .gz ok)")
     parser.add_argument("--meta", help="Amazon meta file (2014 Python literals or 2018 JSON lines, .gz ok)")
-    parser.add_argument("--items", help="items table for --source csv (CSV or Parquet)")
+    parser.add_argument("--items", help="items table for --source csv or implicit (CSV or Parquet)")
     parser.add_argument("--max-bad-lines", type=int, help="malformed lines tolerated before the load fails")
     parser.add_argument("--num-users", type=int, help="synthetic: number of users")
     parser.add_argument("--num-items", type=int, help="synthetic: number of items")
@@ -45,9 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="split seed (and synthetic generator seed)")
     parser.add_argument(
-        "--split", choices=[m.value for m in SplitMode], help="random (8:1:1), time, or source"
+        "--split",
+        choices=[m.value for m in SplitMode],
+        help="random (8:1:1), time, source, or per user in order: leave_last_out, user_ordered (8:1:1)",
     )
     parser.add_argument("--label-threshold", type=float, help="label = rating > threshold (default 3)")
+    parser.add_argument(
+        "--negatives-per-positive",
+        type=int,
+        help="implicit sources: sampled negatives (label 0) per observed interaction (required there)",
+    )
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfig]:
@@ -78,6 +85,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
         prepare_dict["split"] = args.split
     if args.label_threshold is not None:
         prepare_dict["label_threshold"] = args.label_threshold
+    if args.negatives_per_positive is not None:
+        prepare_dict["negatives_per_positive"] = args.negatives_per_positive
     config = from_dict(PrepareConfig, prepare_dict, where="prepare")
     return source, options, config
 

@@ -15,6 +15,7 @@ from userip.data.preprocess import PrepareConfig, build_dataset
 from userip.data.schema import Dataset
 from userip.data.sources.amazon import AmazonConfig, load_amazon
 from userip.data.sources.base import RawData
+from userip.data.sources.implicit import ImplicitConfig, load_implicit
 from userip.data.sources.movielens import MovieLensConfig, RecBoleConfig, load_movielens, load_recbole
 from userip.data.sources.nete import NeteConfig, load_nete
 from userip.data.sources.synthetic import SyntheticConfig, generate_synthetic
@@ -39,6 +40,7 @@ SOURCES: dict[str, Source] = {
     "movielens": Source(MovieLensConfig, load_movielens),
     "recbole": Source(RecBoleConfig, load_recbole),
     "csv": Source(TabularConfig, load_tabular),
+    "implicit": Source(ImplicitConfig, load_implicit),
     "synthetic": Source(SyntheticConfig, generate_synthetic),
 }
 
@@ -107,6 +109,8 @@ def statistics_table(stats: dict[str, Any]) -> str:
         ("Positive rate", f"{stats['positive_rate']:.3f}"),
         ("Train / valid / test", f"{stats['num_train']:,} / {stats['num_valid']:,} / {stats['num_test']:,}"),
     ]
+    if "sampled_negatives" in stats:  # implicit data: the split sizes above count them too
+        rows.insert(4, ("Sampled negatives", f"{stats['sampled_negatives']:,}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"| {'Statistic':<{width}} | Value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {name:<{width}} | {value} |" for name, value in rows]

@@ -1,10 +1,15 @@
 """Preprocessing as the paper (3.2): labels, iterative k-core filter, contiguous ids, split, derived hints.
 
-label   1 iff rating > ``label_threshold`` (3 in the paper), unless the source gives a ready 0/1 label
+label   1 iff rating > ``label_threshold`` (3 in the paper), unless the source gives a ready 0/1 label;
+        implicit feedback (no rating, no label): every observed interaction is 1, and
+        ``negatives_per_positive`` sampled negatives per interaction are 0 (drawn after the split)
 filter  users and items with fewer than 4 interactions dropped, repeated until stable
-split   8:1:1 at random by seed, by time (oldest 80% train), or the source's own split
+split   8:1:1 at random by seed, by time (oldest 80% train), the source's own split, or per user in order:
+        leave-last-out (newest row test, the one before it valid) or each user's oldest 80% / next 10% /
+        newest 10%
 hints   the paper's derived profile words per user (favourite category and brand, price level), computed from
-        the *training split only* so that nothing downstream sees valid/test labels through them
+        the *training split only* (and only its observed rows) so that nothing downstream sees valid/test
+        labels through them
 All steps are vectorised (numpy / pandas); nothing loops over interactions in Python.
 """
 
@@ -13,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from userip.data.schema import SPLITS, Dataset, profile_rows_of
+from userip.data.schema import SPLITS, Dataset, profile_rows_of, user_ranks
 from userip.data.sources.base import RAW_INTERACTION_REQUIRED, DataLoadError, RawData
-from userip.utils.config import to_dict
+from userip.utils.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,15 @@ class SplitMode(enum.Enum):
     RANDOM = "random"
     TIME = "time"
     SOURCE = "source"
+    LEAVE_LAST_OUT = "leave_last_out"  # per user, in order: newest row test, the one before valid, rest train
+    USER_ORDERED = "user_ordered"  # per user, in order: the oldest split_ratios[0] train, then valid, test
+
+
+# Per-user splits, cut in each user's own order (timestamp or position).
+ORDERED_SPLITS = (SplitMode.LEAVE_LAST_OUT, SplitMode.USER_ORDERED)
+# The negatives' random stream is (seed, this): independent of the split's, so changing the number of
+# negatives never moves a random split.
+NEGATIVE_STREAM = 0x6E6567
 
 
 @dataclasses.dataclass
@@ -50,9 +65,20 @@ class PrepareConfig:
     seed: int = 0
     deduplicate: bool = True  # keep only the latest interaction of each (user, item) pair
     keep_reviews: bool = True  # keep the review column when the source has one
+    # Implicit sources only (and required there): sampled negatives (label 0) per observed interaction, drawn
+    # by ``seed`` from the items the user never interacted with, in the interaction's split.
+    negatives_per_positive: int = 0
 
     def __post_init__(self) -> None:
-        self.split = SplitMode(self.split)
+        try:
+            self.split = SplitMode(self.split)
+        except ValueError:
+            raise ConfigError(
+                f"prepare.split: {self.split!r} is not one of {[m.value for m in SplitMode]}"
+            ) from None
+        k = self.negatives_per_positive
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"prepare.negatives_per_positive: expected an integer >= 0, got {k!r}")
         self.split_ratios = tuple(float(r) for r in self.split_ratios)  # type: ignore[assignment]
         if (
             len(self.split_ratios) != 3
@@ -114,6 +140,132 @@ def assign_split(
     return split
 
 
+def assign_user_split(
+    user_ids: np.ndarray, mode: SplitMode, ratios: tuple[float, float, float]
+) -> np.ndarray:
+    """Split names per row of rows sorted by (user, order): each user's newest rows are test, the ones before
+    them valid, the rest train.
+
+    leave_last_out: one test and one valid row per user; user_ordered: round(ratio * n) of a user's n rows
+    (at least one where the ratio is above 0). A user always keeps a training row: with 2 rows there is no
+    valid row, with 1 only a training row.
+    """
+    counts = np.bincount(user_ids) if len(user_ids) else np.zeros(0, dtype=np.int64)
+    if mode is SplitMode.LEAVE_LAST_OUT:
+        num_test, num_valid = np.ones_like(counts), np.ones_like(counts)
+    else:
+
+        def share(ratio: float) -> np.ndarray:
+            # Half up, not numpy's half to even: 15 rows at 10% give 2 whatever the parity.
+            amount = np.floor(ratio * counts + 0.5).astype(np.int64)
+            return np.maximum(amount, 1) if ratio > 0 else amount
+
+        num_test, num_valid = share(ratios[2]), share(ratios[1])
+    num_test = np.minimum(num_test, np.maximum(counts - 1, 0))
+    num_valid = np.minimum(num_valid, np.maximum(counts - 1 - num_test, 0))
+    from_newest = counts[user_ids] - 1 - user_ranks(user_ids)
+    split = np.full(len(user_ids), "train", dtype=object)
+    split[from_newest < (num_test + num_valid)[user_ids]] = "valid"
+    split[from_newest < num_test[user_ids]] = "test"
+    return split
+
+
+def sample_negatives(
+    row_users: np.ndarray,
+    seen_users: np.ndarray,
+    seen_items: np.ndarray,
+    num_items: int,
+    per_row: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(len(row_users), per_row) item ids: for each row, ``per_row`` distinct items drawn uniformly from the
+    items its user never interacted with (no (user, item) pair of ``seen_users``/``seen_items``).
+
+    Vectorised rejection sampling: draw everything, redraw the cells that hit a seen pair or repeat an earlier
+    cell of their row, until none do. With users who have seen nearly every item rejection could take long, so
+    after a few rounds the remaining rows are drawn exactly from their user's unseen items (a short loop).
+    The result depends only on the inputs and the generator's state.
+    """
+    n = len(row_users)
+    if num_items <= 0 or per_row <= 0:
+        return np.zeros((n, max(per_row, 0)), dtype=np.int64)
+    seen = np.unique(seen_users.astype(np.int64) * num_items + seen_items)
+    num_users = int(max(row_users.max(initial=-1), seen_users.max(initial=-1))) + 1
+    unseen = num_items - np.bincount(seen // num_items, minlength=num_users)
+    short = np.unique(row_users)
+    short = short[unseen[short] < per_row]
+    if len(short):
+        user = int(short[0])
+        raise DataLoadError(
+            f"user {user} (dataset id) has interacted with {num_items - int(unseen[user])} of {num_items} "
+            f"items, leaving {int(unseen[user])} to sample {per_row} distinct negatives from: lower "
+            "prepare.negatives_per_positive or filter such users out"
+        )
+    row_users = row_users.astype(np.int64)
+    out = rng.integers(0, num_items, size=(n, per_row), dtype=np.int64)
+    todo = np.arange(n)  # rows that may still hold a bad cell
+    for _ in range(_REJECTION_ROUNDS):
+        bad = _bad_negatives(out[todo], row_users[todo], seen, num_items)
+        todo = todo[bad.any(axis=1)]
+        if not len(todo):
+            return out
+        bad = bad[bad.any(axis=1)]
+        redraw = out[todo]
+        redraw[bad] = rng.integers(0, num_items, size=int(bad.sum()), dtype=np.int64)
+        out[todo] = redraw
+    bad = _bad_negatives(out[todo], row_users[todo], seen, num_items)
+    for row in todo[bad.any(axis=1)]:
+        user = row_users[row]
+        lo, hi = np.searchsorted(seen, [user * num_items, (user + 1) * num_items])
+        candidates = np.setdiff1d(np.arange(num_items), seen[lo:hi] - user * num_items)
+        out[row] = rng.choice(candidates, size=per_row, replace=False)
+    return out
+
+
+_REJECTION_ROUNDS = 30
+
+
+def _bad_negatives(draws: np.ndarray, users: np.ndarray, seen: np.ndarray, num_items: int) -> np.ndarray:
+    """Cells of ``draws`` (rows x k) that are a seen pair of the row's user or repeat an earlier cell."""
+    keys = users[:, None] * num_items + draws
+    at = np.minimum(np.searchsorted(seen, keys), max(len(seen) - 1, 0))
+    bad = seen[at] == keys if len(seen) else np.zeros(draws.shape, dtype=bool)
+    if draws.shape[1] > 1:
+        # Sort each row (stable), mark a value equal to its left neighbour, and scatter the marks back: the
+        # later copies of a repeated item are redrawn, the first stays.
+        order = np.argsort(draws, axis=1, kind="stable")
+        ordered = np.take_along_axis(draws, order, axis=1)
+        repeat_sorted = np.zeros(draws.shape, dtype=bool)
+        repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        repeat = np.empty_like(repeat_sorted)
+        np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+        bad |= repeat
+    return bad
+
+
+def with_negatives(interactions: pd.DataFrame, negatives: np.ndarray) -> pd.DataFrame:
+    """Observed rows (sorted by user, then order) followed each by its sampled negatives, with the columns
+    ``event`` (the observed row's rank in its user's history, shared with its negatives) and ``sampled``.
+
+    A negative copies its row's user, timestamp and split, so it lands in the same split and place in
+    time; its label is 0, its rating NaN and its review empty.
+    """
+    n, k = negatives.shape
+    block = k + 1
+    source_row = np.repeat(np.arange(n), block)
+    out = interactions.iloc[source_row].reset_index(drop=True)
+    is_negative = np.tile(np.r_[False, np.ones(k, dtype=bool)], n)
+    items = np.concatenate([interactions["item_id"].to_numpy()[:, None], negatives], axis=1).ravel()
+    out["item_id"] = items.astype(np.int64)
+    out["label"] = np.where(is_negative, 0, out["label"].to_numpy()).astype(np.int8)
+    out["rating"] = np.where(is_negative, np.nan, out["rating"].to_numpy()).astype(np.float32)
+    if "review" in out.columns:
+        out["review"] = out["review"].where(~is_negative, "")
+    out["event"] = np.repeat(user_ranks(interactions["user_id"].to_numpy()), block)
+    out["sampled"] = is_negative.astype(np.int8)
+    return out
+
+
 def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: dict[str, Any]) -> Dataset:
     """Label, de-duplicate, filter, re-index and split ``raw``; attach items, users, truth and hints."""
     inter = raw.interactions
@@ -130,7 +282,21 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         np.float64
     )
 
-    if "label" in inter.columns:
+    if raw.implicit:
+        if cfg.negatives_per_positive < 1:
+            raise ConfigError(
+                f"{source}: implicit feedback (every row a positive, no rating): set "
+                "prepare.negatives_per_positive >= 1, the sampled negatives that make the CTR labels"
+            )
+        if "label" in inter.columns or "rating" in inter.columns:
+            raise DataLoadError(f"{source}: an implicit source returned a rating or label column")
+        labels = np.ones(n, dtype=np.int8)
+    elif cfg.negatives_per_positive:
+        raise ConfigError(
+            f"{source}: prepare.negatives_per_positive={cfg.negatives_per_positive} applies to implicit "
+            "sources only; this source's labels come from its ratings or labels (set it to 0)"
+        )
+    elif "label" in inter.columns:
         labels = inter["label"].to_numpy(np.int8)
     else:
         if np.isnan(ratings).any():
@@ -149,8 +315,18 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         if not in_split.all():
             log.info("%d interaction(s) are in none of the source's splits; dropped", int((~in_split).sum()))
         keep &= in_split
+    elif cfg.split is SplitMode.TIME and raw.positional:
+        raise DataLoadError(
+            f"{source}: split=time needs timestamps comparable across users, but this source orders each "
+            "user's history by position (use leave_last_out or user_ordered)"
+        )
     elif cfg.split is SplitMode.TIME and np.all(timestamps == timestamps[0]):
         raise DataLoadError(f"{source}: split=time needs timestamps, but the source has none (all equal)")
+    elif cfg.split in ORDERED_SPLITS and np.all(timestamps == timestamps[0]):
+        raise DataLoadError(
+            f"{source}: split={cfg.split.value} cuts each user's history in order, but the source has no "
+            "order (no timestamp or position column)"
+        )
 
     user_codes, user_keys = pd.factorize(inter["raw_user_id"].astype(str), sort=True)
     item_codes, item_keys = pd.factorize(inter["raw_item_id"].astype(str), sort=True)
@@ -200,11 +376,15 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
     kept_items, item_ids = _compact(item_codes[rows], len(item_keys))
     if cfg.split is SplitMode.SOURCE:
         split = inter["split"].to_numpy(dtype=object)[rows]
+    elif cfg.split in ORDERED_SPLITS:
+        split = np.empty(len(rows), dtype=object)  # cut below, once each user's rows are in order
     else:
         split = assign_split(len(rows), cfg.split, cfg.split_ratios, cfg.seed, timestamps[rows])
     # Users in order, each user's history in time order (what the prompt builder reads).
     order = _order_by(user_ids, timestamps[rows])
     rows, user_ids, item_ids, split = rows[order], user_ids[order], item_ids[order], split[order]
+    if cfg.split in ORDERED_SPLITS:
+        split = assign_user_split(user_ids, cfg.split, cfg.split_ratios)
 
     interactions = pd.DataFrame(
         {
@@ -220,6 +400,26 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         # One gather as a str Series (Arrow-backed), not via Python objects: reviews are the bulk of the data.
         reviews = inter["review"].iloc[rows].reset_index(drop=True)
         interactions["review"] = reviews.fillna("").astype(str) if reviews.hasnans else reviews.astype(str)
+    negatives_report: dict[str, Any] = {}
+    if raw.implicit:
+        # Every item a kept user has a row with, kept or not (e.g. outside a source split), is excluded.
+        user_new = np.full(len(user_keys), -1, dtype=np.int64)
+        user_new[kept_users] = np.arange(len(kept_users))
+        item_new = np.full(len(item_keys), -1, dtype=np.int64)
+        item_new[kept_items] = np.arange(len(kept_items))
+        seen_users, seen_items = user_new[user_codes], item_new[item_codes]
+        both = (seen_users >= 0) & (seen_items >= 0)
+        started = time.perf_counter()
+        negatives = sample_negatives(
+            user_ids, seen_users[both], seen_items[both], len(kept_items), cfg.negatives_per_positive,
+            np.random.default_rng([cfg.seed, NEGATIVE_STREAM]),
+        )  # fmt: skip
+        interactions = with_negatives(interactions, negatives)
+        log.info(
+            "sampled %d negatives (%d per interaction) in %.2f s",
+            negatives.size, cfg.negatives_per_positive, time.perf_counter() - started,
+        )  # fmt: skip
+        negatives_report = {"implicit": {"positional": raw.positional, "num_negatives": int(negatives.size)}}
 
     raw_user_ids = np.asarray(user_keys)[kept_users].astype(str)
     raw_item_ids = np.asarray(item_keys)[kept_items].astype(str)
@@ -240,6 +440,7 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         "prepare": to_dict(cfg),
         "filter": dataclasses.asdict(report),
         "load_report": raw.report.to_dict(),
+        **negatives_report,
         **raw.extra_config,
     }
     return Dataset(interactions, items, users, truth=truth, hints=hints, source=source, config=config)
@@ -341,10 +542,12 @@ def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
     price_level         the user's mean train price, bucketed low/medium/high at the tertiles of all users'
                         means; "unknown" without priced train items
     rating_level        the user's share of positive rows, bucketed critical/moderate/enthusiastic at the
-                        tertiles of all users' shares; "unknown" without rows
+                        tertiles of all users' shares; "unknown" without rows, and on implicit data (whose
+                        profile rows are all positives: the share says nothing)
     """
     num_users = int(interactions["user_id"].max()) + 1
     train = profile_rows_of(interactions)
+    implicit = "sampled" in interactions.columns
     user_ids = train["user_id"].to_numpy()
     item_ids = train["item_id"].to_numpy()
     labels = train["label"].to_numpy()
@@ -374,6 +577,9 @@ def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
     priced = ~np.isnan(prices)
     sums = np.bincount(user_ids[priced], weights=prices[priced], minlength=num_users)
     counts = np.bincount(user_ids[priced], minlength=num_users)
+    rows_per_user = np.bincount(user_ids, minlength=num_users)
+    if implicit:  # every profile row is a positive: the share says nothing, so every level is "unknown"
+        rows_per_user[:] = 0
     return pd.DataFrame(
         {
             "user_id": np.arange(num_users, dtype=np.int64),
@@ -382,7 +588,7 @@ def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
             "price_level": _tertile_levels(sums, counts, PRICE_LEVELS),
             "rating_level": _tertile_levels(
                 np.bincount(user_ids, weights=labels, minlength=num_users),
-                np.bincount(user_ids, minlength=num_users),
+                rows_per_user,
                 RATING_LEVELS,
             ),
         }

@@ -15,6 +15,12 @@ evaluation rows (``protocol:`` in ``userip experiment``).
                 from (a profile fitted on the CTR's own training rows leaks their labels into a user field)
     time        the global time split (``prepare.split: time``), unchanged
 
+On implicit data (sampled negatives, ``Dataset.is_implicit``) every count and rank above is over the observed
+rows (the positives): ``history_rows`` means positives, a user's "first rows" are their first positives, and
+each sampled negative follows the positive it was drawn for (same ``event``) into whatever split that positive
+goes, or out of the data with it. The cold users' known rows are their positives only (a sampled negative is
+not evidence about a user).
+
 Everything is seeded and vectorised; the transform is recorded in the dataset's config.
 """
 
@@ -27,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from userip.data.preprocess import derive_hints
-from userip.data.schema import HISTORY_SPLIT, Dataset
+from userip.data.schema import HISTORY_SPLIT, Dataset, DatasetError
 from userip.utils.config import ConfigError, to_dict
 
 # The columns of a ``userip profile --new-users`` file (``userip.codebook.stage.read_new_users``).
@@ -101,6 +107,34 @@ def _rank_in_user(interactions: pd.DataFrame) -> np.ndarray:
     return ranks
 
 
+def _observed_mask(interactions: pd.DataFrame) -> np.ndarray:
+    """True for rows that record something the user did (all rows but implicit data's sampled negatives)."""
+    if "sampled" not in interactions.columns:
+        return np.ones(len(interactions), dtype=bool)
+    return interactions["sampled"].to_numpy() == 0
+
+
+def _to_negatives(interactions: pd.DataFrame, values: np.ndarray) -> np.ndarray:
+    """``values`` (one per row; read on observed rows only) with each sampled negative given the value of its
+    observed row (same user and ``event``); unchanged for data without sampled negatives."""
+    if "sampled" not in interactions.columns:
+        return values
+    observed = _observed_mask(interactions)
+    users = interactions["user_id"].to_numpy(np.int64)
+    events = interactions["event"].to_numpy(np.int64)
+    keys = users * (int(events.max(initial=0)) + 1) + events
+    order = np.argsort(keys[observed], kind="stable")
+    observed_keys = keys[observed][order]
+    at = np.minimum(np.searchsorted(observed_keys, keys), max(len(observed_keys) - 1, 0))
+    found = observed_keys[at] == keys if len(observed_keys) else np.zeros(len(keys), dtype=bool)
+    if not found.all():
+        row = int(np.flatnonzero(~found)[0])
+        raise DatasetError(
+            f"interactions: sampled negative of user {users[row]}, event {events[row]} has no observed row"
+        )
+    return values[observed][order][at]
+
+
 def _with(dataset: Dataset, interactions: pd.DataFrame, config: ProtocolConfig) -> Dataset:
     """``dataset`` with new interactions, hints recomputed from its profile rows, the protocol recorded."""
     interactions = interactions.reset_index(drop=True)
@@ -120,11 +154,13 @@ def _with(dataset: Dataset, interactions: pd.DataFrame, config: ProtocolConfig) 
 def _sparse(dataset: Dataset, config: ProtocolConfig) -> Dataset:
     inter = dataset.interactions
     is_train = (inter["split"] == "train").to_numpy()
-    train = inter[is_train]
+    train_observed = is_train & _observed_mask(inter)
+    train = inter[train_observed]
     # A random order within each user: rank by a seeded random key instead of the timestamp.
     random_key = np.random.default_rng(config.seed).random(len(train))
     train_rank = np.full(len(inter), -1, dtype=np.int64)
-    train_rank[is_train] = _rank_in_user(train.assign(timestamp=random_key))
+    train_rank[train_observed] = _rank_in_user(train.assign(timestamp=random_key))
+    train_rank = _to_negatives(inter, train_rank)
     keep = ~is_train | (train_rank < config.history_rows)
     return _with(dataset, inter[keep], config)
 
@@ -133,9 +169,12 @@ def _cold_start(dataset: Dataset, config: ProtocolConfig) -> ProtocolData:
     inter = dataset.interactions
     k = config.history_rows
     user_ids = inter["user_id"].to_numpy()
-    rank = _rank_in_user(inter)
+    observed = _observed_mask(inter)
+    rank = np.full(len(inter), -1, dtype=np.int64)
+    rank[observed] = _rank_in_user(inter[observed])
+    rank = _to_negatives(inter, rank)
     # Only users with something left to score once their k known rows are taken can be cold.
-    counts = np.bincount(user_ids, minlength=dataset.num_users)
+    counts = np.bincount(user_ids[observed], minlength=dataset.num_users)
     eligible = np.flatnonzero(counts > k)
     num_cold = int(round(config.cold_user_fraction * dataset.num_users))
     if num_cold < 2 or num_cold > len(eligible):
@@ -154,7 +193,7 @@ def _cold_start(dataset: Dataset, config: ProtocolConfig) -> ProtocolData:
     split[is_cold & ~known & np.isin(user_ids, test_ids)] = "test"
     protocol_inter = inter.assign(split=split)[~(is_cold & known)]
 
-    known_rows = inter[is_cold & known]
+    known_rows = inter[is_cold & known & observed]
     raw_user_ids = dataset.users["raw_user_id"].astype(str).to_numpy()
     raw_item_ids = dataset.items["raw_item_id"].astype(str).to_numpy()
     new_users = pd.DataFrame(

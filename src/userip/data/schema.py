@@ -4,14 +4,19 @@ Tables (pandas DataFrames; Parquet on disk) and their columns. ``*_id`` columns 
 assigned after filtering (0..num_users-1, 0..num_items-1); ``raw_*_id`` keep the source's own keys as strings.
 
 interactions   user_id int64, item_id int64, rating float32, label int8 (1 iff rating > threshold),
-               timestamp int64 (seconds; 0 where the source has none), split str in {train, valid, test},
+               timestamp int64 (seconds; 0 where the source has none; a per-user position for positional
+               implicit sources), split str in {train, valid, test, history},
                review str (optional column: review text, "" where missing)
+               Implicit feedback (optional columns, both or neither): sampled int8 (1: a negative sampled by
+               preparation, label 0, rating NaN; 0: an observed interaction, label 1) and event int64 (the
+               rank of the observed interaction in its user's history, 0 = oldest, shared by its sampled
+               negatives, which copy its timestamp and split)
 items          item_id int64, raw_item_id str, title str, categories list[str], brand str, price float64 (NaN
                where missing)
 users          user_id int64, raw_user_id str, then observable features (str columns, e.g. age, gender)
 truth          (optional, synthetic data) user_id int64, then one int64 column per true latent profile
 hints          (optional) user_id int64, favourite_category str, favourite_brand str, price_level str:
-               the paper's derived profile words, computed from the *training split only*
+               the paper's derived profile words, computed from the *training split only* (its observed rows)
 
 On disk a dataset is a folder ``<run_dir>/data/`` holding ``<table>.parquet`` files and ``manifest.json``
 (source, counts, config, per-table content hashes, overall ``content_hash``). The manifest is written last, so
@@ -49,15 +54,43 @@ INTERACTION_COLUMNS = {
     "timestamp": "int64",
     "split": "object",
 }
+# Implicit feedback's extra columns (see the module docstring): present together or not at all.
+IMPLICIT_COLUMNS = ("event", "sampled")
 ITEM_COLUMNS = ("item_id", "raw_item_id", "title", "categories", "brand", "price")
 USER_COLUMNS = ("user_id", "raw_user_id")
 
 
-def profile_rows_of(interactions: pd.DataFrame) -> pd.DataFrame:
-    """The rows profiles are inferred from (prompt targets, surrogate samples, hints): the ``history`` split
-    when there is one, else the training split."""
+def profile_samples_of(interactions: pd.DataFrame) -> pd.DataFrame:
+    """The labelled rows of the profile split: the ``history`` split when there is one, else the training
+    split, sampled negatives included (what a supervised objective on the profile split trains on)."""
     history = interactions[interactions["split"] == HISTORY_SPLIT]
     return history if len(history) else interactions[interactions["split"] == "train"]
+
+
+def observed(interactions: pd.DataFrame) -> pd.DataFrame:
+    """The rows that record something the user did: all rows, less the sampled negatives of implicit data."""
+    if "sampled" not in interactions.columns:
+        return interactions
+    return interactions[interactions["sampled"].to_numpy() == 0]
+
+
+def profile_rows_of(interactions: pd.DataFrame) -> pd.DataFrame:
+    """The rows profiles are inferred from (prompt targets, hints, the evidence of control rows and probes):
+    the observed rows of the profile split (``profile_samples_of``). A sampled negative is an item the user
+    never met, not evidence of a taste, so implicit data gives its positives only; explicit data is
+    unchanged (every row observed)."""
+    return observed(profile_samples_of(interactions))
+
+
+def user_ranks(user_ids: np.ndarray) -> np.ndarray:
+    """Each row's 0-based rank among its user's rows, in row order (int64)."""
+    user_ids = np.asarray(user_ids)
+    order = np.argsort(user_ids, kind="stable")
+    ordered = user_ids[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(order) else np.zeros(0, int)
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return ranks
 
 
 class DatasetError(ValueError):
@@ -85,7 +118,15 @@ class Dataset:
 
     @property
     def num_interactions(self) -> int:
-        return len(self.interactions)
+        """Observed interactions (every row, less the sampled negatives of implicit data): Table 1's count."""
+        if not self.is_implicit:
+            return len(self.interactions)
+        return int((self.interactions["sampled"].to_numpy() == 0).sum())
+
+    @property
+    def is_implicit(self) -> bool:
+        """Implicit feedback: observed rows are positives and the negatives were sampled (``sampled``)."""
+        return "sampled" in self.interactions.columns
 
     @property
     def has_reviews(self) -> bool:
@@ -97,8 +138,12 @@ class Dataset:
         return self.interactions[self.interactions["split"] == name]
 
     def profile_rows(self) -> pd.DataFrame:
-        """The rows profiles are inferred from (see ``profile_rows_of``)."""
+        """The rows profiles are inferred from (see ``profile_rows_of``): no sampled negatives."""
         return profile_rows_of(self.interactions)
+
+    def profile_samples(self) -> pd.DataFrame:
+        """The labelled rows of the profile split, sampled negatives included (see ``profile_samples_of``)."""
+        return profile_samples_of(self.interactions)
 
     @property
     def profile_names(self) -> list[str]:
@@ -106,11 +151,12 @@ class Dataset:
         return [] if self.truth is None else [c for c in self.truth.columns if c != "user_id"]
 
     def statistics(self) -> dict[str, Any]:
-        """The paper's Table 1 (interactions, users, items, sparsity %) plus split sizes and positive rate."""
+        """The paper's Table 1 (interactions, users, items, sparsity %) plus split sizes (rows, sampled
+        negatives included) and positive rate; implicit data adds the number of sampled negatives."""
         n, u, i = self.num_interactions, self.num_users, self.num_items
         sparsity = 100.0 * (1.0 - n / (u * i)) if u and i else float("nan")
         by_split = self.interactions["split"].value_counts()
-        return {
+        stats = {
             "interactions": n,
             "users": u,
             "items": i,
@@ -118,6 +164,9 @@ class Dataset:
             "positive_rate": float(self.interactions["label"].mean()) if n else float("nan"),
             **{f"num_{s}": int(by_split.get(s, 0)) for s in ALL_SPLITS},
         }
+        if self.is_implicit:
+            stats["sampled_negatives"] = len(self.interactions) - n
+        return stats
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -147,6 +196,21 @@ class Dataset:
             raise DatasetError(f"interactions.split: unknown values {sorted(bad)}; expected {ALL_SPLITS}")
         if not set(np.unique(inter["label"].to_numpy())) <= {0, 1}:
             raise DatasetError("interactions.label: must be 0/1")
+        present = [c for c in IMPLICIT_COLUMNS if c in inter.columns]
+        if present and len(present) != len(IMPLICIT_COLUMNS):
+            raise DatasetError(
+                f"interactions: implicit columns {list(IMPLICIT_COLUMNS)} come together; has {present}"
+            )
+        if present:
+            sampled = inter["sampled"].to_numpy()
+            if not set(np.unique(sampled)) <= {0, 1}:
+                raise DatasetError("interactions.sampled: must be 0/1")
+            if (inter["label"].to_numpy() != (sampled == 0)).any():
+                raise DatasetError(
+                    "interactions.sampled: sampled rows must have label 0, observed rows label 1"
+                )
+            if len(inter) and inter["event"].to_numpy().min() < 0:
+                raise DatasetError("interactions.event: must be >= 0")
 
     # ------------------------------------------------------------------ persistence
     def table_hashes(self) -> dict[str, str]:
@@ -217,7 +281,10 @@ class Dataset:
             if name in manifest["table_hashes"]:
                 if not path.exists():
                     raise DatasetError(f"{path}: listed in the manifest but missing")
-                tables[name] = pd.read_parquet(path)
+                try:
+                    tables[name] = pd.read_parquet(path)
+                except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+                    raise DatasetError(f"{path}: unreadable Parquet table (corrupt or truncated: {e})") from e
             else:
                 tables[name] = None
         ds = cls(**tables, source=manifest["source"], config=manifest.get("config", {}))  # type: ignore[arg-type]

@@ -94,17 +94,16 @@ def explain_attention(
     from userip.evaluation.explain import select_users
     from userip.profile.lm import load_causal_lm, load_tokenizer
     from userip.profile.recipe import load_soft_tokens
-    from userip.profile.stage import ProfileStageConfig
-    from userip.utils.io import read_json
+    from userip.profile.stage import read_stage_config, stage_lm_path
 
     run_dir = Path(run_dir)
     dataset = Dataset.load(run_dir)
-    stage = read_json(run_dir / "profile" / "stage_config.json")
-    config = ProfileStageConfig.from_dict(stage["config"])
+    stage, config = read_stage_config(run_dir)
+    lm_path = stage_lm_path(run_dir, stage, dataset)
     soft_tokens, trained, manifest = load_soft_tokens(run_dir / "profile")
     user_ids = select_users(dataset, trained, raw_user_ids, limit, run_dir)
-    lm = load_causal_lm(stage["lm_path"], attn_implementation="eager")
-    builder = PromptBuilder(load_tokenizer(stage["lm_path"]), config.prompt)
+    lm = load_causal_lm(lm_path, attn_implementation="eager")
+    builder = PromptBuilder(load_tokenizer(lm_path), config.prompt)
     if sentence is None:
         train = dataset.split("train")
         top_item = int(train["item_id"].value_counts().idxmax())

@@ -66,20 +66,20 @@ def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, 
     from userip.feature_bank import FeatureBank
     from userip.profile.model import profile_means
     from userip.profile.recipe import load_soft_tokens
-    from userip.profile.stage import ProfileStageConfig
-    from userip.utils.io import read_json
+    from userip.profile.stage import read_stage_config, stage_lm_path
 
     run_dir = Path(run_dir)
     dataset = Dataset.load(run_dir)
-    stage = read_json(run_dir / "profile" / "stage_config.json")
+    stage, stage_config = read_stage_config(run_dir)
+    lm_path = stage_lm_path(run_dir, stage, dataset)
     soft_tokens, trained, _ = load_soft_tokens(run_dir / "profile")
-    lm = AutoModelForCausalLM.from_pretrained(stage["lm_path"])
-    tokenizer = AutoTokenizer.from_pretrained(stage["lm_path"])
+    lm = AutoModelForCausalLM.from_pretrained(lm_path)
+    tokenizer = AutoTokenizer.from_pretrained(lm_path)
     vocab_embeds = lm.get_input_embeddings().weight.detach()
     bank = FeatureBank.load(run_dir / "bank")
     raw_of = dataset.users["raw_user_id"].astype(str).to_numpy()
     user_ids = select_users(dataset, trained, raw_user_ids, limit, run_dir)
-    prompt_config = ProfileStageConfig.from_dict(stage["config"]).prompt
+    prompt_config = stage_config.prompt
     profile_embeds = profile_means(soft_tokens[torch.as_tensor(user_ids)], prompt_config)  # (N, P, D)
     nearest = [nearest_tokens(profile_embeds[:, p], vocab_embeds, k) for p in range(profile_embeds.shape[1])]
     codes = bank.lookup(user_ids)

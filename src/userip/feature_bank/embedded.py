@@ -10,7 +10,14 @@ On disk (``<bank_dir>`` is usually ``<run_dir>/bank``)::
 Writing a version: the Parquet file is written to a temporary name and renamed, *then* ``CURRENT.json`` is
 replaced atomically. A write killed at any point leaves ``CURRENT.json`` naming the previous, complete
 version, so readers keep the old bank until the new one is whole. Loading checks the file's size and SHA-256
-against ``CURRENT.json``: a corrupt or truncated file is refused with a message naming it.
+against ``CURRENT.json``: a corrupt or truncated file is refused with a message naming it. The pointer may
+only name a file in ``versions/``; temporaries of killed writes are removed by the next write (``utils.io``).
+
+Pairing: the manifest records ``codebook_hash`` (profile names, sizes and codebook vectors) and, through
+``parent_version`` and ``upserts``, the versions it descends from. A CTR model trained on version V fits any
+bank whose codebooks are V's: V itself or a version upserted from it (new users, same codebooks); see
+``FeatureBank.compatible_with``. The trained objective a bank names (``objective_file``) is recorded with its
+SHA-256 (``objective_sha256``) and checked by ``verify_objective`` before new users are fitted with it.
 
 Row ``i`` holds the user whose ``user_id`` (the dataset's contiguous index) is ``i``, so ``lookup`` is one
 dense array index. ``UNKNOWN_CODE = -1`` marks a user the bank does not know (also rows reserved but never
@@ -62,6 +69,7 @@ class FeatureBank:
         self.codebook_sizes: list[int] = [int(k) for k in manifest["codebook_sizes"]]
         self.dataset_hash: str = str(manifest["dataset_hash"])
         self.version: str = str(manifest["version"])
+        self.codebook_hash: str = codebook_hash(self.profile_names, codebooks)
         self._row_of = {r: i for i, r in enumerate(raw_user_ids) if r != ""}
         # The codes plus one trailing row of UNKNOWN_CODE: any id outside the bank is sent to row -1, so a
         # lookup is one fancy index (online requests ask for one user; ~10 numpy calls cost >5% of scoring).
@@ -149,6 +157,7 @@ class FeatureBank:
             "kind": kind,
             "profile_names": profile_names,
             "codebook_sizes": [int(cb.shape[0]) for cb in cbs],
+            "codebook_hash": codebook_hash(profile_names, cbs),
             "num_users": int((codes[:, 0] >= 0).sum()) if codes.size else 0,
             "unknown_code": UNKNOWN_CODE,
             **(extra or {}),
@@ -254,6 +263,39 @@ class FeatureBank:
             p = self.profile_names.index(p)
         return self.codebooks[p]
 
+    @property
+    def lineage(self) -> list[str]:
+        """This version and every version it was upserted from (all share its codebooks), newest first."""
+        ancestors = [u.get("from_version") for u in reversed(self.manifest.get("upserts", []))]
+        chain = [self.version, self.manifest.get("parent_version"), *ancestors]
+        return list(dict.fromkeys(str(v) for v in chain if v))
+
+    def compatible_with(self, version: str | None, codebook_hash_: str | None = None) -> bool:
+        """Whether a model trained on bank ``version`` (codebooks hashing to ``codebook_hash_``, if known)
+        can use this bank: same codebooks, so every ID means what it meant in training."""
+        if codebook_hash_:
+            return codebook_hash_ == self.codebook_hash
+        return version is None or str(version) in self.lineage
+
+    def verify_objective(self, bank_dir: str | os.PathLike[str]) -> Path:
+        """The trained objective file this version names, checked (inside ``objectives/``, present, SHA-256 as
+        recorded at write time); a ``FeatureBankError`` names the file and what was expected."""
+        bank_dir = Path(bank_dir)
+        rel = self.manifest.get("objective_file")
+        if not rel:
+            raise FeatureBankError(
+                f"{bank_dir}: bank {self.version} names no trained objective (objective_file)"
+            )
+        source = _confined(bank_dir, str(rel), OBJECTIVES_DIR, f"bank {self.version} objective_file")
+        if not source.is_file():
+            raise FeatureBankError(f"{source}: missing; named by bank {self.version}")
+        expected = self.manifest.get("objective_sha256")
+        if expected and sha256_file(source) != expected:
+            raise FeatureBankError(
+                f"{source}: corrupt (SHA-256 differs from the one bank {self.version} recorded when written)"
+            )
+        return source
+
     def check_dataset(self, dataset_hash: str) -> None:
         """Refuse a bank built from another dataset (content hashes differ)."""
         if self.dataset_hash != dataset_hash:
@@ -266,6 +308,11 @@ class FeatureBank:
     def write(self, bank_dir: str | os.PathLike[str], keep_versions: int = 3) -> Path:
         """Persist this version under ``bank_dir`` and make it current; returns the version file's path."""
         bank_dir = Path(bank_dir)
+        objective = self.manifest.get("objective_file")
+        if objective and "objective_sha256" not in self.manifest:
+            source = _confined(bank_dir, str(objective), OBJECTIVES_DIR, "objective_file")
+            if source.is_file():  # recorded now, checked by verify_objective before new users use it
+                self.manifest["objective_sha256"] = sha256_file(source)
         rel = f"{VERSIONS_DIR}/{self.version}.parquet"
         target = bank_dir / rel
         atomic_write_with(target, lambda tmp: pq.write_table(self._to_arrow(), tmp))
@@ -292,10 +339,11 @@ class FeatureBank:
                 )
             try:
                 pointer = read_json(pointer_path)
-                file = path / pointer["file"]
+                rel = pointer["file"]
                 expected_sha, expected_bytes = pointer["sha256"], int(pointer["bytes"])
             except (ValueError, KeyError, TypeError) as e:
                 raise FeatureBankError(f"{pointer_path}: unreadable bank pointer ({e})") from e
+            file = _confined(path, str(rel), VERSIONS_DIR, str(pointer_path))
             if not file.exists():
                 raise FeatureBankError(f"{file}: the bank version named by {pointer_path} is missing")
             size = file.stat().st_size
@@ -366,6 +414,11 @@ class FeatureBank:
         except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
             raise FeatureBankError(f"{file}: not a valid feature bank ({type(e).__name__}: {e})") from e
         bank = cls(raw, codes, codebooks, manifest, vectors)
+        recorded = manifest.get("codebook_hash")
+        if recorded is not None and recorded != bank.codebook_hash:
+            raise FeatureBankError(
+                f"{file}: codebooks differ from their recorded hash {recorded!r} (corrupt)"
+            )
         for p, (name, cb) in enumerate(zip(bank.profile_names, codebooks)):
             if cb.shape[0] != bank.codebook_sizes[p] or (
                 codes[:, p].size and codes[:, p].max() >= cb.shape[0]
@@ -380,7 +433,30 @@ class FeatureBank:
         )
 
 
+OBJECTIVES_DIR = "objectives"  # where the codebook stage saves trained objectives (userip.codebook.stage)
+
+
+def codebook_hash(profile_names: Sequence[str], codebooks: Sequence[np.ndarray]) -> str:
+    """Identity of a bank's codebooks (names, shapes, float32 vectors): equal hashes, equal ID meanings."""
+    digest = hashlib.sha256()
+    for name, cb in zip(profile_names, codebooks):
+        cb = np.ascontiguousarray(cb, dtype=np.float32)
+        digest.update(f"{name}\x1f{cb.shape}\x1e".encode())
+        digest.update(cb.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _confined(root: Path, rel: str, subdir: str, named_by: str) -> Path:
+    """``root / rel``, refused unless it lies in ``root / subdir`` (a pointer must not reach elsewhere)."""
+    candidate = root / rel
+    inside = (root / subdir).resolve()
+    if Path(rel).is_absolute() or candidate.resolve().parent != inside:
+        raise FeatureBankError(f"{named_by}: names {rel!r}, which is not a file in {subdir}/")
+    return candidate
+
+
 _BUILT_KEYS = {
+    "codebook_hash",
     "format_version",
     "version",
     "parent_version",

@@ -15,7 +15,9 @@ Only the training split is used (targets and hints both come from it), so nothin
 Artifacts are ordinary Hugging Face folders (``save_pretrained`` of model and tokenizer, plus
 ``userip_lm.json``), so every consumer loads them with ``AutoModelForCausalLM.from_pretrained(path)`` like any
 hub model. They are cached under a key made of the dataset's content hash and a hash of the configs, written
-into a temporary folder and renamed into place, so a crash never leaves a half-written model behind.
+into a temporary folder and renamed into place, so a crash never leaves a half-written model behind. The
+manifest records every file's SHA-256; a cached folder whose files no longer match (or that records none) is
+rebuilt, never reused.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from userip.prompts import (
 )
 from userip.prompts.targets import history_feedback_texts
 from userip.prompts.template import HistoryFeedback
+from userip.utils.artifacts import folder_hashes, verify_folder
 from userip.utils.config import ConfigError, choice, to_dict
 from userip.utils.seed import seed_everything
 
@@ -578,6 +581,28 @@ def is_complete_artifact(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / LM_MANIFEST).is_file()
 
 
+def verify_artifact(path: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with a cached LM folder (empty: its files match the SHA-256s its manifest recorded)."""
+    try:
+        manifest = read_lm_manifest(path)
+    except (OSError, ValueError) as e:
+        return [f"{LM_MANIFEST} unreadable ({e})"]
+    recorded = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        return [f"{LM_MANIFEST} records no file hashes (written before verification existed)"]
+    return verify_folder(path, recorded)
+
+
+def _reusable(path: Path, what: str) -> bool:
+    if not is_complete_artifact(path):
+        return False
+    problems = verify_artifact(path)
+    if problems:
+        log.warning("%s cache %s failed verification (%s); rebuilding it", what, path, "; ".join(problems))
+        return False
+    return True
+
+
 def read_lm_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``userip_lm.json`` of a cached offline/random LM folder."""
     return json.loads((Path(path) / LM_MANIFEST).read_text(encoding="utf-8"))
@@ -592,6 +617,7 @@ def _save_atomically(
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        manifest = {**manifest, "files": folder_hashes(tmp, exclude=(LM_MANIFEST,))}
         (tmp / LM_MANIFEST).write_text(
             json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
@@ -676,8 +702,8 @@ def load_or_pretrain(
     prompt_config = prompt_config or PromptConfig()
     config = config or OfflineLMConfig()
     path = Path(cache_dir or default_cache_dir()) / cache_key(dataset, prompt_config, config, OFFLINE_SPEC)
-    if is_complete_artifact(path):
-        log.info("offline LM: reusing %s", path)
+    if _reusable(path, "offline LM"):
+        log.info("offline LM: reusing %s (verified)", path)
         return path
     return pretrain_offline_lm(dataset, prompt_config, config, cache_dir=path.parent, progress=progress)
 
@@ -692,7 +718,7 @@ def load_or_build_random(
     prompt_config = prompt_config or PromptConfig()
     config = config or OfflineLMConfig()
     path = Path(cache_dir or default_cache_dir()) / cache_key(dataset, prompt_config, config, RANDOM_SPEC)
-    if is_complete_artifact(path):
+    if _reusable(path, "random LM"):
         return path
     tokenizer = build_dataset_tokenizer(dataset, prompt_config, config)
     model = build_model(config, tokenizer)

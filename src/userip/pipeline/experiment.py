@@ -235,7 +235,7 @@ class Experiment:
             profile=cfg.profile,
             ctr_model=cfg.userip_model,
         )
-        self.dataset = self._prepare()
+        self.dataset = self.prepare_data()
         bank, report = stage_profile(pipeline, self.run_dir, self.dataset)
         known_rows = self._known_rows()
         if known_rows is not None:
@@ -291,7 +291,7 @@ class Experiment:
         atomic_write_text(self.out / "diagnostics.md", text + "\n")
         atomic_write_json(marker, {"bank": bank.version})
 
-    def _prepare(self) -> Dataset:
+    def prepare_data(self) -> Dataset:
         """``RUN/data`` as the protocol evaluates it (reused when it was written for the same source, prepare
         and protocol settings); cold_start also writes the cold users' known rows to ``RUN/protocol``."""
         cfg = self.config

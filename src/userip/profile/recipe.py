@@ -1,8 +1,10 @@
 """The profile stage as a recipe: setup -> train -> save. Quantization plugs in through ``aux`` (see trainer).
 
 Reads ``RUN/data`` (Dataset), writes ``RUN/profile/``:
-    soft_tokens.safetensors   "soft_tokens" (num_users, num_slots, D) fp32, "trained" (num_users,) bool
-    profile_manifest.json     LM, template, config, dataset hash, users skipped, loss, throughput
+    soft_tokens.safetensors   "soft_tokens" (num_users, num_slots, D) fp32, "trained" (num_users,) bool, with
+                              its content hash (checked by ``load_soft_tokens``)
+    profile_manifest.json     LM (path relative to the run when it lives there), template, config, dataset
+                              hash, users skipped, loss, throughput
     checkpoints/              resumable trainer state
 """
 
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from userip.data.schema import Dataset
@@ -27,8 +28,9 @@ from userip.profile.model import (
 )
 from userip.profile.trainer import ProfileTrainer, TrainConfig, TrainResult
 from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
+from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
-from userip.utils.io import atomic_path, atomic_write_json, read_json
+from userip.utils.io import atomic_write_json, read_json, run_relative
 from userip.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -120,18 +122,21 @@ def save_soft_tokens(
     table = prepared.model.table.weight
     trained = torch.zeros(table.shape[0], dtype=torch.bool)
     trained[torch.from_numpy(prepared.examples.user_ids)] = True
-    with atomic_path(folder / SOFT_TOKENS_FILE) as tmp:
-        save_file({"soft_tokens": table.detach().cpu().contiguous(), "trained": trained}, str(tmp))
+    save_tensors(folder / SOFT_TOKENS_FILE, {"soft_tokens": table, "trained": trained})
+    # Paths inside the run are recorded relative to it: a copied run must not read the original's LM.
+    lm = run_relative(config.lm.name_or_path, folder.parent)
+    recorded_config = to_dict(config)
+    recorded_config["lm"]["name_or_path"] = lm
     atomic_write_json(
         folder / MANIFEST_FILE,
         {
-            "lm": config.lm.name_or_path,
+            "lm": lm,
             "hidden_size": table.shape[-1],
             "profiles": [dataclasses.asdict(p) for p in config.prompt.profiles],
             "template_example": prepared.builder.tokenizer.decode(
                 prepared.builder.build("<target>").input_ids
             ),
-            "config": to_dict(config),
+            "config": recorded_config,
             "value_words": prepared.value_words,  # what the soft tokens started from (new users reuse it)
             "dataset_hash": prepared.dataset.content_hash,
             "num_users": int(table.shape[0]),
@@ -153,5 +158,13 @@ def load_soft_tokens(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, di
     path = folder / SOFT_TOKENS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no soft tokens; run `userip profile` first")
-    tensors = load_file(str(path))
-    return tensors["soft_tokens"], tensors["trained"], read_json(folder / MANIFEST_FILE)
+    tensors = load_tensors(
+        path, "soft tokens", required=("soft_tokens", "trained"), shapes={"soft_tokens": (-1, -1, -1)}
+    )
+    soft_tokens, trained = tensors["soft_tokens"], tensors["trained"]
+    if trained.dtype != torch.bool or tuple(trained.shape) != (soft_tokens.shape[0],):
+        raise CorruptArtifactError(
+            f"{path}: 'trained' must be a bool vector of {soft_tokens.shape[0]} users, got "
+            f"{trained.dtype} {tuple(trained.shape)}"
+        )
+    return soft_tokens, trained, read_json(folder / MANIFEST_FILE)

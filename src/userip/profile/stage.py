@@ -1,7 +1,8 @@
 """The whole ``userip profile`` stage: resolve the LM -> Algorithm 1 (soft tokens + codebooks + surrogate)
 -> feature bank + report; and new users against the frozen result.
 
-Reads ``RUN/data``; writes ``RUN/profile/`` (soft tokens, ``stage_config.json``), ``RUN/bank/`` (feature
+Reads ``RUN/data``; writes ``RUN/profile/`` (soft tokens, ``stage_config.json``: the stage config and the LM,
+as its ``--lm`` value and a path relative to the run when the LM lives in it), ``RUN/bank/`` (feature
 bank, the trained codebooks + surrogate it was written with, ``report.json`` with code usage and, on synthetic
 data, profile recovery NMI/ARI) and ``RUN/lm/`` (the offline LM when ``lm.name_or_path`` is ``offline`` or
 ``random``).
@@ -27,14 +28,14 @@ from userip.codebook.stage import (
 )
 from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
-from userip.lm.offline import OfflineLMConfig, resolve_lm
-from userip.profile.lm import LMConfig
+from userip.lm.offline import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig, resolve_lm
+from userip.profile.lm import LMConfig, LMLoadError
 from userip.profile.model import SoftTokenConfig
 from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, run_profile, setup
 from userip.profile.trainer import TrainConfig
 from userip.prompts import PromptConfig
 from userip.utils.config import from_dict, to_dict
-from userip.utils.io import atomic_write_json, read_json
+from userip.utils.io import atomic_write_json, read_json, resolve_in_run, run_relative
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,10 @@ def run_profile_stage(
     aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization).to(prepared.model.lm_device)
     _, result = run_profile(run_dir, profile_config, aux=aux, resume=resume, prepared=prepared)
 
+    recorded_lm = run_relative(lm_path, run_dir)  # a copied run must use its own LM, never the original's
     atomic_write_json(
-        run_dir / "profile" / STAGE_CONFIG_FILE, {"lm_path": lm_path, "config": to_dict(config)}
+        run_dir / "profile" / STAGE_CONFIG_FILE,
+        {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
     )
 
     template = prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids)
@@ -131,14 +134,52 @@ def run_profile_stage(
         aux,
         all_profile_embeds(prepared),
         trained_user_ids=prepared.examples.user_ids,
-        lm=lm_path,
+        lm=recorded_lm,
         template=template,
         config=to_dict(config),
     )
     report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
     report["lm_loss_history"] = result.loss_history
+    # this call's training (a resumed run counts only its own steps)
+    report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
     atomic_write_json(run_dir / "bank" / "report.json", report)
     return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
+
+
+def read_stage_config(run_dir: str | Path) -> tuple[dict[str, Any], ProfileStageConfig]:
+    """``RUN/profile/stage_config.json``: the raw record and its validated config."""
+    path = Path(run_dir) / "profile" / STAGE_CONFIG_FILE
+    stage = read_json(path)
+    if not isinstance(stage, dict) or not isinstance(stage.get("lm_path"), str) or "config" not in stage:
+        raise ValueError(f"{path}: not a profile stage record (expected keys lm_path and config)")
+    return stage, ProfileStageConfig.from_dict(stage["config"], str(path))
+
+
+def stage_lm_path(run_dir: str | Path, stage: dict[str, Any], dataset: Dataset | None = None) -> str:
+    """The LM a finished profile stage used, as a path to load now (the run may have been moved or copied).
+
+    ``lm_path`` is relative to the run for an LM inside it (``lm/offline-...``). Records written before that
+    hold an absolute path: one ending in ``lm/<name>`` is looked up in this run's ``lm/`` first. An
+    ``offline`` or ``random`` LM that is gone is rebuilt from ``dataset`` (same seed and config, so the same
+    weights).
+    """
+    run_dir = Path(run_dir)
+    recorded = resolve_in_run(stage["lm_path"], run_dir)
+    legacy = Path(recorded)
+    if legacy.is_absolute() and legacy.parent.name == "lm" and (run_dir / "lm" / legacy.name).is_dir():
+        return str(run_dir / "lm" / legacy.name)
+    if Path(recorded).exists() or not (Path(recorded).is_absolute() or recorded.startswith("lm/")):
+        return recorded  # present, or a hub id
+    spec = stage.get("lm") or stage.get("config", {}).get("lm", {}).get("name_or_path")
+    if spec in (OFFLINE_SPEC, RANDOM_SPEC) and dataset is not None:
+        config = ProfileStageConfig.from_dict(stage["config"])
+        log.warning(
+            "the %s LM recorded at %s is missing; rebuilding it in %s", spec, recorded, run_dir / "lm"
+        )
+        return resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
+    raise LMLoadError(
+        f"{run_dir / 'profile' / STAGE_CONFIG_FILE}: the LM it names ({stage['lm_path']!r}) is missing"
+    )
 
 
 def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBank:
@@ -147,18 +188,19 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     from userip.profile.lm import load_causal_lm, load_tokenizer
 
     run_dir = Path(run_dir)
-    stage = read_json(run_dir / "profile" / STAGE_CONFIG_FILE)
-    config = ProfileStageConfig.from_dict(stage["config"], f"{run_dir / 'profile' / STAGE_CONFIG_FILE}")
+    stage, config = read_stage_config(run_dir)
     dataset = Dataset.load(run_dir / "data")
     bank = FeatureBank.load(run_dir / "bank", expected_dataset_hash=dataset.content_hash)
+    bank.verify_objective(run_dir / "bank")  # before any fitting: a corrupt objective must not shape IDs
     new = read_new_users(new_users_file, dataset, bank)
     log.info(
         "new users: %d to fit, %d already known (skipped), %d rows on unknown items dropped",
         len(new.raw_user_ids), len(new.skipped_known), new.dropped_interactions,
     )  # fmt: skip
     lm_cfg = config.lm
-    lm = load_causal_lm(stage["lm_path"], lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
-    tokenizer = load_tokenizer(stage["lm_path"])
+    lm_path = stage_lm_path(run_dir, stage, dataset)
+    lm = load_causal_lm(lm_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
+    tokenizer = load_tokenizer(lm_path)
     hidden = lm.get_input_embeddings().weight.shape[1]
     # The objective the current bank version was written with: trained codebooks and surrogate.
     aux = load_objective_state(

@@ -8,6 +8,8 @@ updated
 * Checkpoints every N steps: tensors in safetensors, then step/config/RNG in JSON, both written atomically,
 JSON
   last; a killed run resumes from its last checkpoint and ends with the same table as an uninterrupted run.
+  The tensors carry their content hash (``userip.utils.artifacts``): a truncated or altered checkpoint is a
+  ``CorruptArtifactError`` on ``--resume``, never a silently different run.
 * Joint training hook: ``aux.forward(user_ids (B,), profile_embeds (B, P, D)) -> (loss, metrics)``; its loss
   (already weighted by its owner) is added to the LM loss; ``aux.parameters()`` train with a dense AdamW.
 """
@@ -23,15 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from userip.profile.model import ProfileModel
 from userip.profile.optim import RowAdam
 from userip.prompts import ExampleSet, collate
+from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
-from userip.utils.io import atomic_path, atomic_write_json, read_json
+from userip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,10 @@ class TrainConfig:
     pad_to_multiple_of: int = 1
     log_every: int = 20
     progress: bool = True
+    # Stop after an epoch whose mean LM loss improved on the previous epoch's by less than this fraction
+    # (0: always run num_epochs). A pretrained LM's loss flattens within a few epochs; on a CPU each epoch
+    # of ML-100K costs minutes.
+    min_epoch_improvement: float = 0.0
 
     def __post_init__(self) -> None:
         for key in (
@@ -81,6 +87,10 @@ class TrainConfig:
         for key in ("max_steps", "checkpoint_every", "weight_decay", "aux_weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.min_epoch_improvement < 1.0:
+            raise ConfigError(
+                f"train.min_epoch_improvement must be in [0, 1), got {self.min_epoch_improvement}"
+            )
         if self.lr <= 0 or self.aux_lr <= 0:
             raise ConfigError(f"train.lr and train.aux_lr must be > 0, got {self.lr}, {self.aux_lr}")
 
@@ -119,6 +129,7 @@ class TrainState:
     step_in_epoch: int = 0
     tokens: int = 0
     loss_history: list[float] = dataclasses.field(default_factory=list)
+    stopped_early: bool = False  # the stopping rule ended training (a resume does not continue it)
 
 
 @dataclasses.dataclass
@@ -180,7 +191,7 @@ class ProfileTrainer:
         )
         ema = None
         try:
-            while self.state.step < self.total_steps:
+            while self.state.step < self.total_steps and not self.state.stopped_early:
                 if stop_after_steps is not None and self.state.step >= stop_after_steps:
                     break
                 batches = plan_batches(
@@ -196,6 +207,7 @@ class ProfileTrainer:
                 if not group:  # epoch finished
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
+                    self.state.stopped_early = self._loss_flattened()
                     continue
                 lm_loss, tokens, aux_metrics = self._step(group)
                 self.state.step += 1
@@ -228,7 +240,8 @@ class ProfileTrainer:
                     self.save_checkpoint()
         finally:
             bar.close()
-        if self.state.step >= self.total_steps and self.checkpoint_dir is not None:
+        finished = self.state.step >= self.total_steps or self.state.stopped_early
+        if finished and self.checkpoint_dir is not None:
             self.save_checkpoint()
         return TrainResult(
             self.state.step,
@@ -237,6 +250,21 @@ class ProfileTrainer:
             list(self.state.loss_history),
             aux_metrics,
         )
+
+    def _loss_flattened(self) -> bool:
+        """The stopping rule, at an epoch's end: did its mean LM loss improve on the previous epoch's by
+        less than ``min_epoch_improvement`` (relative)?"""
+        n, history = self.steps_per_epoch, self.state.loss_history
+        if self.config.min_epoch_improvement <= 0 or len(history) < 2 * n:
+            return False
+        last, before = float(np.mean(history[-n:])), float(np.mean(history[-2 * n : -n]))
+        improvement = (before - last) / max(abs(before), 1e-12)
+        log.info("epoch %d: mean LM loss %.4f (previous %.4f, %+.2f%%)", self.state.epoch, last, before,
+                 -100 * improvement)  # fmt: skip
+        if improvement < self.config.min_epoch_improvement:
+            log.info("stopping: below train.min_epoch_improvement %g", self.config.min_epoch_improvement)
+            return True
+        return False
 
     def _step(self, group: list[np.ndarray]) -> tuple[float, int, dict[str, float]]:
         model, cfg = self.model, self.config
@@ -295,8 +323,7 @@ class ProfileTrainer:
                 for key, value in state.items():
                     tensors[f"aux_opt.{pid}.{key}"] = torch.as_tensor(value).detach().clone()
         name = f"ckpt-{self.state.step:08d}.safetensors"
-        with atomic_path(folder / name) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_tensors(folder / name, tensors)
         atomic_write_json(
             folder / CHECKPOINT_JSON,
             {
@@ -316,8 +343,18 @@ class ProfileTrainer:
         """Restore from ``checkpoint_dir``; False when there is none."""
         if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT_JSON).exists():
             return False
-        meta = read_json(self.checkpoint_dir / CHECKPOINT_JSON)
-        saved, now = meta["config"], to_dict(self.config)
+        record = self.checkpoint_dir / CHECKPOINT_JSON
+        meta = read_json(record)
+        try:
+            saved, now = dict(meta["config"]), to_dict(self.config)
+            tensors_name, state = str(meta["tensors"]), dict(meta["state"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptArtifactError(
+                f"{record}: not a checkpoint record (expected keys config, tensors, state; {e!r})"
+            ) from e
+        if Path(tensors_name).name != tensors_name or not tensors_name.startswith("ckpt-"):
+            # The record names a file in its own folder; anything else is corrupt or hostile.
+            raise CorruptArtifactError(f"{record}: tensors {tensors_name!r} is not a checkpoint file name")
         changed = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
         if changed:
             raise ConfigError(
@@ -325,7 +362,9 @@ class ProfileTrainer:
                 f"checkpoint "
                 f"({ {k: saved.get(k) for k in changed} }); use the same values or start a fresh run"
             )
-        tensors = load_file(str(self.checkpoint_dir / meta["tensors"]), device="cpu")
+        tensors = load_tensors(
+            self.checkpoint_dir / tensors_name, "profile checkpoint", required=("table", "rng.torch")
+        )
         table = self.model.table.weight
         if tensors["table"].shape != table.shape:
             raise ValueError(
@@ -339,13 +378,23 @@ class ProfileTrainer:
             torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
         if self.aux is not None:
             aux_state = {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}
-            self.aux.load_state_dict(aux_state)
+            try:
+                self.aux.load_state_dict(aux_state)
+            except RuntimeError as e:  # missing keys or shapes: another objective's checkpoint
+                raise CorruptArtifactError(
+                    f"{self.checkpoint_dir / tensors_name}: its codebooks/surrogate do not fit this run ({e})"
+                ) from e
         if self.aux_optimizer is not None and meta.get("aux_param_groups") is not None:
-            state: dict[int, dict[str, Any]] = {}
+            aux_opt_state: dict[int, dict[str, Any]] = {}
             for key, value in tensors.items():
                 if key.startswith("aux_opt."):
                     _, pid, name = key.split(".", 2)
-                    state.setdefault(int(pid), {})[name] = value
-            self.aux_optimizer.load_state_dict({"state": state, "param_groups": meta["aux_param_groups"]})
-        self.state = TrainState(**meta["state"])
+                    aux_opt_state.setdefault(int(pid), {})[name] = value
+            self.aux_optimizer.load_state_dict(
+                {"state": aux_opt_state, "param_groups": meta["aux_param_groups"]}
+            )
+        try:
+            self.state = TrainState(**state)
+        except TypeError as e:
+            raise CorruptArtifactError(f"{record}: unreadable training state ({e})") from e
         return True

@@ -6,7 +6,12 @@ Endpoints (JSON; every error is ``{"detail": "<message>"}`` with a 4xx status, a
     POST /v1/score/batch    {"user_ids": [...], "item_ids": [...]} (parallel lists) -> one score per pair
     GET  /healthz           liveness
     GET  /v1/model          model name, fields, bank version, dataset hash, last reload error
-    POST /v1/admin/reload   load the bank's current version without a restart (old one keeps serving on error)
+    POST /v1/admin/reload   load the bank's current version without a restart (old one keeps serving on
+                            error); with an admin token configured it needs ``Authorization: Bearer <token>``
+
+Client-facing messages never show server paths (``client_safe``: an absolute path becomes its last component);
+the full message goes to the server log. Requests in flight are bounded (``ConcurrencyLimitMiddleware``,
+``/healthz`` exempt); slow and idle connections are handled below the app (``userip.serving.http``).
 
 Scoring handlers are ``async`` and run inline on the event loop: a request is a few hundred microseconds of
 CPU, so a thread-pool hop would cost about as much as the work. Reload runs in the thread pool.
@@ -16,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import re
 import signal
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,14 +83,40 @@ class ReloadResponse(BaseModel):
 
 
 class _ClientError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers = status, detail, headers
 
 
-def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
-    """The service for one scorer; limits come from ``config``."""
+HEALTH_PATH = "/healthz"
+# Module level: FastAPI resolves the (string) annotations of dependencies against module globals.
+_BEARER = HTTPBearer(auto_error=False)
+# An absolute path (not the path part of a URL such as redis://host:6379/0): "/" at the start of a token.
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"`,;:()\[\]{}<>/]+/)*([^\s'\"`,;:()\[\]{}<>/]*)")
+
+
+def client_safe(text: str) -> str:
+    """``text`` with every absolute server path reduced to its last component (what a client may see)."""
+    return _ABS_PATH.sub(lambda m: m.group(1) or ".", text)
+
+
+def create_app(scorer: Scorer, config: ServeConfig | None = None, admin_token: str | None = None) -> FastAPI:
+    """The service for one scorer; limits come from ``config``. ``admin_token``: the bearer token
+    ``/v1/admin/reload`` requires (None: no authentication, for a loopback-only service)."""
     cfg = config or ServeConfig()
+
+    async def require_admin(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        if admin_token is None:
+            return
+        given = b"" if credentials is None else credentials.credentials.encode()
+        if not hmac.compare_digest(given, admin_token.encode()):  # constant time: no timing oracle
+            raise _ClientError(
+                401,
+                "admin endpoints need the header 'Authorization: Bearer <admin token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,26 +153,28 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(_ClientError)
     async def _client_error(request: Request, exc: _ClientError) -> JSONResponse:
-        return _error(exc.status, exc.detail)
+        return _error(exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(ScoringError)
     async def _scoring_error(request: Request, exc: ScoringError) -> JSONResponse:
-        return _error(422, str(exc))
+        return _error(422, client_safe(str(exc)))
 
     @app.exception_handler(BankReloadError)
     @app.exception_handler(RedisBankError)
     async def _bank_error(request: Request, exc: Exception) -> JSONResponse:
         # The bank backend, not the request, is at fault: 503 tells a load balancer to try elsewhere.
-        return _error(503, str(exc))
+        # The log keeps the full message; the client gets it without server paths.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return _error(503, client_safe(str(exc)))
 
-    @app.get("/healthz")
+    @app.get(HEALTH_PATH)
     async def healthz() -> dict[str, Any]:
         snap = scorer.snapshot
         return {"status": "ok", "bank_version": None if snap is None else snap.version}
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
-        return scorer.describe()
+        return {k: client_safe(v) if isinstance(v, str) else v for k, v in scorer.describe().items()}
 
     # Scoring handlers build their JSON directly (``response_model`` documents the schema): re-validating
     # a response the handler just built would cost about as much as the model's forward pass.
@@ -177,7 +213,7 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
             }
         )
 
-    @app.post("/v1/admin/reload")
+    @app.post("/v1/admin/reload", dependencies=[Depends(require_admin)])
     async def reload(force: bool = False) -> ReloadResponse:
         if not scorer.uses_bank:
             raise _ClientError(409, f"model {scorer.model_name!r} uses no feature bank; nothing to reload")
@@ -186,7 +222,9 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
             changed=result.changed, previous_version=result.previous_version, bank_version=result.version
         )
 
-    # Outermost: refuse oversized bodies before FastAPI parses them.
+    # Outermost (added last): refuse oversized bodies before FastAPI parses them; inside it, the in-flight
+    # bound, so a refused body never holds a slot.
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=cfg.limit_concurrency)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
     return app
 
@@ -217,8 +255,8 @@ def _json(payload: dict[str, Any]) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
 
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": detail})
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
 
 
 async def _poll_bank(scorer: Scorer, every_s: float) -> None:
@@ -231,6 +269,43 @@ async def _reload_quietly(scorer: Scorer) -> None:
     # Errors are logged and recorded by the scorer (see /v1/model); the old bank keeps serving.
     with contextlib.suppress(BankReloadError):
         await run_in_threadpool(scorer.reload_bank)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests in flight; more are answered 503 at once (``Retry-After: 1``).
+
+    Counts requests, not connections (an idle keep-alive socket costs nothing here), and never refuses
+    ``/healthz``: a busy server is alive, and a load balancer must be able to tell. One event loop runs
+    every request, so a plain counter is exact.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = (HEALTH_PATH,)) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            detail = f"server busy: {self.in_flight} requests in flight (limit_concurrency={self.limit})"
+            await send_json_error(send, 503, detail, [(b"retry-after", b"1")])
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def send_json_error(
+    send: Send, status: int, detail: str, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A ``{"detail": ...}`` JSON error answered straight from ASGI middleware (before FastAPI runs)."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -277,17 +352,4 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            {"detail": f"request body exceeds {self.max_bytes} bytes (max_body_bytes)"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json_error(send, 413, f"request body exceeds {self.max_bytes} bytes (max_body_bytes)")

@@ -2,9 +2,12 @@
 
 Read exactly as ``userip.ctr.recipe`` writes it: ``config.json`` (model name and arguments, user features,
 dataset hash), ``feature_map.json``, ``encoder.json`` (vocabularies over the dataset's contiguous IDs),
-``model.safetensors`` (weights only: nothing is unpickled), and ``metrics.json``, whose presence marks a
-complete run. Raw IDs come from the run's dataset tables (``RUN/data/users.parquet``, ``items.parquet``), read
-once at load; the dataset's manifest hash must equal the one the model was trained on.
+``model.safetensors`` (weights only: nothing is unpickled; checked for its recorded content hash when it has
+one, for finiteness and for the model's exact shapes), and ``metrics.json``, whose presence marks a complete
+run. ``config.json``'s ``bank`` section (version, codebook hash) pairs the model with its bank (see
+``Scorer._check_pairing``). Raw IDs come from the run's dataset tables (``RUN/data/users.parquet``,
+``items.parquet``), read once at load; the dataset's manifest hash must equal the one the model was trained
+on.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from safetensors.torch import load_file
 
 from userip.ctr.encoding import FeatureEncoder
 from userip.ctr.features import FeatureMap, FieldSource
@@ -23,6 +25,7 @@ from userip.ctr.recipe import CONFIG_FILE, ENCODER_FILE, FEATURE_MAP_FILE, METRI
 from userip.data.schema import Dataset
 from userip.serving.bank import bank_source
 from userip.serving.redis_bank import DEFAULT_PREFIX
+from userip.utils.artifacts import CorruptArtifactError, load_tensors
 from userip.utils.io import read_json
 
 PREFERRED_MODEL = "dcn+profiles"
@@ -63,10 +66,26 @@ def load_model(model_dir: Path) -> tuple[Any, FeatureMap, FeatureEncoder, dict[s
         if not (model_dir / name).exists():
             raise ArtifactError(f"{model_dir / name}: missing; the training run is incomplete")
     config = read_json(model_dir / CONFIG_FILE)
-    feature_map = FeatureMap.from_dict(read_json(model_dir / FEATURE_MAP_FILE))
-    encoder = FeatureEncoder.load(model_dir / ENCODER_FILE)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise CorruptArtifactError(f"{model_dir / CONFIG_FILE}: not a trained model's config (no 'model')")
+    try:
+        feature_map = FeatureMap.from_dict(read_json(model_dir / FEATURE_MAP_FILE))
+        encoder = FeatureEncoder.load(model_dir / ENCODER_FILE)
+    except (KeyError, TypeError) as e:
+        raise CorruptArtifactError(f"{model_dir}: unreadable feature map or encoder ({e!r})") from e
     model = build_model(config["model"], feature_map, **config.get("model_config", {}))
-    model.load_state_dict(load_file(str(model_dir / MODEL_FILE)), strict=True)
+    weights = model_dir / MODEL_FILE
+    expected = model.state_dict()
+    state = load_tensors(
+        weights,
+        f"{config['model']} weights",
+        required=expected,
+        shapes={k: tuple(v.shape) for k, v in expected.items()},
+    )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # tensors the model does not have
+        raise CorruptArtifactError(f"{weights}: does not fit model {config['model']!r} ({e})") from e
     return model.eval(), feature_map, encoder, config
 
 
@@ -95,8 +114,8 @@ def load_run(
             f"{manifest.get('content_hash')!r}"
         )
     user_fields = [f.name for f in feature_map.fields if f.source == FieldSource.USER and f.name != "user_id"]
-    users = pq.read_table(data_dir / "users.parquet", columns=["user_id", "raw_user_id", *user_fields])
-    items = pq.read_table(data_dir / "items.parquet", columns=["item_id", "raw_item_id"])
+    users = _read_table(data_dir / "users.parquet", ["user_id", "raw_user_id", *user_fields])
+    items = _read_table(data_dir / "items.parquet", ["item_id", "raw_item_id"])
     # Dataset tables are ordered by contiguous id (validated at save), so row i is user/item i.
     for table, col in ((users, "user_id"), (items, "item_id")):
         if not np.array_equal(table.column(col).to_numpy(), np.arange(table.num_rows)):
@@ -107,10 +126,12 @@ def load_run(
     if any(f.source == FieldSource.PROFILE for f in feature_map.fields):
         source = bank_source(bank if bank is not None else run_dir / "bank", redis_prefix or DEFAULT_PREFIX)
     name = model_dir.name
+    trained_bank = config.get("bank") or {}
     info = {
         "model_dir": str(model_dir),
         "dataset_hash": trained_on,
-        "trained_with_bank": (config.get("bank") or {}).get("version"),
+        "trained_with_bank": trained_bank.get("version"),
+        "trained_codebook_hash": trained_bank.get("codebook_hash"),
     }
     return scorer_cls(
         net,
@@ -123,3 +144,10 @@ def load_run(
         model_name=name,
         info=info,
     )
+
+
+def _read_table(path: Path, columns: list[str]) -> Any:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise CorruptArtifactError(f"{path}: unreadable Parquet table (corrupt or truncated: {e})") from e

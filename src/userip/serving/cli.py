@@ -3,11 +3,14 @@
 userip serve --run-dir runs/demo --port 8000                  # RUN/ctr/dcn+profiles + RUN/bank
 userip serve --run-dir runs/demo --bank redis://127.0.0.1:6379/0
 userip serve --run-dir runs/demo --publish-to-redis redis://127.0.0.1:6379/0   # copy RUN/bank, exit
+USERIP_ADMIN_TOKEN=... userip serve --run-dir runs/demo --host 0.0.0.0   # beyond loopback: token required
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 from pathlib import Path
 
 from userip.utils.config import ConfigError, from_dict, load_yaml, to_dict
@@ -27,7 +30,12 @@ _LIMIT_FLAGS = (
     "num_threads",
     "bank_poll_s",
     "log_level",
+    "max_connections",
+    "timeout_request_s",
+    "timeout_keep_alive",
+    "admin_token_file",
 )
+MIN_TOKEN_LENGTH = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bank-poll-s", type=float, help="reload the bank when its version changes (0 = off)"
     )
     parser.add_argument("--log-level", help="uvicorn log level")
+    parser.add_argument("--max-connections", type=int, help="open connections; more are closed on accept")
+    parser.add_argument(
+        "--timeout-request-s", type=float, help="seconds a client has to send a whole request (default 10)"
+    )
+    parser.add_argument("--timeout-keep-alive", type=int, help="seconds an idle keep-alive connection stays")
+    parser.add_argument(
+        "--admin-token-file",
+        help="file holding the bearer token of /v1/admin/reload (default: $USERIP_ADMIN_TOKEN); "
+        "required when --host is not a loopback address. The token itself is never a flag.",
+    )
     parser.add_argument(
         "--publish-to-redis",
         metavar="URL",
@@ -75,10 +93,38 @@ def build_config(args: argparse.Namespace):  # -> ServeConfig
     return from_dict(ServeConfig, data, where=str(args.config or "serve"))
 
 
+def read_admin_token(config) -> str | None:  # noqa: ANN001 - ServeConfig (imported lazily)
+    """The admin bearer token: the file ``admin_token_file`` if set, else ``$<admin_token_env>``; None if
+    neither. Binding beyond loopback without one is a ``ConfigError``: the reload endpoint would be open to
+    the network."""
+    from userip.serving.config import is_loopback
+
+    token = None
+    if config.admin_token_file:
+        path = Path(config.admin_token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"serve.admin_token_file: cannot read the token file ({e})") from e
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("admin token file %s is readable by other users; chmod 600 it", path)
+    elif os.environ.get(config.admin_token_env):
+        token = os.environ[config.admin_token_env].strip()
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"the admin token must be at least {MIN_TOKEN_LENGTH} characters")
+    if token is None and not is_loopback(config.host):
+        raise ConfigError(
+            f"serve.host {config.host!r} is not a loopback address: /v1/admin/reload needs a bearer token; "
+            f"set ${config.admin_token_env} or serve.admin_token_file (--admin-token-file)"
+        )
+    return token
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.run_dir / "logs" / "serve.log")
     try:
         config = build_config(args)
+        admin_token = None if args.publish_to_redis else read_admin_token(config)
     except ConfigError as e:
         log.error("%s", e)
         return 2
@@ -89,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from userip.serving.app import create_app
+    from userip.serving.http import raise_fd_limit, uvicorn_config
     from userip.serving.scorer import Scorer
 
     torch.set_num_threads(config.num_threads)
@@ -109,15 +156,11 @@ def run(args: argparse.Namespace) -> int:
         config.port,
         to_dict(config),
     )
-    app = create_app(scorer, config)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        limit_concurrency=config.limit_concurrency,
-        access_log=False,  # one log line per request would cost more than scoring it
-    )
+    app = create_app(scorer, config, admin_token=admin_token)
+    fd_limit = raise_fd_limit(config.max_connections)
+    if 0 <= fd_limit < config.max_connections:
+        log.warning("open-files limit %d is below max_connections %d", fd_limit, config.max_connections)
+    uvicorn.Server(uvicorn_config(app, config)).run()
     return 0
 
 

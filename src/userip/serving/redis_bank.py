@@ -4,7 +4,8 @@ Layout under a key prefix (default ``userip:bank``), one namespace per bank vers
 overwrites what a server is reading:
 
     {prefix}:v:{version}:codes   hash  raw_user_id -> P little-endian int16 codes (2 * P bytes)
-    {prefix}:v:{version}:meta    string JSON {profile_names, codebook_sizes, dataset_hash, version}
+    {prefix}:v:{version}:meta    string JSON {profile_names, codebook_sizes, dataset_hash, version,
+                                              codebook_hash, lineage}
     {prefix}:current             string the version servers should use (written last: the atomic switch)
     {prefix}:versions            list   published versions, newest first (retention)
 
@@ -54,6 +55,9 @@ class RedisBank:
         self.codebook_sizes: list[int] = [int(k) for k in meta["codebook_sizes"]]
         self.dataset_hash: str | None = meta.get("dataset_hash")
         self.version: str = str(meta["version"])
+        # Pairing with the model (see FeatureBank.compatible_with); absent in versions published before it.
+        self.codebook_hash: str | None = meta.get("codebook_hash")
+        self.lineage: list[str] = [str(v) for v in meta.get("lineage") or [self.version]]
         self._codes_key, self._meta_key = _keys(prefix, self.version)
         self._sizes = np.asarray(self.codebook_sizes, dtype=np.int64)
 
@@ -70,6 +74,12 @@ class RedisBank:
             raise RedisBankError(f"bank version {version!r} has no meta key {_keys(prefix, version)[1]!r}")
         url = url_or_client if isinstance(url_or_client, str) else None
         return cls(client, prefix, json.loads(raw), url=url)
+
+    def compatible_with(self, version: str | None, codebook_hash: str | None = None) -> bool:
+        """Whether a model trained on bank ``version`` (codebooks ``codebook_hash``) can use this version."""
+        if codebook_hash and self.codebook_hash:
+            return codebook_hash == self.codebook_hash
+        return version is None or str(version) in self.lineage
 
     @property
     def num_profiles(self) -> int:
@@ -145,6 +155,8 @@ def publish_bank(
         "codebook_sizes": [int(k) for k in bank.codebook_sizes],
         "dataset_hash": bank.dataset_hash,
         "version": version,
+        "codebook_hash": getattr(bank, "codebook_hash", None),
+        "lineage": list(getattr(bank, "lineage", [version])),
     }
     packed = np.ascontiguousarray(codes, dtype=_CODE_DTYPE)
     client.delete(codes_key, meta_key)  # a re-publish of the same version replaces it whole

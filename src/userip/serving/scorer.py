@@ -334,6 +334,7 @@ class Scorer:
                     f"{field_vocab - 1}"
                 )
             columns.append(j)
+        self._check_pairing(bank, source)
         return BankSnapshot(
             bank=bank,
             version=getattr(bank, "version", None),
@@ -342,6 +343,24 @@ class Scorer:
             signature=signature,
             loaded_at=time.time(),
             bank_columns=None if columns == list(range(len(names))) else tuple(columns),
+        )
+
+    def _check_pairing(self, bank: Any, source: str) -> None:
+        """Refuse a bank whose codebooks are not those the model was trained with: the same code would mean
+        another profile. Models record the bank version (and codebook hash) they were trained on; a bank fits
+        when it is that version or was upserted from it (``FeatureBank.compatible_with``)."""
+        trained_version = self.info.get("trained_with_bank")
+        trained_codebooks = self.info.get("trained_codebook_hash")
+        compatible = getattr(bank, "compatible_with", None)
+        if not (trained_version or trained_codebooks) or compatible is None:
+            return  # an in-memory lookup, or a model that recorded no bank: sizes were checked above
+        if compatible(trained_version, trained_codebooks):
+            return
+        raise BankReloadError(
+            f"bank ({source}) version {getattr(bank, 'version', None)!r} (codebooks "
+            f"{getattr(bank, 'codebook_hash', None) or 'unrecorded'}) does not match model "
+            f"{self.model_name!r}, trained with bank version {trained_version!r} (codebooks "
+            f"{trained_codebooks or 'unrecorded'}); serve that version or one upserted from it, or retrain"
         )
 
     def describe(self) -> dict[str, Any]:

@@ -2,13 +2,21 @@
 
 Every component has one ``@dataclass`` config whose keys equal its constructor arguments and whose
 ``__post_init__`` validates values. ``from_dict`` rejects unknown keys *before* any work starts and names the
-key, where it was found, and the accepted keys.
+key, where it was found, and the accepted keys; it also checks every value against its field's type hint
+(the one place types are checked): a bool must be ``true``/``false`` (not ``"yes"`` or ``1``), an int a
+whole number (not ``1.5`` or ``true``), a float a finite number (not ``nan``/``.inf``), a str a string, and
+lists, tuples, dicts, optionals, enums and nested configs element by element. Ranges stay in each config's
+``__post_init__``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import math
+import numbers
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +25,18 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule added: YAML 1.1 needs a dot, so ``lr: 1e-3`` would load
+    as the string "1e-3" (then refused as "expected a number"); every other tag resolves as before."""
+
+
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class ConfigError(ValueError):
@@ -36,13 +56,27 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
             f"{where}: unknown key(s) {unknown} for {cls.__name__}; accepted keys: {sorted(fields)}"
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    kwargs: dict[str, Any] = {}
+    type_errors: list[ConfigError] = []
+    for name, value in data.items():
+        try:
+            kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+        except ConfigError as e:
+            type_errors.append(e)
+            kwargs[name] = value
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
     except ConfigError:
+        raise  # the config's own validation names a wrong value best ("must be a non-empty word")
+    except Exception as e:  # noqa: BLE001 - a wrongly typed value may break __post_init__ in any way
+        if type_errors:
+            raise type_errors[0] from None
+        if isinstance(e, TypeError | ValueError):
+            raise ConfigError(f"{where}: {e}") from e
         raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+    if type_errors:  # the config's validation let a wrongly typed value through: the type check refuses it
+        raise type_errors[0]
+    return config
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -69,7 +103,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML12Loader)  # noqa: S506 - safe loader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -93,25 +127,84 @@ def choice(enum_cls: type[enum.Enum], value: Any, where: str) -> enum.Enum:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the type hint ``tp`` (and converted where lossless: int -> float, list ->
+    tuple, str -> Path); a mismatch is a ``ConfigError`` naming ``where``, the expected type and the value."""
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
         if len(args) == 1:
             return _coerce(args[0], value, where)
+        for arg in args:  # the first alternative the value fits
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return choice(tp, value, where)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
-    if origin in (list, tuple) and isinstance(value, list | tuple):
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {_show(value)}")
         args = typing.get_args(tp)
-        if args and args[0] is not Ellipsis and dataclasses.is_dataclass(args[0]):
-            items = [from_dict(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-        else:
-            items = list(value)
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values ({_type_name(tp)}), got {len(value)}")
+        item_types = [args[0] if args else Any] * len(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            item_types = list(args)
+        items = [_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
         return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping ({_type_name(tp)}), got {_show(value)}")
+        key_t, val_t = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(key_t, k, f"{where} key {k!r}"): _coerce(val_t, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if type(value).__name__ == "bool_":  # numpy bool from programmatic configs
+            return bool(value)
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+    if tp is float:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            hint = ""
+            with contextlib.suppress(TypeError, ValueError):
+                if isinstance(value, str) and math.isfinite(float(value)):
+                    hint = " (a quoted number? write it without quotes)"
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}{hint}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{where}: expected a path (string), got {_show(value)}")
+        return Path(value)
     return value
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"

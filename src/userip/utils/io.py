@@ -1,6 +1,8 @@
 """Atomic writes: every artifact is written to a temporary file in the same folder, then renamed.
 
-A crash at any point leaves either the old file or the new one, never half of one.
+A crash at any point leaves either the old file or the new one, never half of one. A killed writer does leave
+its temporary (``.<name>.<random>.tmp``): every atomic write first removes those in its folder that are old
+enough that no live writer can still own them (``clean_stale_tmp``), so they never pile up.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+TMP_SUFFIX = ".tmp"
+# A temporary older than this belongs to a killed writer: real writes here take seconds, not an hour.
+STALE_TMP_AGE_S = 3600.0
 
 
 @contextlib.contextmanager
@@ -27,7 +34,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path`` (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_tmp(path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -64,10 +72,61 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a JSON file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 JSON file (corrupt? {e.reason} at byte {e.start})") from e
+
+
+def clean_stale_tmp(folder: str | os.PathLike[str], min_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Remove temporaries left by killed atomic writes in ``folder`` (not recursive): hidden entries ending in
+    ``.tmp`` (files, or folders from a killed model save) last modified more than ``min_age_s`` ago. A younger
+    one may belong to a writer still running and is kept. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - min_age_s
+    removed = []
+    for entry in folder.iterdir():
+        if not (entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX)):
+            continue
+        try:
+            if entry.lstat().st_mtime > cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:  # gone already (another cleaner), or not ours to remove: never fail a write for it
+            continue
+        removed.append(entry)
+    return removed
+
+
+def run_relative(path: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> str:
+    """``path`` as recorded inside a run: relative to ``run_dir`` when it lies inside it (so a moved or copied
+    run uses its own files); an existing path outside it absolute (not relative to the working directory);
+    anything else (a hub id) unchanged."""
+    text = os.fspath(path)
+    if not text or not Path(text).exists():
+        return text
+    resolved = Path(text).resolve()
+    try:
+        return resolved.relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def resolve_in_run(recorded: str, run_dir: str | os.PathLike[str]) -> str:
+    """Inverse of ``run_relative``: a recorded relative path that exists under ``run_dir`` -> that path;
+    anything else (absolute path, hub id) unchanged."""
+    if recorded and not Path(recorded).is_absolute() and (Path(run_dir) / recorded).exists():
+        return str(Path(run_dir) / recorded)
+    return recorded
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -9,6 +9,23 @@ from pathlib import Path
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A console handler that writes to ``sys.stderr`` as it is at each record, not as it was when the
+    handler was made: the console handler is installed once per process, and a stream swapped since (a
+    caller's redirect, a test's capture) would otherwise leave it writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - a text stream
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__/setStream assign it: always follow sys.stderr
+        pass
+
+
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
@@ -18,7 +35,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     root = logging.getLogger("userip")
     root.setLevel(level)
     if not any(getattr(h, "_userip_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _CurrentStderrHandler()
         console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
         console._userip_console = True  # type: ignore[attr-defined]
         root.addHandler(console)

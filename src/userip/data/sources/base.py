@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import gzip
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ class RawData:
     users         raw_user_id str, then observable features (converted to str by preprocessing)
     truth         raw_user_id str, then one int column per true latent profile (synthetic data)
     extra_config  facts about the source worth keeping in the manifest (e.g. names of truth values)
+    implicit      every interaction is an observed positive and there is no rating or label: preprocessing
+                  labels them 1 and samples the negatives (``PrepareConfig.negatives_per_positive``)
+    positional    ``timestamp`` holds each user's position (0 = oldest), which orders a user's history but is
+                  not comparable across users (no global time split)
     """
 
     interactions: pd.DataFrame
@@ -103,6 +108,8 @@ class RawData:
     truth: pd.DataFrame | None = None
     report: LoadReport = dataclasses.field(default_factory=LoadReport)
     extra_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    implicit: bool = False
+    positional: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
@@ -175,6 +182,15 @@ def read_json_lines(
     first schema and each failing block is bisected down to its malformed lines, which are counted with
     their line numbers; every other line is kept. Rows missing a ``required`` field count as bad lines too.
     """
+    try:
+        return _read_json_lines(path, schema, report, required)
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip stream, unreadable file
+        raise DataLoadError(f"{path}: not a readable (gzip) JSON-lines file ({type(e).__name__}: {e})") from e
+
+
+def _read_json_lines(
+    path: Path, schema: pa.Schema | list[pa.Schema], report: LoadReport, required: tuple[str, ...]
+) -> pd.DataFrame:
     schemas = schema if isinstance(schema, list) else [schema]
     all_options = [
         pa_json.ParseOptions(explicit_schema=s, unexpected_field_behavior="ignore") for s in schemas

@@ -70,7 +70,7 @@ def read_table(path: str | Path, what: str, delimiter: str | None = None) -> pd.
         raise DataLoadError(f"{path}: cannot read {what} ({e})") from e
 
 
-def _column(frame: pd.DataFrame, name: str, option: str, path: str) -> pd.Series:
+def require_column(frame: pd.DataFrame, name: str, option: str, path: str) -> pd.Series:
     if name not in frame.columns:
         raise DataLoadError(
             f"{path}: unknown column {name!r} (from {option}); available: {list(frame.columns)}"
@@ -87,25 +87,55 @@ def _numeric(values: pd.Series, option: str, path: str) -> pd.Series:
     return numbers
 
 
+def read_items(
+    path: str,
+    item_id_column: str,
+    title_column: str | None,
+    categories_column: str | None,
+    categories_separator: str,
+    brand_column: str | None,
+    price_column: str | None,
+) -> pd.DataFrame:
+    """An items file (CSV or Parquet) as RawData.items; a column given as None is left empty."""
+    meta = read_table(path, "items file")
+    ids = require_column(meta, item_id_column, "item_id_column", path).astype(str)
+    empty = pd.Series([None] * len(meta), index=meta.index, dtype=object)
+
+    def optional(name: str | None, option: str) -> pd.Series:
+        return empty if name is None else require_column(meta, name, option, path)
+
+    return pd.DataFrame(
+        {
+            "raw_item_id": ids,
+            "title": optional(title_column, "title_column").fillna("").astype(str),
+            "categories": as_category_lists(
+                optional(categories_column, "categories_column"), separator=categories_separator
+            ),
+            "brand": optional(brand_column, "brand_column").fillna("").astype(str),
+            "price": parse_price(optional(price_column, "price_column").replace("", np.nan)),
+        }
+    ).drop_duplicates("raw_item_id")
+
+
 def load_tabular(cfg: TabularConfig) -> RawData:
     frame = read_table(cfg.path, "interactions file", cfg.delimiter)
     path = cfg.path
     interactions = pd.DataFrame(
         {
-            "raw_user_id": _column(frame, cfg.user_column, "user_column", path).astype(str),
-            "raw_item_id": _column(frame, cfg.item_column, "item_column", path).astype(str),
+            "raw_user_id": require_column(frame, cfg.user_column, "user_column", path).astype(str),
+            "raw_item_id": require_column(frame, cfg.item_column, "item_column", path).astype(str),
         }
     )
     if cfg.rating_column is not None:
-        values = _column(frame, cfg.rating_column, "rating_column", path)
+        values = require_column(frame, cfg.rating_column, "rating_column", path)
         interactions["rating"] = _numeric(values, "rating_column", path).astype("float64")
     if cfg.label_column is not None:
-        labels = _numeric(_column(frame, cfg.label_column, "label_column", path), "label_column", path)
+        labels = _numeric(require_column(frame, cfg.label_column, "label_column", path), "label_column", path)
         if not labels.isin([0, 1]).all():
             raise DataLoadError(f"{path}: label_column {cfg.label_column!r} must hold only 0 and 1")
         interactions["label"] = labels.astype("int8")
     if cfg.timestamp_column is not None:
-        values = _column(frame, cfg.timestamp_column, "timestamp_column", path)
+        values = require_column(frame, cfg.timestamp_column, "timestamp_column", path)
         numbers = pd.to_numeric(values, errors="coerce")
         if numbers.isna().any():  # dates as text
             dates = pd.to_datetime(values, errors="coerce", format="mixed")
@@ -117,7 +147,9 @@ def load_tabular(cfg: TabularConfig) -> RawData:
             numbers = to_unix_seconds(dates)
         interactions["timestamp"] = numbers.astype("int64")
     if cfg.split_column is not None:
-        values = _column(frame, cfg.split_column, "split_column", path).astype(str).str.strip().str.lower()
+        values = (
+            require_column(frame, cfg.split_column, "split_column", path).astype(str).str.strip().str.lower()
+        )
         split = values.map(SPLIT_ALIASES)
         if split.isna().any():
             unknown = sorted(set(values[split.isna()]))[:5]
@@ -125,32 +157,18 @@ def load_tabular(cfg: TabularConfig) -> RawData:
         interactions["split"] = split.astype(str)
     if cfg.review_column is not None:
         interactions["review"] = (
-            _column(frame, cfg.review_column, "review_column", path).fillna("").astype(str)
+            require_column(frame, cfg.review_column, "review_column", path).fillna("").astype(str)
         )
 
     items = None
     if cfg.items is not None:
-        meta = read_table(cfg.items, "items file")
-        ids = _column(meta, cfg.item_id_column, "item_id_column", cfg.items).astype(str)
-        empty = pd.Series([None] * len(meta), index=meta.index, dtype=object)
-
-        def optional(name: str | None, option: str) -> pd.Series:
-            return empty if name is None else _column(meta, name, option, cfg.items)  # type: ignore[arg-type]
-
-        items = pd.DataFrame(
-            {
-                "raw_item_id": ids,
-                "title": optional(cfg.title_column, "title_column").fillna("").astype(str),
-                "categories": as_category_lists(
-                    optional(cfg.categories_column, "categories_column"), separator=cfg.categories_separator
-                ),
-                "brand": optional(cfg.brand_column, "brand_column").fillna("").astype(str),
-                "price": parse_price(optional(cfg.price_column, "price_column").replace("", np.nan)),
-            }
-        ).drop_duplicates("raw_item_id")
+        items = read_items(
+            cfg.items, cfg.item_id_column, cfg.title_column, cfg.categories_column, cfg.categories_separator,
+            cfg.brand_column, cfg.price_column,
+        )  # fmt: skip
     users = None
     if cfg.users is not None:
         users = read_table(cfg.users, "users file")
-        _column(users, cfg.user_id_column, "user_id_column", cfg.users)
+        require_column(users, cfg.user_id_column, "user_id_column", cfg.users)
         users = users.rename(columns={cfg.user_id_column: "raw_user_id"})
     return RawData(interactions=interactions, items=items, users=users)
