@@ -28,10 +28,7 @@ import contextlib
 import http.client
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+from serve_process import HOST, userip_serve
 
 ITEMS_PER_REQUEST = 100
 INSTANCES = 10_000
@@ -215,44 +214,12 @@ class TimedBank:
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(run: Path, model: str, log_dir: Path) -> Iterator[str]:
     """``userip serve`` in its own process on a free 127.0.0.1 port; yields the base URL."""
-    import httpx
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "userip.cli", "serve", "--run-dir", str(run), "--model", model]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--num-threads", "1", "--log-level", "warning"]
-    log = (log_dir / f"serve-{model}.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"userip serve exited: {(log_dir / f'serve-{model}.log').read_text()[-2000:]}"
-                )
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"userip serve --model {model} did not start within 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    args = ["--run-dir", str(run), "--model", model, "--num-threads", "1", "--log-level", "warning"]
+    with userip_serve(args, log_dir / f"serve-{model}.log") as port:
+        yield f"http://{HOST}:{port}"
 
 
 class Client:

@@ -29,9 +29,7 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,43 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-HOST = "127.0.0.1"  # loopback only, by construction
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from serve_process import HOST, userip_serve
 
 
 @contextlib.contextmanager
 def serving(run: Path, bank: Path, token: str, timeout_request_s: float, log: Path) -> Iterator[int]:
     """``userip serve`` in its own process; yields its port. The token travels in the environment."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "userip.cli", "serve", "--run-dir", str(run), "--model", "dcn+profiles"]
-    cmd += ["--bank", str(bank), "--host", HOST, "--port", str(port), "--log-level", "warning"]
-    cmd += ["--timeout-request-s", str(timeout_request_s)]
-    env = {**os.environ, "USERIP_ADMIN_TOKEN": token}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"userip serve exited: {log.read_text()[-2000:]}")
-                with contextlib.suppress(OSError, http.client.HTTPException):
-                    if request(port, "GET", "/healthz")[0] == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("userip serve did not start within 120 s")
-                time.sleep(0.2)
-            yield port
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    args = ["--run-dir", str(run), "--model", "dcn+profiles", "--bank", str(bank), "--log-level", "warning"]
+    args += ["--timeout-request-s", str(timeout_request_s)]
+    with userip_serve(args, log, env={**os.environ, "USERIP_ADMIN_TOKEN": token}) as port:
+        yield port
 
 
 def request(
