@@ -21,7 +21,7 @@ import pandas as pd
 
 from userip.data.sources.base import DataLoadError, RawData, to_unix_seconds
 from userip.data.sources.tabular import read_items, read_table, require_column
-from userip.utils.config import ConfigError
+from userip.utils.config import ConfigError, choice
 
 INTERACTIONS_FILE = "interactions.csv"
 ITEMS_FILE = "items.csv"
@@ -51,12 +51,7 @@ class ImplicitConfig:
     price_column: str | None = None
 
     def __post_init__(self) -> None:
-        try:
-            self.order_type = OrderType(self.order_type)
-        except ValueError:
-            raise ConfigError(
-                f"implicit.order_type: {self.order_type!r} is not one of {[o.value for o in OrderType]}"
-            ) from None
+        self.order_type = choice(OrderType, self.order_type, "implicit.order_type")  # type: ignore[assignment]
         for key in ("path", "user_column", "item_column", "item_id_column"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:
