@@ -28,18 +28,19 @@ import contextlib
 import http.client
 import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-
-from serve_process import HOST, userip_serve
 
 ITEMS_PER_REQUEST = 100
 INSTANCES = 10_000
@@ -214,6 +215,57 @@ class TimedBank:
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
+# `userip serve` in a subprocess: also used by bench/bench_soak.py.
+HOST = "127.0.0.1"  # loopback only, by construction
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _healthy(port: int) -> bool:
+    conn = http.client.HTTPConnection(HOST, port, timeout=1)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def userip_serve(
+    serve_args: list[str], log: Path, env: Mapping[str, str] | None = None, start_timeout_s: float = 120
+) -> Iterator[int]:
+    """Run ``userip serve SERVE_ARGS --host 127.0.0.1 --port <free>`` until ``/healthz`` answers; yields the
+    port, then stops the server (SIGTERM, then kill). Its output goes to ``log``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "userip.cli", "serve", *serve_args, "--host", HOST, "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env)
+        )
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"userip serve exited: {log.read_text()[-2000:]}")
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    if _healthy(port):
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"userip serve did not start within {start_timeout_s:.0f} s")
+                time.sleep(0.2)
+            yield port
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @contextlib.contextmanager
 def serving(run: Path, model: str, log_dir: Path) -> Iterator[str]:
     """``userip serve`` in its own process on a free 127.0.0.1 port; yields the base URL."""

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_process import HOST, userip_serve
+from bench_serving import HOST, userip_serve
 
 
 @contextlib.contextmanager
