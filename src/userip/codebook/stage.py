@@ -22,7 +22,6 @@ other bank row is copied unchanged into the new version.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from userip.codebook.quantizer import check_codebook_size
 from userip.codebook.recovery import recovery_report
 from userip.data.schema import Dataset
 from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, UNKNOWN_CODE, FeatureBank, FeatureBankError
+from userip.utils.artifacts import tensors_digest
 from userip.utils.config import to_dict
 from userip.utils.io import atomic_write_json, atomic_write_with
 
@@ -162,11 +162,7 @@ def save_objective_state(objective: JointObjective, bank_dir: str | Path) -> str
     path relative to ``bank_dir``. Content-named: a rewrite never touches a file an older version names.
     """
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in objective.state_dict().items()}
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].numpy().tobytes())
-    rel = f"{OBJECTIVES_DIR}/{digest.hexdigest()[:16]}.safetensors"
+    rel = f"{OBJECTIVES_DIR}/{tensors_digest(tensors)[:16]}.safetensors"
     atomic_write_with(Path(bank_dir) / rel, lambda tmp: save_file(tensors, str(tmp)))
     return rel
 
