@@ -318,3 +318,27 @@ def test_user_id_dropout_trains_the_unknown_user_row():
 def test_user_id_dropout_must_be_a_share(value):
     with pytest.raises(ValueError, match="user_id_dropout"):
         TrainerConfig(user_id_dropout=value)
+
+
+def test_train_ctr_warm_start_starts_from_the_base_model_and_cannot_lose_on_valid(run_dir):
+    ds = Dataset.load(run_dir)
+    config = TrainerConfig(**FAST)
+    base = train_ctr(ds, "dcn", model_config=SMALL_DCN, config=config, seed=3)
+    result = train_ctr(
+        ds,
+        "dcn",
+        with_profiles=True,
+        bank=StubBank(ds.content_hash),
+        model_config=SMALL_DCN,
+        config=dataclasses.replace(config, warm_start=True),
+        seed=3,
+    )
+    # Epoch 0 is the base model itself (same settings and seed), and the best epoch cannot be below it.
+    assert result.fit.history[0].epoch == 0
+    assert result.fit.history[0].valid_auc == pytest.approx(base.valid["auc"], abs=1e-12)
+    assert result.valid["auc"] >= base.valid["auc"]
+    # Without extra fields warm_start changes nothing.
+    same = train_ctr(
+        ds, "dcn", model_config=SMALL_DCN, config=dataclasses.replace(config, warm_start=True), seed=3
+    )
+    np.testing.assert_array_equal(same.test_probs, base.test_probs)

@@ -103,6 +103,7 @@ def test_bad_config_fails_naming_the_key(data, match):
         ({"protocol": {"name": "cold_start"}}, "cold_start"),  # default tables include table3/figure5/6
         ({"controls": ["oracle"]}, "controls"),
         ({"controls": ["attributes"]}, "attribute_features"),
+        ({"tables": ["table3"], "trainer_search": {"grid": {"warm_start": [False, True]}}}, "warm_start"),
     ],
 )
 def test_bad_protocol_or_control_fails_naming_the_key(data, match):

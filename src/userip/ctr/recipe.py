@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from userip.ctr.data import CTRData, ProfileBank, build_ctr_data, freeze_field_rows
+from userip.ctr.extend import extend_model
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, predict_probs
 from userip.data.schema import Dataset
@@ -36,6 +37,7 @@ FEATURE_MAP_FILE = "feature_map.json"
 ENCODER_FILE = "encoder.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+EXTENSION_CHECK_ROWS = 1024  # training rows on which an extended model must reproduce its base's logits
 
 
 def output_name(model_name: str, with_profiles: bool) -> str:
@@ -145,8 +147,21 @@ def train_ctr(
     data = build_ctr_data(dataset, bank, user_features)
     if "train" not in data.splits or "test" not in data.splits:
         raise ValueError(f"dataset needs train and test interactions; has splits {sorted(data.splits)}")
+    extend = config.warm_start and (with_profiles or bool(user_features))
+    if extend and data.frozen_embeds:
+        raise ValueError(
+            "warm_start extends a model with coded fields; a continuous (without-VQ) bank's profile fields "
+            "are fixed vectors, not fields that start at zero: train it with warm_start false"
+        )
+    base = None
+    if extend:  # the same model without the extra fields, same settings and seed (userip.ctr.extend)
+        base_config = dataclasses.replace(config, warm_start=False)
+        base = train_ctr(dataset, model_name, model_config=model_config, config=base_config, save=False).model
     seed_everything(config.seed)
     model = build_model(model_name, data.feature_map, **model_config)
+    fixed_masks = None
+    if base is not None:
+        fixed_masks = extend_model(base.cpu(), model, data["train"].x_ids[:EXTENSION_CHECK_ROWS])
     if data.frozen_embeds:  # continuous profiles (without-VQ bank): fixed rows of the field embedding
         freeze_field_rows(model, data.feature_map, data.frozen_embeds)
     log.info(
@@ -158,9 +173,10 @@ def train_ctr(
     )
 
     # ---- train
-    trainer = Trainer(model, config)
+    trainer = Trainer(model, config, fixed_masks)
     valid = data.splits.get("valid")
-    fit = trainer.fit(data["train"], valid, checkpoint_path=None if out is None else out / MODEL_FILE)
+    checkpoint = None if out is None else out / MODEL_FILE
+    fit = trainer.fit(data["train"], valid, checkpoint_path=checkpoint, start_is_candidate=base is not None)
 
     # ---- evaluate
     valid_metrics = trainer.evaluate(valid) if valid is not None else None

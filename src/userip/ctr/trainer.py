@@ -61,6 +61,10 @@ class TrainerConfig:
     # row of the user embedding learns what to predict for a user never seen in training (cold start). With
     # 0 it never gets a gradient and every unseen user is scored from a random vector.
     user_id_dropout: float = 0.0
+    # With profile (or attribute) fields: first train the model without them under these same settings and
+    # seed, then extend it (userip.ctr.extend): the extra fields start at zero, the base model's weights stay
+    # fixed and the start is validation epoch 0, so the extra fields cannot lower validation AUC.
+    warm_start: bool = False
     seed: int = 0
     device: str = "cpu"
     num_threads: int | None = None  # torch.set_num_threads (process-wide) when set
@@ -93,7 +97,7 @@ class TrainerConfig:
 @dataclasses.dataclass
 class EpochRecord:
     epoch: int
-    train_loss: float
+    train_loss: float | None  # None for epoch 0 (the starting weights, not trained)
     train_seconds: float
     train_samples_per_s: float
     valid_auc: float | None = None
@@ -102,7 +106,7 @@ class EpochRecord:
 
 @dataclasses.dataclass
 class FitResult:
-    best_epoch: int  # 1-based epoch whose weights the model now holds
+    best_epoch: int  # 1-based epoch whose weights the model now holds (0: the starting weights)
     best_valid_auc: float | None
     stopped_early: bool
     history: list[EpochRecord]
@@ -130,9 +134,19 @@ def parameter_groups(
 
 
 class Trainer:
-    """Fits one model; ``fit`` leaves the model holding its best weights and in eval mode."""
+    """Fits one model; ``fit`` leaves the model holding its best weights and in eval mode.
 
-    def __init__(self, model: nn.Module, config: TrainerConfig | None = None) -> None:
+    ``fixed_masks`` ({parameter name: bool mask}, from ``userip.ctr.extend``) marks entries that keep their
+    values: they are restored after every optimizer step (a projection, exact whatever the optimizer and its
+    weight decay do).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainerConfig | None = None,
+        fixed_masks: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.config = config or TrainerConfig()
         self.device = torch.device(self.config.device)
         if self.config.num_threads is not None:
@@ -144,6 +158,15 @@ class Trainer:
             parameter_groups(self.model, self.config.weight_decay, self.config.embedding_weight_decay),
             lr=self.config.lr,
         )
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(fixed_masks or {}) - set(params))
+        if unknown:
+            raise ValueError(f"fixed_masks names parameters the model does not have: {unknown}")
+        self._fixed = [
+            (params[name], mask.to(self.device), params[name].detach()[mask.to(self.device)].clone())
+            for name, mask in (fixed_masks or {}).items()
+            if bool(mask.any())
+        ]
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, train: SplitTensors, generator: torch.Generator, epoch: int = 1) -> float:
@@ -169,6 +192,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self._fixed:
+                with torch.no_grad():
+                    for param, mask, values in self._fixed:
+                        param[mask] = values
             # Weighted by batch size so a short last batch counts for what it is; no per-step host sync.
             loss_sum += loss.detach() * idx.numel()
             if cfg.progress and (b % 20 == 19 or b == num_batches - 1):
@@ -184,10 +211,12 @@ class Trainer:
         train: SplitTensors,
         valid: SplitTensors | None = None,
         checkpoint_path: str | Path | None = None,
+        start_is_candidate: bool = False,
     ) -> FitResult:
         """Train up to ``max_epochs``; with ``valid``, stop after ``patience`` epochs without an AUC gain (not
         before ``min_epochs``) and restore the best weights. Without ``valid`` the last epoch's weights are
-        kept."""
+        kept. ``start_is_candidate``: the weights before training compete as epoch 0 (a warm start that no
+        epoch improves on validation is kept as it is)."""
         cfg = self.config
         if len(train) == 0:
             raise ValueError("empty train split")
@@ -196,6 +225,14 @@ class Trainer:
         history: list[EpochRecord] = []
         best_auc, best_epoch, best_state = -math.inf, 0, None
         bad_epochs, stopped_early = 0, False
+        if start_is_candidate and valid is not None:
+            metrics = self.evaluate(valid)
+            history.append(EpochRecord(0, None, 0.0, 0.0, metrics["auc"], metrics["logloss"]))
+            best_auc = metrics["auc"]
+            best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if checkpoint_path is not None:
+                save_state_dict(best_state, checkpoint_path, {"epoch": "0", "valid_auc": repr(best_auc)})
+            log.info("epoch 0 (start): valid AUC %.5f, Logloss %.5f", metrics["auc"], metrics["logloss"])
         for epoch in range(1, cfg.max_epochs + 1):
             start = time.perf_counter()
             train_loss = self.train_epoch(train, generator, epoch)

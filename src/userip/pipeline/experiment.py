@@ -79,6 +79,7 @@ SEARCHABLE_TRAINER_KEYS = (
     "min_epochs",
     "patience",
     "user_id_dropout",
+    "warm_start",
 )
 
 
@@ -190,7 +191,12 @@ class ExperimentConfig:
         for key in ("hobby_sizes", "background_sizes"):
             if any(int(k) < 2 for k in getattr(self, key)):
                 raise ConfigError(f"{key}: every codebook size must be >= 2, got {getattr(self, key)}")
-        self.trainer_search.candidates(self.trainer)  # every grid point must be a valid trainer config
+        candidates = self.trainer_search.candidates(self.trainer)  # every grid point must be valid
+        if "table3" in self.tables and any(t.warm_start for t in candidates):
+            raise ConfigError(
+                "table3's without-VQ row holds continuous profiles, which warm_start cannot extend a model "
+                "with; drop warm_start from trainer/trainer_search or table3 from tables"
+            )
         # A paired test needs >= 2 seeds; one seed still gives tables (without p-values).
         PipelineConfig(source=self.source, ctr_model=self.userip_model)  # validates the source name
 

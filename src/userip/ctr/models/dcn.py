@@ -16,10 +16,12 @@ from torch import nn
 
 from userip.ctr.features import FeatureMap
 from userip.ctr.layers import MLP, CrossNet, FieldEmbedding, check_int, check_units
-from userip.ctr.models.base import CTRModel
+from userip.ctr.models.base import CTRModel, concat_head_placement
 
 
 class DCN(CTRModel):
+    extendable = True  # userip.ctr.extend: new fields can start at zero
+
     def __init__(
         self,
         feature_map: FeatureMap,
@@ -42,6 +44,9 @@ class DCN(CTRModel):
         self.deep = MLP(in_dim, hidden_units, dropout, batch_norm) if hidden_units else None
         stacked = (in_dim if self.cross else 0) + (self.deep.output_dim if self.deep else 0)
         self.combination = nn.Linear(stacked, 1)
+
+    def base_placements(self, base: CTRModel) -> dict[str, tuple[slice | torch.Tensor, ...]]:
+        return concat_head_placement(self, base, "combination")
 
     def forward(self, x_ids: torch.Tensor) -> torch.Tensor:
         x0 = self.embedding(x_ids).flatten(1)  # (B, F * D)

@@ -16,12 +16,14 @@ from torch import nn
 
 from userip.ctr.features import FeatureMap
 from userip.ctr.layers import MLP, CrossNetV2, FieldEmbedding, check_choice, check_int, check_units
-from userip.ctr.models.base import CTRModel
+from userip.ctr.models.base import CTRModel, concat_head_placement
 
 STRUCTURES = ("parallel", "stacked")
 
 
 class DCNv2(CTRModel):
+    extendable = True  # userip.ctr.extend: new fields can start at zero
+
     def __init__(
         self,
         feature_map: FeatureMap,
@@ -49,6 +51,9 @@ class DCNv2(CTRModel):
         else:
             out_dim = in_dim + self.deep.output_dim
         self.output = nn.Linear(out_dim, 1)
+
+    def base_placements(self, base: CTRModel) -> dict[str, tuple[slice | torch.Tensor, ...]]:
+        return concat_head_placement(self, base, "output")
 
     def forward(self, x_ids: torch.Tensor) -> torch.Tensor:
         x0 = self.embedding(x_ids).flatten(1)  # (B, F * D)

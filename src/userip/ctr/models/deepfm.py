@@ -17,6 +17,8 @@ from userip.ctr.models.base import CTRModel
 
 
 class DeepFM(CTRModel):
+    extendable = True  # userip.ctr.extend: new fields can start at zero
+
     def __init__(
         self,
         feature_map: FeatureMap,

@@ -14,6 +14,8 @@ from userip.ctr.models.base import CTRModel
 
 
 class FM(CTRModel):
+    extendable = True  # userip.ctr.extend: new fields can start at zero
+
     def __init__(self, feature_map: FeatureMap, embedding_dim: int = 8) -> None:
         super().__init__(feature_map, embedding_dim)
         self.linear = LinearTerm(feature_map.vocab_sizes)
