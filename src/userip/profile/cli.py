@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from RUN/profile/checkpoints")
     parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="users sharded over torch.distributed ranks (implied under torchrun with WORLD_SIZE > 1): "
+        "torchrun --nproc_per_node N -m userip.cli profile --run-dir RUN; gloo on CPU, NCCL on CUDA",
+    )
+    parser.add_argument(
         "--new-users",
         type=Path,
         help="CSV/Parquet of new users' interactions (raw_user_id, raw_item_id, rating|label): fit only them "
@@ -68,10 +74,21 @@ def build_config(args: argparse.Namespace):
     return ProfileStageConfig.from_dict(data, str(args.config or "profile config"))
 
 
+def _distributed(args: argparse.Namespace) -> bool:
+    import os
+
+    return bool(getattr(args, "distributed", False)) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from userip.utils.logging import setup_logging
 
-    setup_logging(args.run_dir / "logs" / "profile.log")
+    rank = int(os.environ.get("RANK", "0")) if _distributed(args) else 0
+    setup_logging(args.run_dir / "logs" / ("profile.log" if rank == 0 else f"profile.rank{rank}.log"))
+    if _distributed(args):
+        return _run_distributed(args)
     try:
         if args.new_users is not None:
             from userip.profile.stage import add_new_users
@@ -88,6 +105,23 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     print(_summary(result))
+    return 0
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    from userip.profile.distributed import run_profile_stage_distributed
+    from userip.utils.distributed import DistributedError, init_distributed, shutdown
+
+    if args.new_users is not None:
+        raise DistributedError("--new-users runs in one process; drop --distributed / torchrun")
+    config = build_config(args)
+    ctx = init_distributed(config.lm.device)
+    try:
+        result = run_profile_stage_distributed(args.run_dir, config, resume=args.resume, ctx=ctx)
+    finally:
+        shutdown()
+    if result is not None:  # rank 0
+        print(_summary(result))
     return 0
 
 

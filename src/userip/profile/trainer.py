@@ -102,11 +102,14 @@ def plan_batches(
     epoch: int,
     bucket_by_length: bool = True,
     window: int = 32,
+    num_batches: int | None = None,
 ) -> list[np.ndarray]:
     """Example indices per micro-batch for one epoch; a pure function of its arguments (so resumable).
 
     Bucketing: shuffle, sort each window of ``window * batch_size`` examples by length, cut into batches, then
     shuffle the batch order, so a batch holds similar lengths while epochs still differ.
+    ``num_batches``: cut into exactly that many batches of near-equal size instead of ``batch_size`` each
+    (distributed ranks must take the same number of steps whatever their shard's size).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
@@ -116,7 +119,10 @@ def plan_batches(
         order = (
             np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
         )
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if num_batches is None:
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        batches = np.array_split(order, num_batches)
     if bucket_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -149,7 +155,10 @@ class ProfileTrainer:
         config: TrainConfig,
         aux: nn.Module | None = None,
         checkpoint_dir: str | Path | None = None,
+        batches_per_epoch: int | None = None,
     ) -> None:
+        """``batches_per_epoch``: a fixed number of micro-batches per epoch (``plan_batches(num_batches=)``)
+        instead of ``ceil(len(examples) / batch_size)``; the distributed trainer's ranks use it."""
         if len(examples) == 0:
             raise ValueError("no training examples (every user was skipped: empty targets after filtering)")
         self.model, self.examples, self.config, self.aux = model, examples, config, aux
@@ -165,7 +174,8 @@ class ProfileTrainer:
             if not config.train_aux:
                 aux.requires_grad_(False)
         self.lengths = examples.lengths
-        num_batches = math.ceil(len(examples) / config.batch_size)
+        self.batches_per_epoch = batches_per_epoch
+        num_batches = batches_per_epoch or math.ceil(len(examples) / config.batch_size)
         self.steps_per_epoch = math.ceil(num_batches / config.grad_accum_steps)
         total = self.steps_per_epoch * config.num_epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -201,6 +211,7 @@ class ProfileTrainer:
                     self.state.epoch,
                     cfg.bucket_by_length,
                     cfg.bucket_window,
+                    self.batches_per_epoch,
                 )
                 k = self.state.step_in_epoch
                 group = batches[k * cfg.grad_accum_steps : (k + 1) * cfg.grad_accum_steps]

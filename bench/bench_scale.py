@@ -1,0 +1,246 @@
+"""Scale benchmark of the distributed profile stage (torch.distributed, gloo, CPU) and of a large Redis bank.
+
+    python bench/bench_scale.py [--users 100000,1000000] [--steps 8] [--batch-size 64] \
+        [--redis-users 10000000]
+
+Profile part: the offline LM's architecture (a small Llama pre-trained for a few steps on a 300-user synthetic
+set: its weights do not matter for speed or memory) and synthetic users at each size in ``--users``. Each
+rank builds only its own shard (contiguous user range): its rows of the soft-token table
+(``shard_soft_token_table``), their RowAdam state, its users' examples (random 24-40-token targets, CSR) and
+interactions, and trains with the real ``ShardTrainer`` + ``ShardObjective`` (DDP over codebooks and
+surrogate) for ``--steps`` measured steps after 2 warm-up steps, under ``torchrun --standalone``. Reported per
+rank: peak RSS (``resource.getrusage``), the shard's own bytes (table + Adam moments + step counts + example
+and interaction arrays), and their difference ("beyond the shard"); users/s = global batch users per second.
+Throughput with 1 and 2 ranks at the smallest size. (On a 2-core machine shared with other jobs, 2 ranks
+share the same 2 cores: the number shows the overhead of DDP/gloo more than a speed-up.)
+
+Redis part: a bank of ``--redis-users`` users (2 profiles) published with ``publish_bank`` (pipelined HSET
+chunks) into a private redis-server: load time, Redis ``used_memory``, p50/p99 latency of single-user
+``RedisBank.lookup_raw`` calls (2,000 random users, one round trip each).
+
+Ends with ``RESULT peak_rss_mb_<U>=... beyond_shard_mb_<U>=... ratio=... users_per_s_1rank=...
+users_per_s_2rank=... redis_users=... redis_load_s=... redis_mem_mb=... redis_p99_ms=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from userip.codebook.objective import InteractionSampler, JointObjective
+    from userip.codebook.quantizer import MultiProfileQuantizer
+    from userip.codebook.surrogate import SurrogateRecommender
+    from userip.profile.distributed import ShardObjective, ShardTrainer, shard_soft_token_table
+    from userip.profile.lm import load_causal_lm, load_tokenizer
+    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenInit
+    from userip.profile.trainer import TrainConfig
+    from userip.prompts import ExampleSet, PromptBuilder, PromptConfig
+    from userip.utils.distributed import init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    U, W, r = args.users, ctx.world_size, ctx.rank
+    lo, hi = r * U // W, (r + 1) * U // W
+    n = hi - lo
+    lm = load_causal_lm(args.lm, "fp32", "cpu")
+    builder = PromptBuilder(load_tokenizer(args.lm), PromptConfig())
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    rng = np.random.default_rng([7, r, U])
+    lengths = rng.integers(24, 41, size=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    targets = rng.integers(10, vocab, size=int(offsets[-1])).astype(np.int32)
+    examples = ExampleSet(builder, np.arange(n, dtype=np.int64), offsets, targets, np.zeros(0, np.int64))
+    emb = lm.get_input_embeddings().weight
+    table = shard_soft_token_table(lo, hi, emb, builder, SoftTokenConfig(init=SoftTokenInit.PHRASE), {}, 0)
+    model = ProfileModel(lm, table, builder.config)
+    per_user, items = 8, 10_000
+    sampler = InteractionSampler(
+        np.repeat(np.arange(lo, hi), per_user), rng.integers(0, items, n * per_user),
+        rng.integers(0, 2, n * per_user), hi,
+    )  # fmt: skip
+    D = emb.shape[1]
+    objective = JointObjective(
+        MultiProfileQuantizer(["hobby", "background"], [4, 3], D, kmeans_init_samples=64),
+        SurrogateRecommender(2, D, items),
+        sampler,
+    )
+    aux = ShardObjective(objective, lo, ctx)
+    batches = max(1, U // args.batch_size)
+    cfg = TrainConfig(lr=0.02, batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
+                      checkpoint_every=0, log_every=10**9)  # fmt: skip
+    trainer = ShardTrainer(model, examples, cfg, ctx, np.array([0, U]), batches, aux=aux)
+    trainer.train(stop_after_steps=2)  # warm-up
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    shard_bytes = (
+        table.weight.numel() * 4 * 3  # table + RowAdam exp_avg + exp_avg_sq
+        + n * 8  # RowAdam row steps
+        + offsets.nbytes
+        + targets.nbytes
+        + examples.user_ids.nbytes
+        + sampler.item_ids.nbytes
+        + sampler.labels.nbytes
+        + sampler.indptr.nbytes
+    )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record = {
+        "rank": r, "world": W, "users": U, "steps": args.steps, "seconds": seconds,
+        "users_per_s": args.steps * args.batch_size / seconds, "peak_rss_mb": peak_mb,
+        "shard_mb": shard_bytes / 2**20, "beyond_shard_mb": peak_mb - shard_bytes / 2**20,
+    }  # fmt: skip
+    Path(args.out).with_suffix(f".rank{r}.json").write_text(json.dumps(record))
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    from userip.utils.distributed import shutdown
+
+    try:
+        worker(args)  # returns first: DDP's reducer must be freed before its process group is destroyed
+    finally:
+        shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def build_lm(folder: Path) -> str:
+    from userip.data.prepare import prepare_to_run_dir
+    from userip.data.schema import Dataset
+    from userip.lm.offline import OfflineLMConfig, resolve_lm
+    from userip.prompts import PromptConfig
+
+    prepare_to_run_dir(folder, "synthetic", {"num_users": 300, "num_items": 36}, None)
+    dataset = Dataset.load(folder / "data")
+    return resolve_lm("offline", dataset, folder, prompt_config=PromptConfig(),
+                      config=OfflineLMConfig(max_steps=5), progress=False)  # fmt: skip
+
+
+def run_profile(lm: str, users: int, world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    out = tmp / f"u{users}_w{world}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           __file__, "--worker", "--lm", lm, "--users", str(users), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed ({users} users, {world} ranks):\n{proc.stderr[-3000:]}")
+    records = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
+    for rec in records:
+        print(json.dumps(rec), flush=True)
+    return records
+
+
+def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
+    import redis
+
+    from userip.serving.redis_bank import RedisBank, publish_bank
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        base_mem = client.info("memory")["used_memory"]
+        codes = np.random.default_rng(0).integers(0, 3, size=(num_users, 2)).astype(np.int64)
+
+        class Bank:  # the read interface publish_bank uses (a FeatureBank of this size is built the same way)
+            profile_names, codebook_sizes = ["hobby", "background"], [4, 3]
+            dataset_hash, version, codebook_hash = "bench", "v1", None
+            raw_user_ids = [f"u{i}" for i in range(num_users)]
+
+            def lookup(self, ids: np.ndarray) -> np.ndarray:
+                return codes[ids]
+
+        bank = Bank()
+        t0 = time.perf_counter()
+        publish_bank(bank, client, "bench")
+        load_s = time.perf_counter() - t0
+        mem_mb = (client.info("memory")["used_memory"] - base_mem) / 2**20
+        remote = RedisBank.open(client, "bench")
+        rng = np.random.default_rng(1)
+        lat = []
+        for u in rng.integers(0, num_users, size=2000):
+            t = time.perf_counter()
+            got, known = remote.lookup_raw([f"u{u}"])
+            lat.append(time.perf_counter() - t)
+            assert known[0] and (got[0] == codes[u]).all()
+        lat_ms = np.array(lat) * 1000
+        return {"redis_users": num_users, "redis_load_s": load_s, "redis_mem_mb": mem_mb,
+                "redis_p50_ms": float(np.percentile(lat_ms, 50)),
+                "redis_p99_ms": float(np.percentile(lat_ms, 99))}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lm", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--users", default="100000,1000000")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--redis-users", type=int, default=10_000_000)
+    args = p.parse_args()
+    if args.worker:
+        args.users = int(args.users)
+        run_worker(args)
+        return
+    sizes = [int(s) for s in args.users.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp_name:
+        tmp = Path(tmp_name)
+        lm = build_lm(tmp / "seed")
+        result: dict[str, float] = {}
+        two = {u: run_profile(lm, u, 2, args, tmp) for u in sizes}
+        one = run_profile(lm, sizes[0], 1, args, tmp)
+        for u in sizes:
+            tag = f"{u // 1000}k" if u < 10**6 else f"{u // 10**6}m"
+            result[f"peak_rss_mb_{tag}"] = max(r["peak_rss_mb"] for r in two[u])
+            result[f"shard_mb_{tag}"] = max(r["shard_mb"] for r in two[u])
+            result[f"beyond_shard_mb_{tag}"] = max(r["beyond_shard_mb"] for r in two[u])
+        beyond = [max(r["beyond_shard_mb"] for r in two[u]) for u in sizes]
+        result["ratio"] = max(beyond) / min(beyond)
+        result["users_per_s_1rank"] = one[0]["users_per_s"]
+        result["users_per_s_2rank"] = two[sizes[0]][0]["users_per_s"]
+        result["s_per_user_2rank"] = 1 / result["users_per_s_2rank"]
+        if args.redis_users > 0:
+            result.update(run_redis(args.redis_users, tmp))
+    fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()]
+    fields.append(f"measured=2ranks_gloo_cpu_{args.steps}steps_batch{args.batch_size}_peak_rss_per_rank")
+    print("RESULT " + " ".join(fields))
+
+
+if __name__ == "__main__":
+    main()
