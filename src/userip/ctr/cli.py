@@ -2,17 +2,23 @@
 
     userip train --model dcn --run-dir RUN [--with-profiles] [--bank PATH] [--model-config YAML] [--seed N]
                  [--epochs N] [--batch-size N] [--lr F] [--user-features a,b] [--threads N] [--no-progress]
+    torchrun --nproc_per_node N -m userip.cli train ... [--distributed]    # DistributedDataParallel
 
 Prints a Markdown table and writes ``RUN/ctr/<model>[+profiles]/`` (see ``userip.ctr.recipe``); logs go to
-``RUN/logs/train.log``.
+``RUN/logs/train.log`` (rank r > 0 of a distributed run: ``train.rank<r>.log``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from userip.utils.config import ConfigError, from_dict, load_yaml
+
+if TYPE_CHECKING:
+    from userip.ctr.recipe import CTRResult
 
 # The model-config YAML may hold model keyword arguments at the top level, or split into two sections.
 _SECTIONS = ("model", "trainer")
@@ -42,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="DistributedDataParallel over torch.distributed ranks (implied under torchrun with "
+        "WORLD_SIZE > 1): torchrun --nproc_per_node N -m userip.cli train ...; --batch-size is the "
+        "global batch; gloo on CPU, NCCL on CUDA",
+    )
 
 
 def _read_model_config(path: Path | None) -> tuple[dict, dict]:
@@ -56,6 +69,26 @@ def _read_model_config(path: Path | None) -> tuple[dict, dict]:
             )
         return dict(data.get("model") or {}), dict(data.get("trainer") or {})
     return data, {}
+
+
+def _distributed(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "distributed", False)) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _run_distributed(run_dir: Path, model: str, options: dict[str, Any]) -> CTRResult | None:
+    """Train on every rank; rank 0's result (None on the others). Errors propagate to ``userip.cli`` as named
+    errors (``userip train: error: DistributedError: ...``, exit code 2) on every rank."""
+    from userip.ctr.distributed import local_batch_size, train_ctr_distributed
+    from userip.utils.distributed import init_distributed, shutdown
+
+    # Before joining the process group, so every rank refuses on its own and none waits for the others.
+    local_batch_size(options["config"].batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+    ctx = init_distributed(options["config"].device)
+    try:
+        result = train_ctr_distributed(run_dir, model, ctx=ctx, **options)
+    finally:
+        shutdown()
+    return result if ctx.is_main else None
 
 
 def results_table(valid: dict[str, float] | None, test: dict[str, float]) -> str:
@@ -83,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "num_threads": args.threads,
     }
-    setup_logging(run_dir / "logs" / "train.log")
+    distributed = _distributed(args)
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    setup_logging(run_dir / "logs" / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
     try:
         model_config, trainer_dict = _read_model_config(args.model_config)
         # configs/ctr_models.yaml holds one section per model: pick this model's (flat mappings pass through).
@@ -93,19 +128,24 @@ def run(args: argparse.Namespace) -> int:
             trainer_dict["progress"] = False
         trainer_dict.setdefault("progress", True)
         where = f"{args.model_config}:trainer" if args.model_config else "trainer options"
-        result = train_ctr(
-            run_dir,
-            args.model,
-            with_profiles=args.with_profiles,
-            bank=args.bank,
-            user_features=user_features,
-            model_config=model_config,
-            config=from_dict(TrainerConfig, trainer_dict, where),
-            seed=args.seed,
-        )
+        config = from_dict(TrainerConfig, trainer_dict, where)
+        options = {
+            "with_profiles": args.with_profiles,
+            "bank": args.bank,
+            "user_features": user_features,
+            "model_config": model_config,
+            "config": config,
+            "seed": args.seed,
+        }
+        if not distributed:
+            result = train_ctr(run_dir, args.model, **options)
     except (ValueError, FileNotFoundError) as e:
         # Bad input (unknown model, stale bank, missing file, bad config): one line naming the cause.
         raise SystemExit(f"userip train: {e}") from e
+    if distributed:
+        result = _run_distributed(run_dir, args.model, options)
+        if result is None:  # ranks > 0 print nothing
+            return 0
     name = output_name(args.model, args.with_profiles)
     print(f"{name} (best epoch {result.fit.best_epoch}, seed {result.seed})")
     print(results_table(result.valid, result.test))

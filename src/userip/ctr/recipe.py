@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ def train_ctr(
     seed: int | None = None,
     output_dir: str | Path | None = None,
     save: bool = True,
+    trainer_factory: Callable[..., Trainer] = Trainer,
 ) -> CTRResult:
     """Train and evaluate one CTR model.
 
@@ -110,7 +111,8 @@ def train_ctr(
     arguments of the model (``userip.ctr.models.model_arguments(name)`` lists them). ``seed`` overrides
     ``config.seed`` and also seeds the model's initialisation. Outputs go to ``output_dir``, defaulting to
     ``RUN/ctr/<model>[+profiles]`` for a run directory; nothing is written for a ``Dataset`` without
-    ``output_dir`` or when ``save`` is False.
+    ``output_dir`` or when ``save`` is False. ``trainer_factory(model, config, fixed_masks)`` makes the
+    trainer (``userip.ctr.distributed`` passes its DDP trainer; a warm start's base model uses it too).
     """
     config = config or TrainerConfig()
     if seed is not None:
@@ -156,7 +158,14 @@ def train_ctr(
     base = None
     if extend:  # the same model without the extra fields, same settings and seed (userip.ctr.extend)
         base_config = dataclasses.replace(config, warm_start=False)
-        base = train_ctr(dataset, model_name, model_config=model_config, config=base_config, save=False).model
+        base = train_ctr(
+            dataset,
+            model_name,
+            model_config=model_config,
+            config=base_config,
+            save=False,
+            trainer_factory=trainer_factory,
+        ).model
     seed_everything(config.seed)
     model = build_model(model_name, data.feature_map, **model_config)
     fixed_masks = None
@@ -173,7 +182,7 @@ def train_ctr(
     )
 
     # ---- train
-    trainer = Trainer(model, config, fixed_masks)
+    trainer = trainer_factory(model, config, fixed_masks)
     valid = data.splits.get("valid")
     checkpoint = None if out is None else out / MODEL_FILE
     fit = trainer.fit(data["train"], valid, checkpoint_path=checkpoint, start_is_candidate=base is not None)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from userip.ctr.data import USER_COLUMN, SplitTensors
@@ -122,6 +123,8 @@ def parameter_groups(
 
     Uses the model's ``embedding_parameters()`` hook (every zoo model has one), else any ``nn.Embedding``.
     """
+    if isinstance(model, DistributedDataParallel):  # the hook lives on the wrapped model
+        model = model.module
     hook = getattr(model, "embedding_parameters", None)
     tables = hook() if callable(hook) else [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     embedding_ids = {id(p) for p in tables}
@@ -138,7 +141,8 @@ class Trainer:
 
     ``fixed_masks`` ({parameter name: bool mask}, from ``userip.ctr.extend``) marks entries that keep their
     values: they are restored after every optimizer step (a projection, exact whatever the optimizer and its
-    weight decay do).
+    weight decay do). ``userip.ctr.distributed.DistributedTrainer`` overrides the hooks below (rows of an
+    epoch, rows per step, the module the step calls, the epoch's mean loss) and ``evaluate``.
     """
 
     def __init__(
@@ -168,6 +172,25 @@ class Trainer:
             if bool(mask.any())
         ]
 
+    # ------------------------------------------------------------------ hooks (userip.ctr.distributed)
+    @property
+    def train_module(self) -> nn.Module:
+        """What the training step calls (a ``DistributedDataParallel`` wrapper in a distributed run)."""
+        return self.model
+
+    @property
+    def step_batch_size(self) -> int:
+        """Rows per optimizer step in this process (a rank's share of the global batch when distributed)."""
+        return self.config.batch_size
+
+    def epoch_rows(self, perm: torch.Tensor) -> torch.Tensor:
+        """The rows of the epoch's shuffled index this process trains on, in order (all of them here)."""
+        return perm
+
+    def mean_loss(self, loss_sum: torch.Tensor, count: int) -> float:
+        """Mean training loss of the epoch from this process's row-weighted sum over ``count`` rows."""
+        return float(loss_sum) / count
+
     # ------------------------------------------------------------------ training
     def train_epoch(self, train: SplitTensors, generator: torch.Generator, epoch: int = 1) -> float:
         """One pass over ``train`` in shuffled mini-batches; returns the mean training loss."""
@@ -179,15 +202,17 @@ class Trainer:
             dropped = (torch.rand(n, generator=generator) < cfg.user_id_dropout).to(self.device)
             x_all = x_all.clone()
             x_all[dropped, USER_COLUMN] = UNKNOWN_INDEX
-        self.model.train()
+        rows, batch_size, module = self.epoch_rows(perm), self.step_batch_size, self.train_module
+        count = rows.numel()  # n, or this rank's share
+        module.train()
         loss_sum = torch.zeros((), device=self.device)
-        num_batches = math.ceil(n / cfg.batch_size)
-        bar = tqdm(total=n, desc=f"epoch {epoch}", unit="rows", disable=not cfg.progress, leave=False)
+        num_batches = math.ceil(count / batch_size)
+        bar = tqdm(total=count, desc=f"epoch {epoch}", unit="rows", disable=not cfg.progress, leave=False)
         for b in range(num_batches):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            idx = rows[b * batch_size : (b + 1) * batch_size]
             # index_select: measured ~2x faster than advanced indexing (x_all[idx]) on CPU.
             x_ids, labels = x_all.index_select(0, idx), y_all.index_select(0, idx)
-            logits = self.model(x_ids)
+            logits = module(x_ids)
             loss = F.binary_cross_entropy_with_logits(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,9 +224,9 @@ class Trainer:
             # Weighted by batch size so a short last batch counts for what it is; no per-step host sync.
             loss_sum += loss.detach() * idx.numel()
             if cfg.progress and (b % 20 == 19 or b == num_batches - 1):
-                bar.update(min((b + 1) * cfg.batch_size, n) - bar.n)
+                bar.update(min((b + 1) * batch_size, count) - bar.n)
         bar.close()
-        mean_loss = float(loss_sum) / n
+        mean_loss = self.mean_loss(loss_sum, count)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"epoch {epoch}: training loss is {mean_loss}; lower lr or check inputs")
         return mean_loss
