@@ -1,5 +1,7 @@
 """`userip experiment` on the tiny run: tables, plots, resume, and config validation."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,3 +150,38 @@ def test_cold_start_experiment_profiles_cold_users_through_the_new_user_path(tmp
     run_experiment(config)
     assert FeatureBank.load(tmp_path / "run" / "bank").version == bank.version
     assert [p.stat().st_mtime_ns for p in cells] == mtimes
+
+
+def test_llm_baseline_rows_build_their_knowledge_once(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    data = {
+        **{k: v for k, v in TINY.items() if k != "seeds"},
+        "name": "tiny kar",
+        "run_dir": str(run_dir),
+        "out_dir": str(tmp_path / "experiment"),
+        "seeds": [0, 1],
+        "tables": ["table2"],
+        "baselines": ["dcn"],
+        "llm_baselines": ["kar", "kar_nogen"],
+        "llm_baseline_lm": "offline",  # the profile stage's own LM, reused (not pre-trained again)
+        "kar": {
+            "max_new_tokens": 4,
+            "encode_max_tokens": 64,
+            "adaptor_output_dim": 8,
+            "adaptor_hidden_dim": 8,
+        },
+    }
+    config = from_dict(ExperimentConfig, data, "tiny kar experiment")
+    summary = run_experiment(config)
+    rows = {r["model"] for r in summary["tables"]["table2"]}
+    assert {"KAR-DCN", "KAR-DCN w/o generation"} <= rows
+    out = tmp_path / "experiment"
+    cost = json.loads((out / "llm_baseline_cost.json").read_text())
+    assert (
+        cost["kar"]["llm_calls"] > 0 and cost["kar_nogen"]["llm_calls"] == 0
+    )  # the ablation generates nothing
+    assert cost["kar"]["encoded_texts"] > 0
+    # The second seed reused the cached knowledge: each row's recorded cost is its first (building) cell's.
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results[results.variant == "kar"].seed) == [0, 1]
+    assert list((run_dir / "baselines").iterdir())  # the knowledge cache lives in the run

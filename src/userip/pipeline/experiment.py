@@ -34,10 +34,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from userip.baselines import KARConfig
 from userip.codebook.config import QuantizationConfig
 from userip.codebook.stage import build_aux, code_usage, write_bank
 from userip.ctr.models import MODELS
-from userip.ctr.recipe import train_ctr
+from userip.ctr.recipe import CTRResult, train_ctr
 from userip.ctr.trainer import TrainerConfig
 from userip.data.prepare import prepare
 from userip.data.preprocess import PrepareConfig, SplitMode
@@ -51,7 +52,7 @@ from userip.feature_bank import UNKNOWN_CODE, FeatureBank
 from userip.pipeline.run import PipelineConfig, stage_profile
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
-from userip.profile.stage import ProfileStageConfig, add_new_users
+from userip.profile.stage import ProfileStageConfig, add_new_users, read_stage_config, stage_lm_path
 from userip.prompts import ProfileSpec
 from userip.prompts.template import HistoryFeedback
 from userip.utils.config import ConfigError, to_dict
@@ -66,6 +67,8 @@ TABLES = ("table2", "table3", "table4", "figure5", "figure6")
 #                 adds over plain clustering of the same evidence
 #   attributes    the dataset's true user attributes (``attribute_features``): the ceiling of a user profile
 CONTROLS = ("bag_of_items", "attributes")
+# The paper's LLM-based rows built so far (docs/llm_baselines.md): row variant -> KARConfig.mode.
+LLM_BASELINES = {"kar": "generation", "kar_nogen": "no_generation"}
 NEW_USERS_FILE = "new_users.parquet"  # cold_start: the cold users' known rows, as a --new-users file
 
 
@@ -152,12 +155,20 @@ class ExperimentConfig:
     trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
     controls: list[str] = dataclasses.field(default_factory=list)  # see CONTROLS
+    llm_baselines: list[str] = dataclasses.field(default_factory=list)  # Table 2 rows, see LLM_BASELINES
+    llm_baseline_lm: str = "smollm2"  # the --lm spec the LLM baselines generate and encode with
+    kar: KARConfig = dataclasses.field(default_factory=KARConfig)  # its mode is set per row
     attribute_features: list[str] = dataclasses.field(default_factory=list)  # user columns for "attributes"
 
     def __post_init__(self) -> None:
         bad = [c for c in self.controls if c not in CONTROLS]
         if bad:
             raise ConfigError(f"controls: unknown {bad}; accepted: {list(CONTROLS)}")
+        bad = [b for b in self.llm_baselines if b not in LLM_BASELINES]
+        if bad:
+            raise ConfigError(f"llm_baselines: unknown {bad}; accepted: {list(LLM_BASELINES)}")
+        if self.llm_baselines and "table2" not in self.tables:
+            raise ConfigError("llm_baselines are Table 2 rows: add table2 to tables")
         if "attributes" in self.controls and not self.attribute_features:
             raise ConfigError(
                 "controls: 'attributes' needs attribute_features (e.g. [gender, age, occupation])"
@@ -227,6 +238,7 @@ class Experiment:
         self.banks: dict[str, FeatureBank] = {}
         self.chosen: dict[tuple[str, str], TrainerConfig] = {}  # (model, search variant) -> trainer
         self.search_results: pd.DataFrame | None = None
+        self._text_lm = None  # the LLM baselines' LM, loaded on first use
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -398,6 +410,7 @@ class Experiment:
                 out += [Cell("table2", m.lower(), "base", seed) for m in cfg.baselines]
                 out.append(Cell("table2", main, "userip", seed))
                 out += [Cell("table2", main, control, seed) for control in cfg.controls]
+                out += [Cell("table2", main, baseline, seed) for baseline in cfg.llm_baselines]
             if "table3" in cfg.tables:
                 out.append(Cell("table3", main, "novq", seed))
             if "table4" in cfg.tables:
@@ -483,6 +496,11 @@ class Experiment:
             "profile": to_dict(self.config.profile),
             "requantize_epochs": self.config.requantize_epochs,
             "attribute_features": self.config.attribute_features if cell.variant == "attributes" else None,
+            "llm_baseline": (
+                {"lm": self.config.llm_baseline_lm, "kar": to_dict(self.config.kar)}
+                if cell.variant in LLM_BASELINES
+                else None
+            ),
             "bank": self.banks["userip"].version if "userip" in self.banks else None,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -494,6 +512,8 @@ class Experiment:
         if path.exists():
             return read_json(path)
         variant = self._canonical(cell.variant)
+        if variant in LLM_BASELINES:
+            return self._run_llm_baseline_cell(cell, trainer, path)
         with_profiles = variant not in ("base", "attributes")
         start = time.perf_counter()
         result = train_ctr(
@@ -507,19 +527,39 @@ class Experiment:
             seed=cell.seed,
             save=False,
         )
-        record = {
-            "model": cell.model,
-            "variant": variant,
-            "seed": cell.seed,
-            "auc": result.test["auc"],
-            "logloss": result.test["logloss"],
-            "valid_auc": (result.valid or {}).get("auc"),
-            "valid_logloss": (result.valid or {}).get("logloss"),
-            "best_epoch": result.fit.best_epoch,
-            "seconds": time.perf_counter() - start,
-        }
-        atomic_write_json(path, record)
-        return record
+        return _write_cell(path, cell.model, variant, cell.seed, result, time.perf_counter() - start)
+
+    def _run_llm_baseline_cell(self, cell: Cell, trainer: TrainerConfig, path: Path) -> dict[str, Any]:
+        """One seed of an LLM baseline row. Its knowledge (generation, encoding) is built once into
+        ``RUN/baselines`` (cached by split, LM hash, prompt and decoding settings), so only a row's first
+        cell pays the LLM; that cost is kept in ``OUT/llm_baseline_cost.json``."""
+        from userip.baselines import load_text_lm, train_kar  # the LM loads only when such a row runs
+
+        cfg = self.config
+        if self._text_lm is None:
+            spec = cfg.llm_baseline_lm
+            if spec == cfg.profile.lm.name_or_path:  # the profile stage's own LM: load it, do not rebuild it
+                spec = stage_lm_path(self.run_dir, read_stage_config(self.run_dir)[0], self.dataset)
+            self._text_lm = load_text_lm(
+                spec, dataset=self.dataset, dtype=cfg.kar.lm_dtype, device=cfg.kar.lm_device
+            )
+        start = time.perf_counter()
+        result = train_kar(
+            self.dataset,
+            self._text_lm,
+            dataclasses.replace(cfg.kar, mode=LLM_BASELINES[cell.variant]),
+            cell.seed,
+            trainer_config=trainer,
+            model_config=cfg.model_configs.get(cell.model, {}),
+            cache_dir=self.run_dir / "baselines",
+        )
+        cost = result.offline_cost.to_dict()
+        cost_path = self.out / "llm_baseline_cost.json"
+        costs = read_json(cost_path) if cost_path.exists() else {}
+        if cost["llm_calls"] or cost["encoded_texts"] or cell.variant not in costs:
+            costs[cell.variant] = {"lm": cfg.llm_baseline_lm, **cost}  # the run that built the knowledge
+            atomic_write_json(cost_path, costs)
+        return _write_cell(path, cell.model, cell.variant, cell.seed, result, time.perf_counter() - start)
 
     def run(self) -> dict[str, Any]:
         self.setup()
@@ -564,7 +604,7 @@ class Experiment:
             rows = results[
                 (results.variant == "base") & results.model.isin([m.lower() for m in cfg.baselines])
             ]
-            ours = ["userip", *cfg.controls]
+            ours = ["userip", *cfg.controls, *cfg.llm_baselines]
             rows = pd.concat([rows, results[(results.model == main) & results.variant.isin(ours)]])
             table(
                 rows,
@@ -652,6 +692,25 @@ class Experiment:
         return out
 
 
+def _write_cell(
+    path: Path, model: str, variant: str, seed: int, result: CTRResult, seconds: float
+) -> dict[str, Any]:
+    """A finished cell's record (test and valid metrics, best epoch, wall seconds), written atomically."""
+    record = {
+        "model": model,
+        "variant": variant,
+        "seed": seed,
+        "auc": result.test["auc"],
+        "logloss": result.test["logloss"],
+        "valid_auc": (result.valid or {}).get("auc"),
+        "valid_logloss": (result.valid or {}).get("logloss"),
+        "best_epoch": result.fit.best_epoch,
+        "seconds": seconds,
+    }
+    atomic_write_json(path, record)
+    return record
+
+
 def row_name(model: str, variant: str) -> str:
     """A table row's name: ``DCN``, ``UserIP-DCN``, ``UserIP-DCN w/o VQ``, ``UserIP-DCN hobby9``."""
     label = {
@@ -660,6 +719,8 @@ def row_name(model: str, variant: str) -> str:
         "novq": "UserIP-{M} w/o VQ",
         "bag_of_items": "{M} + bag-of-items IDs (control)",
         "attributes": "{M} + true attributes (control)",
+        "kar": "KAR-{M}",
+        "kar_nogen": "KAR-{M} w/o generation",
     }
     return label.get(variant, "UserIP-{M} " + variant).format(M=model.upper())
 
