@@ -1,6 +1,7 @@
 """`userip experiment` on the tiny run: tables, plots, resume, and config validation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,7 @@ import pytest
 
 from userip.evaluation.metrics import paired_test
 from userip.pipeline.experiment import ExperimentConfig, run_experiment
-from userip.utils.config import ConfigError, from_dict
+from userip.utils.config import ConfigError, from_dict, load_yaml
 
 from .conftest import TINY
 
@@ -185,3 +186,14 @@ def test_llm_baseline_rows_build_their_knowledge_once(tiny_run, tmp_path):
     results = pd.read_csv(out / "results.csv")
     assert sorted(results[results.variant == "kar"].seed) == [0, 1]
     assert list((run_dir / "baselines").iterdir())  # the knowledge cache lives in the run
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[2] / "configs").glob("experiment_*.yaml")),
+    ids=lambda p: p.stem,
+)
+def test_every_shipped_experiment_config_loads_and_names_its_command(path):
+    assert path.read_text().splitlines()[0] == f"# userip experiment --config configs/{path.name}"
+    config = from_dict(ExperimentConfig, load_yaml(path), str(path))
+    assert config.seeds and config.tables
