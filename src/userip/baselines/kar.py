@@ -60,7 +60,7 @@ from userip.ctr.trainer import Trainer, TrainerConfig, predict_probs
 from userip.data.schema import SPLITS, Dataset
 from userip.evaluation.metrics import auc, logloss
 from userip.utils.config import ConfigError, choice, to_dict
-from userip.utils.io import atomic_write_json
+from userip.utils.io import atomic_write_json, user_cache_dir
 from userip.utils.logging import get_logger
 from userip.utils.seed import seed_everything
 
@@ -288,8 +288,7 @@ class KnowledgeTables:
 def default_cache_dir() -> Path:
     """``$USERIP_CACHE_DIR/baselines`` (default ``~/.cache/userip/baselines``): shared by runs, because the
     key already holds everything the cached texts depend on."""
-    root = os.environ.get("USERIP_CACHE_DIR") or Path.home() / ".cache" / "userip"
-    return Path(root) / "baselines"
+    return user_cache_dir("baselines")
 
 
 def generation_cache_key(dataset: Dataset, lm: TextLM, config: KARConfig) -> dict[str, Any]:

@@ -11,7 +11,6 @@ Prints a Markdown table and writes ``RUN/ctr/<model>[+profiles]/`` (see ``userip
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,18 +70,14 @@ def _read_model_config(path: Path | None) -> tuple[dict, dict]:
     return data, {}
 
 
-def _distributed(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "distributed", False)) or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def _run_distributed(run_dir: Path, model: str, options: dict[str, Any]) -> CTRResult | None:
     """Train on every rank; rank 0's result (None on the others). Errors propagate to ``userip.cli`` as named
     errors (``userip train: error: DistributedError: ...``, exit code 2) on every rank."""
     from userip.ctr.distributed import local_batch_size, train_ctr_distributed
-    from userip.utils.distributed import init_distributed, shutdown
+    from userip.utils.distributed import init_distributed, launcher_world_size, shutdown
 
     # Before joining the process group, so every rank refuses on its own and none waits for the others.
-    local_batch_size(options["config"].batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+    local_batch_size(options["config"].batch_size, launcher_world_size())
     ctx = init_distributed(options["config"].device)
     try:
         result = train_ctr_distributed(run_dir, model, ctx=ctx, **options)
@@ -102,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from userip.ctr.models import model_section
     from userip.ctr.recipe import output_name, train_ctr  # heavy imports only when the command runs
     from userip.ctr.trainer import TrainerConfig
+    from userip.utils.distributed import distributed_requested, rank_log_file
     from userip.utils.logging import setup_logging
 
     run_dir: Path = args.run_dir
@@ -116,9 +112,8 @@ def run(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "num_threads": args.threads,
     }
-    distributed = _distributed(args)
-    rank = int(os.environ.get("RANK", "0")) if distributed else 0
-    setup_logging(run_dir / "logs" / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
+    distributed = distributed_requested(bool(getattr(args, "distributed", False)))
+    setup_logging(rank_log_file(run_dir / "logs", "train", distributed))
     try:
         model_config, trainer_dict = _read_model_config(args.model_config)
         # configs/ctr_models.yaml holds one section per model: pick this model's (flat mappings pass through).

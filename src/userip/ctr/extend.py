@@ -63,9 +63,9 @@ def extend_model(base: CTRModel, model: CTRModel, check_ids: torch.Tensor) -> di
             mask[index] = True
             masks[name] = mask
         # New fields' rows start at zero (their vocabularies follow the base's in every offset table).
+        base_rows = sum(f.vocab_size for f in base_fields)
         for module in model.modules():
             if isinstance(module, OffsetEmbedding):
-                base_rows = int(sum(f.vocab_size for f in base_fields))
                 module.weight[base_rows:] = 0.0
         base_was, model_was = base.training, model.training
         base.eval(), model.eval()

@@ -166,11 +166,12 @@ class Trainer:
         unknown = sorted(set(fixed_masks or {}) - set(params))
         if unknown:
             raise ValueError(f"fixed_masks names parameters the model does not have: {unknown}")
-        self._fixed = [
-            (params[name], mask.to(self.device), params[name].detach()[mask.to(self.device)].clone())
-            for name, mask in (fixed_masks or {}).items()
-            if bool(mask.any())
-        ]
+        # (parameter, mask, the masked entries' values) for every parameter with fixed entries
+        self._fixed = []
+        for name, mask in (fixed_masks or {}).items():
+            if bool(mask.any()):
+                mask = mask.to(self.device)
+                self._fixed.append((params[name], mask, params[name].detach()[mask].clone()))
 
     # ------------------------------------------------------------------ hooks (userip.ctr.distributed)
     @property

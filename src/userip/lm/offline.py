@@ -69,6 +69,7 @@ from userip.prompts.targets import history_feedback_texts
 from userip.prompts.template import HistoryFeedback
 from userip.utils.artifacts import folder_hashes, verify_folder
 from userip.utils.config import ConfigError, choice, to_dict
+from userip.utils.io import user_cache_dir
 from userip.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -546,8 +547,7 @@ def default_cache_dir(run_dir: str | os.PathLike[str] | None = None) -> Path:
     """``RUN/lm`` inside a run; otherwise ``$USERIP_CACHE_DIR/lm`` (default ``~/.cache/userip/lm``)."""
     if run_dir is not None:
         return Path(run_dir) / "lm"
-    root = os.environ.get("USERIP_CACHE_DIR") or Path.home() / ".cache" / "userip"
-    return Path(root) / "lm"
+    return user_cache_dir("lm")
 
 
 def _prompt_key_fields(prompt_config: PromptConfig) -> dict[str, Any]:

@@ -74,20 +74,13 @@ def build_config(args: argparse.Namespace):
     return ProfileStageConfig.from_dict(data, str(args.config or "profile config"))
 
 
-def _distributed(args: argparse.Namespace) -> bool:
-    import os
-
-    return bool(getattr(args, "distributed", False)) or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    from userip.utils.distributed import distributed_requested, rank_log_file
     from userip.utils.logging import setup_logging
 
-    rank = int(os.environ.get("RANK", "0")) if _distributed(args) else 0
-    setup_logging(args.run_dir / "logs" / ("profile.log" if rank == 0 else f"profile.rank{rank}.log"))
-    if _distributed(args):
+    distributed = distributed_requested(bool(getattr(args, "distributed", False)))
+    setup_logging(rank_log_file(args.run_dir / "logs", "profile", distributed))
+    if distributed:
         return _run_distributed(args)
     try:
         if args.new_users is not None:

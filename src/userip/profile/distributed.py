@@ -308,19 +308,19 @@ def run_profile_stage_distributed(
 ) -> Any:
     """``run_profile_stage`` on every rank of an initialised process group; returns the
     ``ProfileStageResult`` on rank 0 and None on the other ranks."""
-    from userip.codebook.stage import build_aux, write_bank
+    from userip.codebook.stage import build_aux
     from userip.data.schema import Dataset
     from userip.profile.lm import load_causal_lm, load_tokenizer
     from userip.profile.model import resolve_value_words
+    from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE
     from userip.profile.stage import (
-        STAGE_CONFIG_FILE,
         ProfileStageConfig,
         ProfileStageResult,
         _profile_config,
+        finish_stage,
         resolve_stage_lm,
     )
     from userip.prompts import build_examples
-    from userip.utils.config import to_dict
     from userip.utils.distributed import init_distributed
     from userip.utils.io import run_relative
     from userip.utils.seed import seed_everything
@@ -388,15 +388,10 @@ def run_profile_stage_distributed(
     out: ProfileStageResult | None = None
     if ctx.is_main:
         assert profiles is not None
-        recorded_lm = run_relative(lm_path, run_dir)
         atomic_write_json(
-            run_dir / "profile" / STAGE_CONFIG_FILE,
-            {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
-        )
-        atomic_write_json(
-            run_dir / "profile" / "profile_manifest.json",
+            run_dir / "profile" / MANIFEST_FILE,
             {
-                "lm": recorded_lm,
+                "lm": run_relative(lm_path, run_dir),
                 "hidden_size": int(embeddings.shape[1]),
                 "profiles": [dataclasses.asdict(p) for p in config.prompt.profiles],
                 "value_words": value_words,
@@ -418,23 +413,19 @@ def run_profile_stage_distributed(
             },
         )
         # A single-process table from an earlier run would no longer match this run's bank.
-        (run_dir / "profile" / "soft_tokens.safetensors").unlink(missing_ok=True)
+        (run_dir / "profile" / SOFT_TOKENS_FILE).unlink(missing_ok=True)
         template = builder.tokenizer.decode(builder.build("<target>").input_ids)
-        bank, report = write_bank(
-            run_dir / "bank",
+        out = finish_stage(
+            run_dir,
+            config,
             dataset,
+            lm_path,
             aux.objective,
             profiles,
-            trained_user_ids=examples.user_ids,
-            lm=recorded_lm,
-            template=template,
-            config={**to_dict(config), "distributed": {"world_size": ctx.world_size}},
+            examples.user_ids,
+            template,
+            result,
+            world_size=ctx.world_size,
         )
-        report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
-        report["lm_loss_history"] = result.loss_history
-        report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
-        report["world_size"] = ctx.world_size
-        atomic_write_json(run_dir / "bank" / "report.json", report)
-        out = ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
     barrier(ctx)  # nobody exits (and tears the group down) before the bank is written
     return out

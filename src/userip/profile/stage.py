@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from userip.codebook.config import QuantizationConfig
@@ -32,7 +33,7 @@ from userip.lm.offline import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig, resolv
 from userip.profile.lm import LMConfig, LMLoadError
 from userip.profile.model import SoftTokenConfig
 from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, run_profile, setup
-from userip.profile.trainer import TrainConfig
+from userip.profile.trainer import TrainConfig, TrainResult
 from userip.prompts import PromptConfig
 from userip.utils.config import from_dict, to_dict
 from userip.utils.io import atomic_write_json, read_json, resolve_in_run, run_relative
@@ -120,28 +121,58 @@ def run_profile_stage(
     # The trainer hands aux the batch on the LM's device; keep the codebooks and surrogate there too.
     aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization).to(prepared.model.lm_device)
     _, result = run_profile(run_dir, profile_config, aux=aux, resume=resume, prepared=prepared)
+    return finish_stage(
+        run_dir,
+        config,
+        dataset,
+        lm_path,
+        aux,
+        all_profile_embeds(prepared),
+        prepared.examples.user_ids,
+        prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids),
+        result,
+    )
 
+
+def finish_stage(
+    run_dir: Path,
+    config: ProfileStageConfig,
+    dataset: Dataset,
+    lm_path: str,
+    aux: torch.nn.Module,
+    profile_embeds: torch.Tensor,
+    trained_user_ids: np.ndarray,
+    template: str,
+    result: TrainResult,
+    world_size: int | None = None,
+) -> ProfileStageResult:
+    """After Algorithm 1 (one process, or rank 0 with every rank's profiles gathered): the stage record, the
+    bank and its report. ``profile_embeds`` (U, P, D) for every user; ``world_size`` (a distributed run's)
+    is recorded in the bank's config and report."""
+    bank_config = to_dict(config)
+    if world_size is not None:
+        bank_config["distributed"] = {"world_size": world_size}
     recorded_lm = run_relative(lm_path, run_dir)  # a copied run must use its own LM, never the original's
     atomic_write_json(
         run_dir / "profile" / STAGE_CONFIG_FILE,
         {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
     )
-
-    template = prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids)
     bank, report = write_bank(
         run_dir / "bank",
         dataset,
         aux,
-        all_profile_embeds(prepared),
-        trained_user_ids=prepared.examples.user_ids,
+        profile_embeds,
+        trained_user_ids=trained_user_ids,
         lm=recorded_lm,
         template=template,
-        config=to_dict(config),
+        config=bank_config,
     )
     report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
     report["lm_loss_history"] = result.loss_history
     # this call's training (a resumed run counts only its own steps)
     report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
+    if world_size is not None:
+        report["world_size"] = world_size
     atomic_write_json(run_dir / "bank" / "report.json", report)
     return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
 

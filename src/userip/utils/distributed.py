@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,9 +40,20 @@ class DistContext:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
-def launched_by_torchrun() -> bool:
-    """Whether this process was started by torchrun (or another env:// launcher)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+def launcher_world_size() -> int:
+    """The number of ranks the launcher started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_requested(flag: bool) -> bool:
+    """A CLI stage runs distributed when ``--distributed`` is given or torchrun started several ranks."""
+    return flag or launcher_world_size() > 1
+
+
+def rank_log_file(log_dir: Path, stage: str, distributed: bool) -> Path:
+    """``LOG_DIR/<stage>.log`` for rank 0 (and one process), ``<stage>.rank<r>.log`` for the other ranks."""
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    return log_dir / (f"{stage}.log" if rank == 0 else f"{stage}.rank{rank}.log")
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = 1800.0) -> DistContext:

@@ -146,3 +146,10 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "value"):  # Enum
         return obj.value
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def user_cache_dir(name: str) -> Path:
+    """``$USERIP_CACHE_DIR/<name>`` (default ``~/.cache/userip/<name>``): caches shared by every run, whose
+    keys already hold everything the cached files depend on (converted LMs, LLM-baseline texts)."""
+    root = os.environ.get("USERIP_CACHE_DIR") or Path.home() / ".cache" / "userip"
+    return Path(root) / name
