@@ -30,7 +30,7 @@ from sklearn.cluster import KMeans
 
 from userip.codebook import QuantizationConfig
 from userip.codebook.recovery import kmeans_bow_codes, profile_recovery, random_codes
-from userip.codebook.stage import build_aux, write_bank
+from userip.profile.bank import build_aux, write_bank
 from userip.utils.seed import seed_everything
 
 

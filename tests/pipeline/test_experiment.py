@@ -1,16 +1,19 @@
 """`userip experiment` on the tiny run: tables, plots, resume, and config validation."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from userip.data.schema import Dataset
 from userip.evaluation.metrics import paired_test
 from userip.pipeline.experiment import ExperimentConfig, run_experiment
-from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
 
+from ..baselines.conftest import make_tiny_lm
 from .conftest import TINY
 
 
@@ -153,39 +156,76 @@ def test_cold_start_experiment_profiles_cold_users_through_the_new_user_path(tmp
     assert [p.stat().st_mtime_ns for p in cells] == mtimes
 
 
-def test_llm_baseline_rows_build_their_knowledge_once(tiny_run, tmp_path):
+def test_llm_baseline_rows_farmed_out_then_tabled(tiny_run, tmp_path):
+    """Every LLM row end to end with the profile stage's own LM; the rows are computed by two runs with
+    ``rows`` (as on a GPU machine, with ``--set``-style overrides of where the LM runs), their cells copied
+    into one folder, and a run without ``rows`` computes nothing more and writes the tables."""
     run_dir, _ = tiny_run
+    lm = make_tiny_lm(Dataset.load(run_dir))  # a chat LM whose tokenizer spells Yes and No (ReLLa's answers)
+    lm_dir = tmp_path / "chat_lm"
+    lm.model.save_pretrained(lm_dir)
+    lm.tokenizer.save_pretrained(lm_dir)
     data = {
         **{k: v for k, v in TINY.items() if k != "seeds"},
-        "name": "tiny kar",
+        "name": "tiny llm rows",
         "run_dir": str(run_dir),
         "out_dir": str(tmp_path / "experiment"),
         "seeds": [0, 1],
         "tables": ["table2"],
         "baselines": ["dcn"],
-        "llm_baselines": ["kar", "kar_nogen"],
-        "llm_baseline_lm": "offline",  # the profile stage's own LM, reused (not pre-trained again)
+        "llm_baselines": ["kar", "kar_nogen", "pepler", "rella", "rella_zeroshot"],
+        "llm_baseline_lm": str(lm_dir),
         "kar": {
             "max_new_tokens": 4,
             "encode_max_tokens": 64,
             "adaptor_output_dim": 8,
             "adaptor_hidden_dim": 8,
         },
+        "pepler": {"max_epochs": 1, "batch_size": 64, "mlp_hidden_dim": 16},
+        "rella": {"num_train_samples": 8, "max_epochs": 1, "num_history_items": 3, "max_valid_rows": 16},
     }
-    config = from_dict(ExperimentConfig, data, "tiny kar experiment")
+    farmed = {
+        "kar,kar_nogen": tmp_path / "share_kar",
+        "pepler,rella,rella_zeroshot": tmp_path / "share_llm",
+    }
+    for rows, out_dir in farmed.items():
+        share = apply_overrides(data, [f"out_dir={out_dir}", "pepler.lm_device=cpu", "rella.lm_device=cpu"])
+        run_experiment(from_dict(ExperimentConfig, share, "share"), rows.split(","))
+        assert not (out_dir / "tables.md").exists()  # a share computes cells only
+    out = tmp_path / "experiment"
+    (out / "cells").mkdir(parents=True)
+    for out_dir in farmed.values():
+        for cell in (out_dir / "cells").glob("*.json"):
+            shutil.copy(cell, out / "cells" / cell.name)
+    shared_cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert len(shared_cells) == 2 * 5  # five rows x two seeds, none computed twice
+
+    config = from_dict(ExperimentConfig, data, "tiny llm rows")
+    # Tables from what is finished: a row short of a seed says so, and nothing is computed for it.
+    (held,) = (out / "cells").glob("dcn__pepler__seed1__*.json")
+    held = held.rename(tmp_path / held.name)
+    partial = run_experiment(config, finished_only=True)
+    seeds = {r["model"]: r["seeds"] for r in partial["tables"]["table2"]}
+    assert seeds["PEPLER"] == 1 and seeds["ReLLa"] == 2
+    assert not (out / "cells" / held.name).exists()
+    held.rename(out / "cells" / held.name)
     summary = run_experiment(config)
     rows = {r["model"] for r in summary["tables"]["table2"]}
-    assert {"KAR-DCN", "KAR-DCN w/o generation"} <= rows
-    out = tmp_path / "experiment"
-    cost = json.loads((out / "llm_baseline_cost.json").read_text())
-    assert (
-        cost["kar"]["llm_calls"] > 0 and cost["kar_nogen"]["llm_calls"] == 0
-    )  # the ablation generates nothing
-    assert cost["kar"]["encoded_texts"] > 0
-    # The second seed reused the cached knowledge: each row's recorded cost is its first (building) cell's.
+    assert {"KAR-DCN", "KAR-DCN w/o generation", "PEPLER", "ReLLa", "ReLLa zero-shot"} <= rows
     results = pd.read_csv(out / "results.csv")
-    assert sorted(results[results.variant == "kar"].seed) == [0, 1]
-    assert list((run_dir / "baselines").iterdir())  # the knowledge cache lives in the run
+    for row in ("kar", "pepler", "rella", "rella_zeroshot"):
+        assert sorted(results[results.variant == row].seed) == [0, 1]
+    cost = json.loads((tmp_path / "share_kar" / "llm_baseline_cost.json").read_text())
+    assert cost["kar"]["seed0"]["llm_calls"] > 0 and cost["kar_nogen"]["seed0"]["llm_calls"] == 0
+    assert cost["kar"]["seed1"]["llm_calls"] == 0  # the second seed reused the cached knowledge
+    cost = json.loads((tmp_path / "share_llm" / "llm_baseline_cost.json").read_text())
+    assert (
+        cost["rella"]["seed0"]["train_samples"] > 0 and cost["rella_zeroshot"]["seed0"]["train_samples"] == 0
+    )
+    assert cost["rella"]["seed0"]["inference_samples"] > 0 and cost["pepler"]["seed0"]["train_tokens"] > 0
+    assert list((run_dir / "baselines").iterdir())  # the offline knowledge cache lives in the run
+    with pytest.raises(ConfigError, match="rows"):
+        run_experiment(config, ["novq"])
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ text adds from what the encoder adds.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -413,6 +414,43 @@ class KnowledgeAugmentedEmbedding(nn.Module):
             self.user_knowledge[x_ids[:, -2]], self.item_knowledge[x_ids[:, -1]]
         )  # (B, 2, d)
         return torch.cat([base, vectors.reshape(base.shape[0], -1, base.shape[-1])], dim=1)
+
+
+class CachedKnowledgeEmbedding(nn.Module):
+    """``KnowledgeAugmentedEmbedding`` after training, for serving: each tower's output is pre-computed per
+    user and per item (a tower reads only its own vector), so a request looks two d-wide rows up instead of
+    running 2 x (shared + specific) expert MLPs over 576-wide vectors. Equal outputs in eval mode."""
+
+    def __init__(
+        self, fields: FieldEmbedding, user_vectors: torch.Tensor, item_vectors: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.fields = fields
+        self.register_buffer("user_vectors", user_vectors)  # (U + 1, d)
+        self.register_buffer("item_vectors", item_vectors)  # (I + 1, d)
+
+    def forward(self, x_ids: torch.Tensor) -> torch.Tensor:
+        base = self.fields(x_ids[:, :-2])  # (B, F, D)
+        vectors = torch.stack(
+            [self.user_vectors[x_ids[:, -2]], self.item_vectors[x_ids[:, -1]]], dim=1
+        )  # (B, 2, d)
+        return torch.cat([base, vectors.reshape(base.shape[0], -1, base.shape[-1])], dim=1)
+
+
+def cache_adaptor(model: KARModel) -> KARModel:
+    """A copy of a trained ``KARModel`` (eval mode) whose adaptor outputs are looked up, not computed:
+    KAR's deployment, where the knowledge and its adapted vectors are stored ahead of time."""
+    embedding = model.backbone.embedding
+    if not isinstance(embedding, KnowledgeAugmentedEmbedding):
+        raise TypeError("cache_adaptor: the model's adaptor is already cached")
+    cached = copy.deepcopy(model).eval()
+    with torch.inference_mode():
+        user_vectors = embedding.adaptor.tower(0, embedding.user_knowledge).clone()  # (U + 1, d)
+        item_vectors = embedding.adaptor.tower(1, embedding.item_knowledge).clone()  # (I + 1, d)
+    cached.backbone.embedding = CachedKnowledgeEmbedding(
+        cached.backbone.embedding.fields, user_vectors, item_vectors
+    )
+    return cached
 
 
 def _with_unknown_row(table: np.ndarray) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Shared LLM plumbing for the LLM baselines (KAR now; PEPLER and ReLLa later): load a causal LM with its
+"""Shared LLM plumbing for the LLM baselines (KAR, PEPLER, ReLLa): load a causal LM with its
 tokenizer, fingerprint it, generate text through its chat template with a resumable on-disk cache, encode
 texts as masked-mean final hidden states, standardise them on train statistics, and count what all of it cost.
 
@@ -139,6 +139,9 @@ class OfflineCost:
     ``llm_calls``: texts generated now (one per prompt, however batched); ``cached_generations``: answers
     reused from the cache instead. ``prompt_tokens``/``new_tokens``: tokens read/written by generation
     (padding excluded, new tokens up to and including the first eos). ``encode_*``: the encoder's forwards.
+    ``train_*``: passes through the LM while training (PEPLER's text loss, ReLLa's LoRA), one sample per
+    pass, tokens without padding. ``inference_*``: LM forwards that score rows (ReLLa's P(yes) on valid and
+    test); a baseline without an LM at inference (KAR, PEPLER) leaves them at zero.
     """
 
     llm_calls: int = 0
@@ -151,11 +154,17 @@ class OfflineCost:
     cached_encodings: int = 0
     encode_tokens: int = 0
     encode_seconds: float = 0.0
+    train_samples: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    inference_samples: int = 0
+    inference_tokens: int = 0
+    inference_seconds: float = 0.0
     device: str = ""
 
     @property
     def wall_seconds(self) -> float:
-        return self.generation_seconds + self.encode_seconds
+        return self.generation_seconds + self.encode_seconds + self.train_seconds + self.inference_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "wall_seconds": self.wall_seconds}

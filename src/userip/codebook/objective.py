@@ -11,7 +11,7 @@ same rows. The trainer adds the result to L_LM and takes one optimizer step over
 surrogate together (Algorithm 1, lines 3-7).
 
 ``without_vq=True`` is the paper's ablation: the surrogate reads the continuous profiles and there is no
-codebook loss; the bank then stores the surrogate's projected profile vectors (see ``userip.codebook.stage``).
+codebook loss; the bank then stores the surrogate's projected profile vectors (see ``userip.profile.bank``).
 """
 
 from __future__ import annotations

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from userip.ctr.encoding import FeatureEncoder, Vocabulary
-from userip.ctr.features import FeatureMap, Field, FieldSource
+from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, FieldSource
 from userip.data.schema import SPLITS, Dataset
+from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS
 
-USER_FIELD = "user_id"
-ITEM_FIELD = "item_id"
 USER_COLUMN = 0  # user_id is always field 0 of x_ids (the trainer's user-id dropout relies on it)
 
 
@@ -123,7 +122,7 @@ def build_ctr_data(
         Field(USER_FIELD, vocabularies[USER_FIELD].size, FieldSource.USER),
         Field(ITEM_FIELD, vocabularies[ITEM_FIELD].size, FieldSource.ITEM),
     ]
-    continuous = bank is not None and getattr(bank, "kind", "codes") == "continuous"
+    continuous = bank is not None and getattr(bank, "kind", KIND_CODES) == KIND_CONTINUOUS
     frozen_embeds: dict[str, np.ndarray] = {}
     if continuous:
         vectors = continuous_profile_tables(bank, dataset.num_users)  # (U + 1, P, d)

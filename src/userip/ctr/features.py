@@ -21,6 +21,10 @@ class FieldSource(enum.Enum):
 
 UNKNOWN_INDEX = 0
 
+# The two fields every CTR feature map has (``userip.ctr.data.build_ctr_data``; serving looks them up).
+USER_FIELD = "user_id"
+ITEM_FIELD = "item_id"
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:

@@ -36,7 +36,7 @@ from userip.data.preprocess import derive_hints
 from userip.data.schema import HISTORY_SPLIT, Dataset, DatasetError
 from userip.utils.config import ConfigError, to_dict
 
-# The columns of a ``userip profile --new-users`` file (``userip.codebook.stage.read_new_users``).
+# The columns of a ``userip profile --new-users`` file (``userip.profile.new_users.read_new_users``).
 NEW_USER_COLUMNS = ("raw_user_id", "raw_item_id", "rating", "label", "timestamp")
 
 

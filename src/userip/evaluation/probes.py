@@ -7,7 +7,7 @@ only, cannot have seen. The same probes run on baselines built from the very row
 from (bag of items, bag of categories) and on random vectors (chance level, ~0.5), so a table reads as "the
 profile IDs keep x of what the raw history tells".
 
-    usage = code_usage(codes, bank.profile_names, bank.codebook_sizes)   # userip.codebook.stage
+    usage = code_usage(codes, bank.profile_names, bank.codebook_sizes)   # userip.profile.bank
     table = probe_report(dataset, {"profile_ids": one_hot_codes(codes, sizes)}, dataset.split("train"))
     print(probe_markdown(table))
 """

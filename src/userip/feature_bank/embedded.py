@@ -433,7 +433,7 @@ class FeatureBank:
         )
 
 
-OBJECTIVES_DIR = "objectives"  # where the codebook stage saves trained objectives (userip.codebook.stage)
+OBJECTIVES_DIR = "objectives"  # where the profile stage saves trained objectives (userip.profile.bank)
 
 
 def codebook_hash(profile_names: Sequence[str], codebooks: Sequence[np.ndarray]) -> str:

@@ -1,4 +1,9 @@
-"""``userip run``: the whole pipeline on the embedded default (or a config), printing the result table."""
+"""``userip run``: the whole pipeline on the embedded default (or a config), printing the result table.
+
+The terminal gets a progress bar per stage, warnings, errors and the summary; every detail (each CTR epoch,
+each profile log step) is in ``RUN/logs/run.log``. ``--verbose`` prints those INFO records on the terminal
+too.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'offline' (default), 'random', 'smollm2', a .gguf file, a model folder, or a HF name (gpt2)",
     )
     parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print every INFO record (each CTR epoch) on the terminal too; RUN/logs/run.log always has them",
+    )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -50,16 +61,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 2
     run_dir = Path(config.run_dir)
-    from userip.pipeline.run import run_pipeline  # it logs to RUN/logs/run.log
+    from userip.pipeline.run import LOG_FILE, run_pipeline
 
+    print(f"userip run: artifacts under {run_dir}, details in {run_dir / LOG_FILE}", flush=True)
     start = time.perf_counter()
     try:
-        summary = run_pipeline(config)
+        summary = run_pipeline(config, verbose=args.verbose)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
     print()
     print(summary["markdown"])
     print(f"done in {time.perf_counter() - start:.0f} s; artifacts under {run_dir.resolve()}")
-    print(f"  summary: {run_dir / 'results' / 'summary.md'}  logs: {run_dir / 'logs'}")
+    print(f"  summary: {run_dir / 'results' / 'summary.md'}  log: {run_dir / LOG_FILE}")
     return 0

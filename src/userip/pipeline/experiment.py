@@ -34,9 +34,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from userip.baselines import KARConfig
+from userip.baselines.kar import KARConfig
+from userip.baselines.pepler import PEPLERConfig
+from userip.baselines.rella import ReLLaConfig
+from userip.baselines.rows import BASELINE_ROWS, BaselineConfigs, cell_key, changes_lm, lm_placement
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.stage import build_aux, code_usage, write_bank
 from userip.ctr.models import MODELS
 from userip.ctr.recipe import CTRResult, train_ctr
 from userip.ctr.trainer import TrainerConfig
@@ -50,6 +52,7 @@ from userip.evaluation.probes import one_hot_codes, probe_markdown, probe_report
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import UNKNOWN_CODE, FeatureBank
 from userip.pipeline.run import PipelineConfig, stage_profile
+from userip.profile.bank import build_aux, code_usage, write_bank
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
 from userip.profile.stage import ProfileStageConfig, add_new_users, read_stage_config, stage_lm_path
@@ -67,8 +70,7 @@ TABLES = ("table2", "table3", "table4", "figure5", "figure6")
 #                 adds over plain clustering of the same evidence
 #   attributes    the dataset's true user attributes (``attribute_features``): the ceiling of a user profile
 CONTROLS = ("bag_of_items", "attributes")
-# The paper's LLM-based rows built so far (docs/llm_baselines.md): row variant -> KARConfig.mode.
-LLM_BASELINES = {"kar": "generation", "kar_nogen": "no_generation"}
+# The paper's LLM-based rows (docs/llm_baselines.md) are userip.baselines.rows.BASELINE_ROWS.
 NEW_USERS_FILE = "new_users.parquet"  # cold_start: the cold users' known rows, as a --new-users file
 
 
@@ -155,18 +157,20 @@ class ExperimentConfig:
     trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
     controls: list[str] = dataclasses.field(default_factory=list)  # see CONTROLS
-    llm_baselines: list[str] = dataclasses.field(default_factory=list)  # Table 2 rows, see LLM_BASELINES
-    llm_baseline_lm: str = "smollm2"  # the --lm spec the LLM baselines generate and encode with
-    kar: KARConfig = dataclasses.field(default_factory=KARConfig)  # its mode is set per row
+    llm_baselines: list[str] = dataclasses.field(default_factory=list)  # Table 2 rows, see BASELINE_ROWS
+    llm_baseline_lm: str = "smollm2"  # the --lm spec every LLM baseline row uses
+    kar: KARConfig = dataclasses.field(default_factory=KARConfig)  # rows kar, kar_nogen (mode set per row)
+    pepler: PEPLERConfig = dataclasses.field(default_factory=PEPLERConfig)  # row pepler
+    rella: ReLLaConfig = dataclasses.field(default_factory=ReLLaConfig)  # rows rella, rella_zeroshot
     attribute_features: list[str] = dataclasses.field(default_factory=list)  # user columns for "attributes"
 
     def __post_init__(self) -> None:
         bad = [c for c in self.controls if c not in CONTROLS]
         if bad:
             raise ConfigError(f"controls: unknown {bad}; accepted: {list(CONTROLS)}")
-        bad = [b for b in self.llm_baselines if b not in LLM_BASELINES]
+        bad = [b for b in self.llm_baselines if b not in BASELINE_ROWS]
         if bad:
-            raise ConfigError(f"llm_baselines: unknown {bad}; accepted: {list(LLM_BASELINES)}")
+            raise ConfigError(f"llm_baselines: unknown {bad}; accepted: {list(BASELINE_ROWS)}")
         if self.llm_baselines and "table2" not in self.tables:
             raise ConfigError("llm_baselines are Table 2 rows: add table2 to tables")
         if "attributes" in self.controls and not self.attribute_features:
@@ -215,6 +219,10 @@ class ExperimentConfig:
     def output_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path(self.run_dir) / "experiment"
 
+    @property
+    def baseline_configs(self) -> BaselineConfigs:
+        return BaselineConfigs(self.kar, self.pepler, self.rella)
+
 
 # ---------------------------------------------------------------------------------------------- cells
 @dataclasses.dataclass(frozen=True)
@@ -230,15 +238,25 @@ class Cell:
 
 
 class Experiment:
-    def __init__(self, config: ExperimentConfig) -> None:
+    """``rows``: compute only the cells of these row variants (``base``, ``userip``, ``pepler``...) and
+    write no tables, so that rows can be farmed out to other processes or machines (a GPU for the LLM
+    baselines) whose ``OUT/cells`` are then copied into one folder; a run without ``rows`` reuses them and
+    writes the tables. ``finished_only``: compute nothing, table the cells that exist (a row short of seeds
+    gets a ``seeds`` column entry and its p-value pairs only the seeds it has)."""
+
+    def __init__(
+        self, config: ExperimentConfig, rows: list[str] | None = None, finished_only: bool = False
+    ) -> None:
         self.config = config
+        self.rows = rows
+        self.finished_only = finished_only
         self.out = config.output_dir
         self.run_dir = Path(config.run_dir)
         self.dataset: Dataset | None = None
         self.banks: dict[str, FeatureBank] = {}
         self.chosen: dict[tuple[str, str], TrainerConfig] = {}  # (model, search variant) -> trainer
         self.search_results: pd.DataFrame | None = None
-        self._text_lm = None  # the LLM baselines' LM, loaded on first use
+        self._text_lms: dict[tuple[str, str], Any] = {}  # (dtype, device) -> the LLM baselines' TextLM
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -260,7 +278,8 @@ class Experiment:
             bank = self._add_new_users(bank, known_rows)
         self.banks["userip"] = bank
         atomic_write_json(self.out / "profile_report.json", report)
-        self.diagnostics()
+        if self.rows is None:  # a share of the cells leaves the reports to the run that writes the tables
+            self.diagnostics()
 
     def diagnostics(self) -> None:
         """What the profiles know (``OUT/diagnostics.md``, ``probes.csv``, ``code_usage.csv``): code usage of
@@ -426,7 +445,8 @@ class Experiment:
         # The same (model, variant, seed) in several tables is trained once.
         unique: dict[tuple[str, str, int], Cell] = {}
         for c in out:
-            unique.setdefault((c.model, self._canonical(c.variant), c.seed), c)
+            if self.rows is None or self._canonical(c.variant) in self.rows:
+                unique.setdefault((c.model, self._canonical(c.variant), c.seed), c)
         return list(unique.values())
 
     def _canonical(self, variant: str) -> str:
@@ -447,7 +467,11 @@ class Experiment:
         search = self.config.trainer_search
         if not search.grid:
             return []
-        rows = dict.fromkeys((c.model, self.search_variant(c)) for c in self.cells())
+        rows = dict.fromkeys(
+            (c.model, self.search_variant(c))
+            for c in self.cells()
+            if c.variant not in BASELINE_ROWS or BASELINE_ROWS[c.variant].uses_ctr_trainer
+        )
         candidates = search.candidates(self.config.trainer)
         return [
             (Cell("search", model, variant, seed), trainer)
@@ -497,8 +521,8 @@ class Experiment:
             "requantize_epochs": self.config.requantize_epochs,
             "attribute_features": self.config.attribute_features if cell.variant == "attributes" else None,
             "llm_baseline": (
-                {"lm": self.config.llm_baseline_lm, "kar": to_dict(self.config.kar)}
-                if cell.variant in LLM_BASELINES
+                cell_key(cell.variant, self.config.baseline_configs, self.config.llm_baseline_lm)
+                if cell.variant in BASELINE_ROWS
                 else None
             ),
             "bank": self.banks["userip"].version if "userip" in self.banks else None,
@@ -512,7 +536,7 @@ class Experiment:
         if path.exists():
             return read_json(path)
         variant = self._canonical(cell.variant)
-        if variant in LLM_BASELINES:
+        if variant in BASELINE_ROWS:
             return self._run_llm_baseline_cell(cell, trainer, path)
         with_profiles = variant not in ("base", "attributes")
         start = time.perf_counter()
@@ -530,38 +554,57 @@ class Experiment:
         return _write_cell(path, cell.model, variant, cell.seed, result, time.perf_counter() - start)
 
     def _run_llm_baseline_cell(self, cell: Cell, trainer: TrainerConfig, path: Path) -> dict[str, Any]:
-        """One seed of an LLM baseline row. Its knowledge (generation, encoding) is built once into
-        ``RUN/baselines`` (cached by split, LM hash, prompt and decoding settings), so only a row's first
-        cell pays the LLM; that cost is kept in ``OUT/llm_baseline_cost.json``."""
-        from userip.baselines import load_text_lm, train_kar  # the LM loads only when such a row runs
+        """One seed of an LLM baseline row (``userip.baselines.rows``). Offline work that does not depend
+        on the seed (KAR's generation and encoding, ReLLa's item embeddings) is cached in ``RUN/baselines``
+        by split, LM hash, prompt and decoding settings, so only a row's first cell pays for it. Every
+        cell's cost is kept in ``OUT/llm_baseline_cost.json`` under its row and seed."""
+        from userip.baselines.rows import train_row  # the baselines' LM loads only when such a row runs
 
         cfg = self.config
-        if self._text_lm is None:
-            spec = cfg.llm_baseline_lm
-            if spec == cfg.profile.lm.name_or_path:  # the profile stage's own LM: load it, do not rebuild it
-                spec = stage_lm_path(self.run_dir, read_stage_config(self.run_dir)[0], self.dataset)
-            self._text_lm = load_text_lm(
-                spec, dataset=self.dataset, dtype=cfg.kar.lm_dtype, device=cfg.kar.lm_device
-            )
         start = time.perf_counter()
-        result = train_kar(
+        row = train_row(
+            cell.variant,
             self.dataset,
-            self._text_lm,
-            dataclasses.replace(cfg.kar, mode=LLM_BASELINES[cell.variant]),
+            self._text_lm(cell.variant),
+            cfg.baseline_configs,
             cell.seed,
             trainer_config=trainer,
             model_config=cfg.model_configs.get(cell.model, {}),
             cache_dir=self.run_dir / "baselines",
         )
-        cost = result.offline_cost.to_dict()
         cost_path = self.out / "llm_baseline_cost.json"
         costs = read_json(cost_path) if cost_path.exists() else {}
-        if cost["llm_calls"] or cost["encoded_texts"] or cell.variant not in costs:
-            costs[cell.variant] = {"lm": cfg.llm_baseline_lm, **cost}  # the run that built the knowledge
-            atomic_write_json(cost_path, costs)
-        return _write_cell(path, cell.model, cell.variant, cell.seed, result, time.perf_counter() - start)
+        costs.setdefault(cell.variant, {"lm": cfg.llm_baseline_lm})[f"seed{cell.seed}"] = (
+            row.offline_cost.to_dict()
+        )
+        atomic_write_json(cost_path, costs)
+        return _write_cell(path, cell.model, cell.variant, cell.seed, row.result, time.perf_counter() - start)
+
+    def _text_lm(self, variant: str) -> Any:
+        """The LM of an LLM baseline row, loaded once per (dtype, device); a row that trains the LM's own
+        weights (PEPLER with ``train_lm``) gets a fresh copy."""
+        from userip.baselines.llm_text import load_text_lm
+
+        cfg = self.config
+        placement = lm_placement(variant, cfg.baseline_configs)
+        if placement in self._text_lms and not changes_lm(variant, cfg.baseline_configs):
+            return self._text_lms[placement]
+        spec = cfg.llm_baseline_lm
+        if spec == cfg.profile.lm.name_or_path:  # the profile stage's own LM: load it, do not rebuild it
+            spec = stage_lm_path(self.run_dir, read_stage_config(self.run_dir)[0], self.dataset)
+        lm = load_text_lm(spec, dataset=self.dataset, dtype=placement[0], device=placement[1])
+        if not changes_lm(variant, cfg.baseline_configs):
+            self._text_lms[placement] = lm
+        return lm
 
     def run(self) -> dict[str, Any]:
+        if self.rows is not None:
+            every = {self._canonical(c.variant) for c in Experiment(self.config).cells()}
+            unknown = sorted(set(self.rows) - every)
+            if unknown or not self.rows:
+                raise ConfigError(
+                    f"rows: {unknown or self.rows} not among this experiment's rows {sorted(every)}"
+                )
         self.setup()
         searched = self.search_cells()
         done = sum(self.cell_path(c, t).exists() for c, t in searched)
@@ -570,9 +613,19 @@ class Experiment:
         cells = self.cells()
         done = sum(self.cell_path(c, self.trainer_for(c)).exists() for c in cells)
         log.info("%d cells (%d already finished)", len(cells), done)
+        if self.finished_only:
+            missing = [c for c in cells if not self.cell_path(c, self.trainer_for(c)).exists()]
+            for c in missing:
+                log.warning("finished_only: no cell %s (left out of the tables)", c.key)
+            cells = [c for c in cells if c not in missing]
         records = []
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):
             records.append(self.run_cell(cell, self.trainer_for(cell)))
+        if self.rows is not None:  # a share of the cells: the run without rows writes the tables
+            return {
+                "cells": records,
+                "markdown": f"{len(records)} cells of rows {self.rows} in {self.out / 'cells'}",
+            }
         results = pd.DataFrame(records)
         atomic_write_text(self.out / "results.csv", results.to_csv(index=False))
         return self.report(results)
@@ -595,6 +648,9 @@ class Experiment:
             else:
                 summary = summarize_over_seeds(rows, by=["name"], metrics=["auc", "logloss"])
                 summary = summary.drop(columns=["num_seeds"]).rename(columns={"name": "model"})
+            seeds = rows.groupby("name")["seed"].nunique()
+            if (seeds != len(cfg.seeds)).any():  # finished_only: say which rows have fewer seeds
+                summary.insert(1, "seeds", [int(seeds[name]) for name in summary["model"]])
             md.extend(
                 ["", f"## {title}", "", markdown_table(summary, {"auc_mean": True, "logloss_mean": False})]
             )
@@ -719,8 +775,7 @@ def row_name(model: str, variant: str) -> str:
         "novq": "UserIP-{M} w/o VQ",
         "bag_of_items": "{M} + bag-of-items IDs (control)",
         "attributes": "{M} + true attributes (control)",
-        "kar": "KAR-{M}",
-        "kar_nogen": "KAR-{M} w/o generation",
+        **{row: spec.label for row, spec in BASELINE_ROWS.items()},
     }
     return label.get(variant, "UserIP-{M} " + variant).format(M=model.upper())
 
@@ -782,8 +837,10 @@ def requantize(
     return bank
 
 
-def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
-    return Experiment(config).run()
+def run_experiment(
+    config: ExperimentConfig, rows: list[str] | None = None, finished_only: bool = False
+) -> dict[str, Any]:
+    return Experiment(config, rows, finished_only).run()
 
 
 def cell_count(config: ExperimentConfig) -> int:

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", help="override: comma-separated seeds")
     parser.add_argument("--out-dir", type=Path, help="override: where cells, tables and plots go")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any config key, value read as YAML (repeatable): --set pepler.lm_device=cuda",
+    )
+    parser.add_argument(
+        "--rows",
+        help="compute only these rows' cells (comma-separated variants: base, userip, kar, pepler, rella, "
+        "...) and no tables; copy their OUT/cells into one folder and rerun without --rows for the tables",
+    )
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="compute nothing: write the tables from the cells that exist (rows short of seeds say so)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,14 +48,16 @@ def run(args: argparse.Namespace) -> int:
             data["seeds"] = parse_seeds(args.seeds)
         if args.out_dir:
             data["out_dir"] = str(args.out_dir)
+        data = apply_overrides(data, args.set)
         config = from_dict(ExperimentConfig, data, str(args.config))
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
     setup_logging(config.output_dir / "experiment.log")
     start = time.perf_counter()
     try:
-        out = run_experiment(config)
+        out = run_experiment(config, rows, args.finished_only)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2

@@ -6,6 +6,10 @@ already complete (so a rerun after a crash starts where the last one stopped).
 
 The embedded default is the synthetic dataset (users with known hobby / background), the offline LM and DCN,
 so it runs on a fresh machine with no downloads.
+
+The terminal shows one progress bar per stage that runs (prepare, offline LM pre-training, profile, CTR),
+warnings and errors; every INFO record (each CTR epoch, each profile log step) goes to ``RUN/logs/run.log``
+(``run_pipeline(verbose=True)``, ``userip run --verbose``: to the terminal too).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import TrainerConfig
@@ -30,6 +35,8 @@ from userip.utils.io import atomic_write_json, atomic_write_text, read_json
 from userip.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
+
+LOG_FILE = "logs/run.log"  # every INFO record of ``userip run``, relative to the run folder
 
 
 def _default_profile() -> ProfileStageConfig:
@@ -70,14 +77,16 @@ class PipelineConfig:
             raise ConfigError(f"ctr_model: {self.ctr_model!r} is not one of {sorted(MODELS)}")
 
 
-def stage_prepare(config: PipelineConfig, run_dir: Path) -> Dataset:
+def stage_prepare(config: PipelineConfig, run_dir: Path, progress: bool = False) -> Dataset:
     if (run_dir / "data" / MANIFEST).exists():
         log.info("prepare: reusing %s", run_dir / "data")
         return Dataset.load(run_dir)
     from userip.data.prepare import prepare_to_run_dir
 
     log.info("prepare: %s -> %s", config.source, run_dir / "data")
-    return prepare_to_run_dir(run_dir, config.source, config.source_options, config.prepare)
+    return prepare_to_run_dir(
+        run_dir, config.source, config.source_options, config.prepare, show_progress=progress
+    )
 
 
 def stage_profile(
@@ -100,10 +109,14 @@ def stage_profile(
     return result.bank, result.report
 
 
-def stage_ctr(config: PipelineConfig, run_dir: Path, dataset: Dataset, bank: FeatureBank) -> pd.DataFrame:
+def stage_ctr(
+    config: PipelineConfig, run_dir: Path, dataset: Dataset, bank: FeatureBank, progress: bool = False
+) -> pd.DataFrame:
+    """CTR without and with profile IDs for every seed; ``progress``: one bar over those models."""
     rows = []
-    for seed in config.seeds:
-        for with_profiles in (False, True):
+    runs = [(seed, with_profiles) for seed in config.seeds for with_profiles in (False, True)]
+    with tqdm(total=len(runs), desc="ctr", unit="model", disable=not progress) as bar:
+        for seed, with_profiles in runs:
             name = config.ctr_model.lower() + ("+profiles" if with_profiles else "")
             out = run_dir / "ctr" / f"{name}-seed{seed}"
             expected = {
@@ -135,6 +148,8 @@ def stage_ctr(config: PipelineConfig, run_dir: Path, dataset: Dataset, bank: Fea
             log.info(
                 "%s seed %d: test AUC %.4f, Logloss %.4f", name, seed, rows[-1]["auc"], rows[-1]["logloss"]
             )
+            bar.set_postfix_str(f"{name} seed {seed}: test AUC {rows[-1]['auc']:.4f}", refresh=False)
+            bar.update()
     return pd.DataFrame(rows)
 
 
@@ -194,16 +209,24 @@ def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineCon
     return "\n".join(md) + "\n", summary
 
 
-def run_pipeline(config: PipelineConfig | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config: PipelineConfig | None = None, *, progress: bool = True, verbose: bool = False
+) -> dict[str, Any]:
+    """Every stage in turn (each reused when already complete); the summary, also under ``RUN/results``.
+
+    Every INFO record goes to ``RUN/logs/run.log``; the terminal gets warnings and errors, plus the INFO
+    records with ``verbose``. ``progress``: a bar for the prepare and CTR stages (the offline LM and
+    profile bars follow ``config.profile.train.progress``).
+    """
     config = config or PipelineConfig()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "logs" / "run.log")
+    setup_logging(run_dir / LOG_FILE, console_level=logging.INFO if verbose else logging.WARNING)
     atomic_write_json(run_dir / "config.json", to_dict(config))
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    dataset = stage_prepare(config, run_dir)
+    dataset = stage_prepare(config, run_dir, progress)
     timings["prepare_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -211,7 +234,7 @@ def run_pipeline(config: PipelineConfig | None = None) -> dict[str, Any]:
     timings["profile_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    results = stage_ctr(config, run_dir, dataset, bank)
+    results = stage_ctr(config, run_dir, dataset, bank, progress)
     timings["ctr_s"] = time.perf_counter() - start
 
     markdown, summary = summarize(results, report, config)

@@ -308,8 +308,8 @@ def run_profile_stage_distributed(
 ) -> Any:
     """``run_profile_stage`` on every rank of an initialised process group; returns the
     ``ProfileStageResult`` on rank 0 and None on the other ranks."""
-    from userip.codebook.stage import build_aux
     from userip.data.schema import Dataset
+    from userip.profile.bank import build_aux
     from userip.profile.lm import load_causal_lm, load_tokenizer
     from userip.profile.model import resolve_value_words
     from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE

@@ -19,19 +19,13 @@ import numpy as np
 import torch
 
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.stage import (
-    build_aux,
-    infer_new_users,
-    load_objective_state,
-    read_new_users,
-    trainer_fit_profiles,
-    write_bank,
-)
 from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
 from userip.lm.offline import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig, resolve_lm
+from userip.profile.bank import REPORT_FILE, build_aux, load_objective_state, write_bank
 from userip.profile.lm import LMConfig, LMLoadError
 from userip.profile.model import SoftTokenConfig
+from userip.profile.new_users import infer_new_users, read_new_users, trainer_fit_profiles
 from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, run_profile, setup
 from userip.profile.trainer import TrainConfig, TrainResult
 from userip.prompts import PromptConfig
@@ -68,6 +62,12 @@ class ProfileStageConfig:
     train: TrainConfig = dataclasses.field(default_factory=_default_train)
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
     offline_lm: OfflineLMConfig = dataclasses.field(default_factory=OfflineLMConfig)
+
+    def __post_init__(self) -> None:
+        # An ``lm`` section that sets only placement (``lm: {device: cuda}``) keeps the stage's default LM
+        # instead of failing on an empty name.
+        if not self.lm.name_or_path:
+            self.lm = dataclasses.replace(self.lm, name_or_path=_default_lm().name_or_path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "profile config") -> ProfileStageConfig:
@@ -173,7 +173,7 @@ def finish_stage(
     report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
     if world_size is not None:
         report["world_size"] = world_size
-    atomic_write_json(run_dir / "bank" / "report.json", report)
+    atomic_write_json(run_dir / "bank" / REPORT_FILE, report)
     return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
 
 

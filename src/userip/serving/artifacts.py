@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from userip.ctr.encoding import FeatureEncoder
-from userip.ctr.features import FeatureMap, FieldSource
+from userip.ctr.features import USER_FIELD, FeatureMap, FieldSource
 from userip.ctr.models import build_model
 from userip.ctr.recipe import CONFIG_FILE, ENCODER_FILE, FEATURE_MAP_FILE, METRICS_FILE, MODEL_FILE
 from userip.data.schema import Dataset
@@ -113,7 +113,9 @@ def load_run(
             f"{model_dir} was trained on dataset {trained_on!r} but {data_dir} holds "
             f"{manifest.get('content_hash')!r}"
         )
-    user_fields = [f.name for f in feature_map.fields if f.source == FieldSource.USER and f.name != "user_id"]
+    user_fields = [
+        f.name for f in feature_map.fields if f.source == FieldSource.USER and f.name != USER_FIELD
+    ]
     users = _read_table(data_dir / "users.parquet", ["user_id", "raw_user_id", *user_fields])
     items = _read_table(data_dir / "items.parquet", ["item_id", "raw_item_id"])
     # Dataset tables are ordered by contiguous id (validated at save), so row i is user/item i.

@@ -26,15 +26,13 @@ import torch
 from torch import nn
 
 from userip.ctr.encoding import FeatureEncoder
-from userip.ctr.features import UNKNOWN_INDEX, FeatureMap, FieldSource
+from userip.ctr.features import ITEM_FIELD, UNKNOWN_INDEX, USER_FIELD, FeatureMap, FieldSource
+from userip.feature_bank import KIND_CODES
 from userip.feature_bank.base import ProfileLookup
 from userip.serving.bank import BankSource, FileBankSource, bank_source
 from userip.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-USER_FIELD = "user_id"
-ITEM_FIELD = "item_id"
 
 
 class BankReloadError(RuntimeError):
@@ -308,7 +306,7 @@ class Scorer:
             return ReloadResult(new.version != old.version, old.version, new.version)
 
     def _make_snapshot(self, bank: Any, source: str, signature: Hashable) -> BankSnapshot:
-        if getattr(bank, "kind", "codes") != "codes":
+        if getattr(bank, "kind", KIND_CODES) != KIND_CODES:
             raise BankReloadError(
                 f"bank ({source}) is a {bank.kind!r} (without-VQ) bank: an offline ablation whose profiles "
                 "live in the model's frozen embedding rows; serving needs a bank of profile codes"

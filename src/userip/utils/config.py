@@ -12,6 +12,7 @@ lists, tuples, dicts, optionals, enums and nested configs element by element. Ra
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import enum
 import math
@@ -19,6 +20,7 @@ import numbers
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,6 +115,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], where: str = "--set") -> dict[str, Any]:
+    """``data`` with dotted ``key.path=value`` overrides applied in order (``train.lr=0.02``,
+    ``pepler.lm_device=cuda``, ``seeds=[0,1]``); each value is read as YAML, so numbers, booleans and lists
+    keep their types. Intermediate mappings are created where missing; the config's own validation
+    (``from_dict``) then checks every key and value as if it had been written in the file."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        keys = path.strip().split(".")
+        if not sep or not all(k.strip() for k in keys):
+            raise ConfigError(f"{where} {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=0.02")
+        try:
+            value = yaml.load(raw, Loader=_YAML12Loader)  # noqa: S506 - safe loader
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} {item!r}: the value is not valid YAML ({e})") from None
+        node = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"{where} {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section"
+                )
+            node = child
+        node[keys[-1]] = value
+    return out
 
 
 def choice(enum_cls: type[enum.Enum], value: Any, where: str) -> enum.Enum:

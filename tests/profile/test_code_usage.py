@@ -1,9 +1,9 @@
-"""Code usage of a bank (``userip.codebook.stage.code_usage``, and ``code_report`` built on it), by hand."""
+"""Code usage of a bank (``userip.profile.bank.code_usage``, and ``code_report`` built on it), by hand."""
 
 import numpy as np
 import pytest
 
-from userip.codebook.stage import code_report, code_usage
+from userip.profile.bank import code_report, code_usage
 
 
 def test_code_usage_entropy_by_hand():

@@ -1,4 +1,5 @@
-"""The recipe functions: bank + report after training, and new users against frozen modules."""
+"""The profile stage's bank and new users (``userip.profile.bank``, ``userip.profile.new_users``): bank +
+report after training, and new users against frozen modules."""
 
 from __future__ import annotations
 
@@ -6,24 +7,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tests.codebook.conftest import planted_clusters
+from tests.codebook.conftest import hobby_dataset, planted_clusters
 
 from userip.codebook import QuantizationConfig
-from userip.codebook.stage import (
-    build_aux,
-    infer_new_users,
-    load_objective_state,
-    read_new_users,
-    trainer_fit_profiles,
-    write_bank,
-)
-from userip.feature_bank import UNKNOWN_CODE, FeatureBank, FeatureBankError
+from userip.data.schema import Dataset
+from userip.feature_bank import KIND_CONTINUOUS, UNKNOWN_CODE, FeatureBank, FeatureBankError
+from userip.profile.bank import build_aux, load_objective_state, write_bank
+from userip.profile.new_users import infer_new_users, read_new_users, trainer_fit_profiles
 from userip.prompts import ProfileSpec
 
 PROFILES = (
     ProfileSpec("hobby", "This user's hobby is", codebook_size=3),
     ProfileSpec("background", ", his background is", codebook_size=2),
 )
+
+
+@pytest.fixture
+def tiny_dataset() -> Dataset:
+    """24 users with a known hobby (``tests.codebook.conftest.hobby_dataset``)."""
+    return hobby_dataset()
 
 
 def _planted_table(num_users: int) -> torch.Tensor:
@@ -58,7 +60,7 @@ def test_without_vq_bank_keeps_vectors_and_kmeans_ids(tiny_dataset, tmp_path):
     aux = build_aux(tiny_dataset, PROFILES, 6, QuantizationConfig(without_vq=True))
     table = _planted_table(tiny_dataset.num_users)
     bank, _ = write_bank(tmp_path / "bank", tiny_dataset, aux, table)
-    assert bank.kind == "continuous" and bank.profile_vectors.shape == (tiny_dataset.num_users, 2, 8)
+    assert bank.kind == KIND_CONTINUOUS and bank.profile_vectors.shape == (tiny_dataset.num_users, 2, 8)
     assert bank.codes[:, 0].max() < 3 and bank.codes[:, 1].max() < 2 and bank.codes.min() >= 0
 
 

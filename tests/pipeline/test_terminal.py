@@ -1,0 +1,55 @@
+"""``userip run`` keeps the terminal short (a progress bar per stage, the summary) and the details in the log.
+
+How terminal lines are counted: a line is what ends in ``\\n`` (plus a last unterminated one), on stdout and
+stderr together. A tqdm bar redraws itself with ``\\r`` on the line it sits on, so a person sees one line per
+bar however often it updates; carriage returns are therefore not line breaks here.
+"""
+
+import re
+
+import yaml
+from tests.prompts.conftest import _one_torch_thread  # noqa: F401  (autouse: one torch thread per test)
+
+from userip.cli import main
+from userip.pipeline.run import LOG_FILE
+
+from .conftest import TINY
+
+MAX_TERMINAL_LINES = 40
+EPOCH_LINE = re.compile(r"INFO userip\.ctr\.trainer: epoch \d+: train loss")
+
+
+def terminal_lines(text: str) -> int:
+    """Lines a person sees: ``\\n``-terminated ones, plus a last one without ``\\n``; ``\\r`` is no break."""
+    return text.count("\n") + (0 if text == "" or text.endswith("\n") else 1)
+
+
+def test_terminal_line_rule():
+    assert terminal_lines("") == 0
+    assert terminal_lines("bar 1/3\rbar 2/3\rbar 3/3\n") == 1
+    assert terminal_lines("a\nb") == 2
+
+
+def test_run_prints_bars_and_summary_and_logs_every_epoch(tmp_path, capfd):
+    config = {
+        **TINY,
+        "profile": {**TINY["profile"], "train": {**TINY["profile"]["train"], "progress": True}},
+        "trainer": {"max_epochs": 2, "min_epochs": 2},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+
+    assert main(["run", "--config", str(path), "--run-dir", str(run_dir)]) == 0
+
+    out, err = capfd.readouterr()
+    seen = terminal_lines(out) + terminal_lines(err)
+    assert seen < MAX_TERMINAL_LINES, f"{seen} lines on the terminal:\n{out}{err}"
+    assert " INFO " not in out + err  # the details are in the log file, not on the terminal
+    for bar in ("prepare synthetic", "offline LM pre-training", "profile", "ctr"):
+        assert bar in err, f"no {bar!r} progress bar"
+    assert "| UserIP-DCN |" in out and str(run_dir / LOG_FILE) in out
+
+    log = (run_dir / LOG_FILE).read_text()
+    assert len(EPOCH_LINE.findall(log)) == 2 * 2  # DCN and UserIP-DCN, 2 epochs each
+    assert "userip.profile.trainer: step" in log and "feature bank" in log
