@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,14 +64,23 @@ def make_movie_dataset(seed: int = 0, num_users: int = NUM_USERS) -> Dataset:
     return ds
 
 
-def make_tiny_lm(dataset: Dataset, seed: int = 0) -> TextLM:
-    """A random Llama (hidden 16, 1 layer) over a byte-level BPE tokenizer trained on the dataset's titles,
-    with a chat template: generation and encoding run for real, in milliseconds."""
+def make_tiny_lm(
+    dataset: Dataset,
+    seed: int = 0,
+    extra_texts: Sequence[str] = (),
+    vocab_size: int = 400,
+    dtype: str = "fp32",
+    name: str = "tiny",
+) -> TextLM:
+    """A random Llama (hidden 16, 1 layer) over a byte-level BPE tokenizer trained on the dataset's titles
+    (and ``extra_texts``: words a baseline's prompts should keep short), with a chat template: generation,
+    encoding and scoring run for real, in milliseconds."""
     texts = [
         *dataset.items["title"],
         "Given a user who is aged and a this rating history over time is listed",
+        *extra_texts,
     ]
-    tokenizer = build_tokenizer(texts, vocab_size=400, model="bpe")
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size, model="bpe")
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -84,7 +95,7 @@ def make_tiny_lm(dataset: Dataset, seed: int = 0) -> TextLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return TextLM(load_causal_lm(config), tokenizer, name="tiny")
+    return TextLM(load_causal_lm(config, dtype=dtype), tokenizer, name=name)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from userip.baselines.llm_text import TextLM, chat_text
 from userip.baselines.rella import (
@@ -26,11 +25,9 @@ from userip.baselines.rella import (
     train_rella,
 )
 from userip.data.schema import Dataset
-from userip.lm import build_tokenizer
-from userip.profile.lm import load_causal_lm
 from userip.utils.config import ConfigError, from_dict
 
-from .conftest import CHAT_TEMPLATE, make_movie_dataset
+from .conftest import make_movie_dataset, make_tiny_lm
 
 RELLA_WORDS = (
     "Given a female male user who is aged and a engineer writer, this user's movie rating history over time "
@@ -53,25 +50,11 @@ FAST = dict(
 
 
 def make_rella_lm(dataset: Dataset, dtype: str = "fp32", seed: int = 0) -> TextLM:
-    """A random 1-layer Llama over a byte-level BPE tokenizer that knows ReLLa's prompt words, so that
-    "Yes" and "No" are single tokens and prompts stay short."""
-    texts = [*dataset.items["title"], *([RELLA_WORDS] * 20)]
-    tokenizer = build_tokenizer(texts, vocab_size=600, model="bpe")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    """conftest's tiny LM over a tokenizer that also knows ReLLa's prompt words, so that "Yes" and "No" are
+    single tokens and prompts stay short."""
+    return make_tiny_lm(
+        dataset, seed, [RELLA_WORDS] * 20, vocab_size=600, dtype=dtype, name=f"tiny-rella-{dtype}"
     )
-    torch.manual_seed(seed)
-    return TextLM(load_causal_lm(config, dtype=dtype), tokenizer, name=f"tiny-rella-{dtype}")
 
 
 def tied_dataset() -> Dataset:

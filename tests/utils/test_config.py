@@ -1,6 +1,12 @@
 from __future__ import annotations
 
-from userip.utils.config import load_yaml
+import dataclasses
+import re
+from typing import Any
+
+import pytest
+
+from userip.utils.config import ConfigError, apply_overrides, check_fields, load_yaml
 
 
 def test_yaml_exponent_floats_load_as_numbers(tmp_path):
@@ -10,3 +16,77 @@ def test_yaml_exponent_floats_load_as_numbers(tmp_path):
     assert load_yaml(path) == {
         "lr": 0.001, "big": 300000.0, "quoted": "1e-3", "plain": 1.5, "n": 10, "word": "abc1e3"
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+def test_dotted_overrides_set_nested_keys_with_yaml_types_and_leave_the_input_alone():
+    data = {"train": {"lr": 0.1, "epochs": 3}, "name": "x"}
+    out = apply_overrides(data, ["train.lr=0.02", "pepler.lm_device=cuda", "seeds=[0, 1]", "flag=true"])
+    assert out == {
+        "train": {"lr": 0.02, "epochs": 3},
+        "name": "x",
+        "pepler": {"lm_device": "cuda"},
+        "seeds": [0, 1],
+        "flag": True,
+    }
+    assert data == {"train": {"lr": 0.1, "epochs": 3}, "name": "x"}  # a copy: the caller's dict is unchanged
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train..lr=1", "name.sub=1", "a=[1,"])
+def test_bad_overrides_name_the_item(item):
+    with pytest.raises(ConfigError, match="--set"):
+        apply_overrides({"name": "x"}, [item])
+
+
+# ---------------------------------------------------------------------------------------------- check_fields
+@dataclasses.dataclass
+class _Config:
+    size: Any = 2
+    count: Any = 0
+    rows: Any = None
+    rate: Any = 0.5
+    decay: Any = 0.0
+    dropout: Any = 0.1
+    flag: Any = False
+    word: Any = "w"
+    mode: Any = "a"
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive_ints=("size",),
+            counts=("count",),
+            optional_positive_ints=("rows",),
+            positive_numbers=("rate",),
+            nonnegative_numbers=("decay",),
+            fractions=("dropout",),
+            flags=("flag",),
+            words=("word",),
+            choices={"mode": ("a", "b")},
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("size", 0),
+        ("size", True),
+        ("size", 2.0),
+        ("count", -1),
+        ("rows", 0),
+        ("rate", 0.0),
+        ("rate", float("inf")),
+        ("decay", -0.1),
+        ("dropout", 1.0),
+        ("flag", 1),
+        ("word", " "),
+        ("mode", "c"),
+    ],
+)
+def test_check_fields_names_class_field_and_value(field, value):
+    with pytest.raises(ConfigError, match=rf"_Config\.{field} must be .*got {re.escape(repr(value))}"):
+        _Config(**{field: value})
+
+
+def test_check_fields_accepts_the_edges():
+    _Config(size=1, count=0, rows=3, rate=1e-9, decay=0, dropout=0.0, flag=True, word="x", mode="b")

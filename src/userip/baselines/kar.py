@@ -31,7 +31,6 @@ import dataclasses
 import enum
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from userip.baselines.llm_text import (
     OfflineCost,
     TextLM,
     cache_key,
+    check_lm_placement,
     encode_cached,
     generate_cached,
     load_text_lm,
@@ -56,11 +56,10 @@ from userip.ctr.data import CTRData, SplitTensors, build_ctr_data
 from userip.ctr.features import FeatureMap, Field, FieldSource
 from userip.ctr.layers import FieldEmbedding
 from userip.ctr.models import build_model, model_arguments
-from userip.ctr.recipe import CTRResult
-from userip.ctr.trainer import Trainer, TrainerConfig, predict_probs
+from userip.ctr.recipe import CTRResult, score_test
+from userip.ctr.trainer import Trainer, TrainerConfig
 from userip.data.schema import SPLITS, Dataset
-from userip.evaluation.metrics import auc, logloss
-from userip.utils.config import ConfigError, choice, to_dict
+from userip.utils.config import ConfigError, check_fields, choice, to_dict
 from userip.utils.io import atomic_write_json, user_cache_dir
 from userip.utils.logging import get_logger
 from userip.utils.seed import seed_everything
@@ -127,46 +126,32 @@ class KARConfig:
     lm_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        where = "KARConfig"
-        self.mode = choice(KnowledgeMode, self.mode, f"{where}.mode")  # type: ignore[assignment]
-        positive = (
-            "max_history_items",
-            "max_new_tokens",
-            "generation_batch_size",
-            "encode_max_tokens",
-            "encode_batch_size",
-            "adaptor_output_dim",
-            "adaptor_hidden_dim",
+        self.mode = choice(KnowledgeMode, self.mode, "KARConfig.mode")  # type: ignore[assignment]
+        self.factors = tuple(self.factors)
+        check_fields(
+            self,
+            positive_ints=(
+                "max_history_items",
+                "max_new_tokens",
+                "generation_batch_size",
+                "encode_max_tokens",
+                "encode_batch_size",
+                "adaptor_output_dim",
+                "adaptor_hidden_dim",
+            ),
+            counts=("num_shared_experts", "num_specific_experts"),
+            positive_numbers=("repetition_penalty",),
+            fractions=("adaptor_dropout",),
+            words=("item_noun", "prompt_version"),
+            choices={"backbone": BACKBONES},
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
-        for name in ("num_shared_experts", "num_specific_experts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{where}.{name} must be an integer >= 0, got {value!r}")
+        check_lm_placement(self)
         if self.num_shared_experts + self.num_specific_experts < 1:
             raise ConfigError(
-                f"{where}.num_specific_experts: the adaptor needs at least one expert per tower"
+                "KARConfig.num_specific_experts: the adaptor needs at least one expert per tower"
             )
-        for name in ("item_noun", "prompt_version"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{where}.{name} must be a non-empty string, got {value!r}")
-        self.factors = tuple(self.factors)
         if not self.factors or not all(isinstance(f, str) and f.strip() for f in self.factors):
-            raise ConfigError(f"{where}.factors must be non-empty strings, got {self.factors!r}")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise ConfigError(
-                f"{where}.repetition_penalty must be a positive number, got {self.repetition_penalty!r}"
-            )
-        if not 0.0 <= self.adaptor_dropout < 1.0:
-            raise ConfigError(f"{where}.adaptor_dropout must be in [0, 1), got {self.adaptor_dropout!r}")
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"{where}.backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.lm_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"{where}.lm_dtype must be 'fp32' or 'bf16', got {self.lm_dtype!r}")
+            raise ConfigError(f"KARConfig.factors must be non-empty strings, got {self.factors!r}")
 
     @property
     def decoding(self) -> DecodingConfig:
@@ -604,24 +589,16 @@ def train_kar(
         data["train"], valid, checkpoint_path=None if out is None else out / "model.safetensors"
     )
     valid_metrics = trainer.evaluate(valid) if valid is not None else None
-    test = data["test"]
-    start = time.perf_counter()
-    probs = predict_probs(trainer.model, test.x_ids, trainer_config.eval_batch_size, trainer.device)
-    infer_sps = len(test) / max(time.perf_counter() - start, 1e-9)
-    labels = test.labels.numpy()
     result = KARResult(
         model_name=name,
         with_profiles=False,
         seed=seed,
         valid=valid_metrics,
-        test={"auc": auc(labels, probs), "logloss": logloss(labels, probs)},
-        test_labels=labels,
-        test_probs=probs,
         fit=fit,
         data=data,
         model=trainer.model,
-        test_inference_samples_per_s=infer_sps,
         output_dir=out,
+        **score_test(trainer.model, data["test"], trainer_config.eval_batch_size, trainer.device),
         offline_cost=knowledge.cost,
         knowledge=knowledge,
     )

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 
-from userip.utils.config import ConfigError
+from userip.utils.config import ConfigError, check_fields
 from userip.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_with, read_json
 from userip.utils.logging import get_logger
 
@@ -101,6 +101,20 @@ def model_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
     h.update(str(getattr(tokenizer, "eos_token", None)).encode())
     return h.hexdigest()
+
+
+LM_DTYPES = ("fp32", "bf16")  # what ``load_text_lm`` loads a baseline's LM in
+
+
+def check_lm_placement(config: Any) -> None:
+    """A baseline config's ``lm_dtype`` (one of ``LM_DTYPES``) and ``lm_device`` (a torch device string)."""
+    check_fields(config, words=("lm_device",), choices={"lm_dtype": LM_DTYPES})
+    try:
+        torch.device(config.lm_device)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"{type(config).__name__}.lm_device {config.lm_device!r} is not a torch device: {e}"
+        ) from None
 
 
 def load_text_lm(

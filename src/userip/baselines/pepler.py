@@ -59,16 +59,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from userip.baselines.llm_text import OfflineCost, TextLM, TextLMError, load_text_lm
+from userip.baselines.llm_text import OfflineCost, TextLM, TextLMError, check_lm_placement, load_text_lm
 from userip.ctr.data import CTRData, SplitTensors
 from userip.ctr.encoding import FeatureEncoder, Vocabulary
 from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, FieldSource
-from userip.ctr.recipe import CTRResult
+from userip.ctr.recipe import CTRResult, score_test
 from userip.ctr.trainer import DEFAULT_EVAL_BATCH, EpochRecord, FitResult, predict_probs
 from userip.data.schema import SPLITS, Dataset
 from userip.evaluation.metrics import auc, logloss
 from userip.utils.artifacts import save_tensors
-from userip.utils.config import ConfigError, to_dict
+from userip.utils.config import ConfigError, check_fields, to_dict
 from userip.utils.io import atomic_write_json
 from userip.utils.logging import get_logger
 from userip.utils.seed import seed_everything
@@ -83,7 +83,6 @@ IGNORE_INDEX = -100  # label of a position without a text token (prompt vectors,
 PROMPT_LENGTH = 2  # [user vector, item vector]
 ADAMW_EPS = 1e-6  # transformers.AdamW's default, which PEPLER's reg.py uses
 TEXT_SOURCES = ("auto", "item", "review")
-LM_DTYPES = ("fp32", "bf16")
 
 
 @dataclasses.dataclass
@@ -122,47 +121,24 @@ class PEPLERConfig:
     prompt_version: str = "pepler-v1"
 
     def __post_init__(self) -> None:
-        where = "PEPLERConfig"
-        for name in (
-            "text_max_tokens",
-            "mlp_hidden_dim",
-            "mlp_layers",
-            "batch_size",
-            "eval_batch_size",
-            "max_epochs",
-            "patience",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
-        for name in ("text_reg", "weight_decay"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {value!r}")
-        for name in ("rating_reg", "lr", "init_range"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                raise ConfigError(f"{where}.{name} must be a finite number > 0, got {value!r}")
-        if not isinstance(self.train_lm, bool):
-            raise ConfigError(f"{where}.train_lm must be true or false, got {self.train_lm!r}")
-        if self.text_source not in TEXT_SOURCES:
-            raise ConfigError(f"{where}.text_source must be one of {TEXT_SOURCES}, got {self.text_source!r}")
-        if self.lm_dtype not in LM_DTYPES:
-            raise ConfigError(f"{where}.lm_dtype must be 'fp32' or 'bf16', got {self.lm_dtype!r}")
-        if not isinstance(self.lm_device, str):
-            raise ConfigError(f"{where}.lm_device must be a torch device string, got {self.lm_device!r}")
-        try:
-            torch.device(self.lm_device)
-        except RuntimeError as e:
-            raise ConfigError(f"{where}.lm_device {self.lm_device!r} is not a torch device: {e}") from None
-        if not isinstance(self.prompt_version, str) or not self.prompt_version.strip():
-            raise ConfigError(
-                f"{where}.prompt_version must be a non-empty string, got {self.prompt_version!r}"
-            )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        check_fields(
+            self,
+            positive_ints=(
+                "text_max_tokens",
+                "mlp_hidden_dim",
+                "mlp_layers",
+                "batch_size",
+                "eval_batch_size",
+                "max_epochs",
+                "patience",
+            ),
+            positive_numbers=("rating_reg", "lr", "init_range"),
+            nonnegative_numbers=("text_reg", "weight_decay"),
+            flags=("train_lm",),
+            words=("prompt_version",),
+            choices={"text_source": TEXT_SOURCES},
+        )
+        check_lm_placement(self)
 
 
 # ---------------------------------------------------------------------------------------------- text targets
@@ -606,24 +582,16 @@ def train_pepler(
     fit = FitResult(best_epoch, None if valid is None else best_auc, stopped_early, history)
     valid_metrics = _evaluate(model, valid, config.eval_batch_size, device) if valid is not None else None
 
-    test = data["test"]
-    start = time.perf_counter()
-    probs = predict_probs(model, test.x_ids, config.eval_batch_size, device)
-    infer_sps = len(test) / max(time.perf_counter() - start, 1e-9)
-    test_labels = test.labels.numpy()
     result = PEPLERResult(
         model_name=MODEL_NAME,
         with_profiles=False,
         seed=seed,
         valid=valid_metrics,
-        test={"auc": auc(test_labels, probs), "logloss": logloss(test_labels, probs)},
-        test_labels=test_labels,
-        test_probs=probs,
         fit=fit,
         data=data,
         model=model,
-        test_inference_samples_per_s=infer_sps,
         output_dir=out,
+        **score_test(model, data["test"], config.eval_batch_size, device),
         offline_cost=cost,
         text_source=targets.source,
         epoch_losses=epoch_losses,

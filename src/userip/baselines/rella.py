@@ -53,14 +53,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from userip.baselines.kar import IGNORED_USER_COLUMNS, _user_intro, default_cache_dir
-from userip.baselines.llm_text import OfflineCost, TextLM, TextLMError, chat_text, encode_cached, load_text_lm
+from userip.baselines.llm_text import (
+    OfflineCost,
+    TextLM,
+    TextLMError,
+    chat_text,
+    check_lm_placement,
+    encode_cached,
+    load_text_lm,
+)
 from userip.ctr.data import build_ctr_data
 from userip.ctr.recipe import CTRResult
 from userip.ctr.trainer import EpochRecord, FitResult
 from userip.data.schema import HISTORY_SPLIT, Dataset
 from userip.evaluation.metrics import auc, logloss
 from userip.utils.artifacts import save_tensors
-from userip.utils.config import ConfigError, to_dict
+from userip.utils.config import ConfigError, check_fields, to_dict
 from userip.utils.io import atomic_write_json
 from userip.utils.logging import get_logger
 
@@ -120,58 +128,39 @@ class ReLLaConfig:
     lm_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        where = "ReLLaConfig"
-        positive = (
-            "num_history_items",
-            "num_train_samples",
-            "lora_r",
-            "max_epochs",
-            "patience",
-            "batch_size",
-            "eval_batch_size",
-            "max_prompt_tokens",
-            "pca_dim",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
-        value = self.max_valid_rows
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{where}.max_valid_rows must be a positive integer or None, got {value!r}")
-        if self.retrieval not in RETRIEVALS:
-            raise ConfigError(f"{where}.retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
-        for name in ("mixed", "zero_shot"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{where}.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("lr", "lora_alpha"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not (value > 0 and math.isfinite(value))
-            ):
-                raise ConfigError(f"{where}.{name} must be a positive number, got {value!r}")
-        if (
-            isinstance(self.lora_dropout, bool)
-            or not isinstance(self.lora_dropout, int | float)
-            or not 0.0 <= self.lora_dropout < 1.0
-        ):
-            raise ConfigError(f"{where}.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         modules = self.lora_target_modules
         if isinstance(modules, str):
-            raise ConfigError(f"{where}.lora_target_modules must be a list of module names, got {modules!r}")
+            raise ConfigError(
+                f"ReLLaConfig.lora_target_modules must be a list of module names, got {modules!r}"
+            )
         self.lora_target_modules = tuple(modules)
+        check_fields(
+            self,
+            positive_ints=(
+                "num_history_items",
+                "num_train_samples",
+                "lora_r",
+                "max_epochs",
+                "patience",
+                "batch_size",
+                "eval_batch_size",
+                "max_prompt_tokens",
+                "pca_dim",
+            ),
+            optional_positive_ints=("max_valid_rows",),
+            positive_numbers=("lr", "lora_alpha"),
+            fractions=("lora_dropout",),
+            flags=("mixed", "zero_shot"),
+            words=("item_noun", "prompt_version"),
+            choices={"retrieval": RETRIEVALS},
+        )
+        check_lm_placement(self)
         if not self.lora_target_modules or not all(
             isinstance(m, str) and m.strip() for m in self.lora_target_modules
         ):
-            raise ConfigError(f"{where}.lora_target_modules must be non-empty module names, got {modules!r}")
-        for name in ("item_noun", "prompt_version", "lm_device"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{where}.{name} must be a non-empty string, got {value!r}")
-        if self.lm_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"{where}.lm_dtype must be 'fp32' or 'bf16', got {self.lm_dtype!r}")
+            raise ConfigError(
+                f"ReLLaConfig.lora_target_modules must be non-empty module names, got {modules!r}"
+            )
 
     def lora_config(self) -> Any:
         """The ``peft.LoraConfig`` (ReLLa's: no bias, causal-LM task)."""

@@ -86,29 +86,31 @@ def encode_user_features(users: pd.DataFrame) -> tuple[np.ndarray, tuple[int, ..
 
 
 class JointObjective(nn.Module):
-    """The trainer's ``aux``: forward(user_ids (B,), profile_embeds (B, P, D)) -> (loss, metrics)."""
+    """The trainer's ``aux``: forward(user_ids (B,), profile_embeds (B, P, D)) -> (loss, metrics).
+
+    ``loss_weight``, ``interactions_per_user``, ``without_vq`` and ``seed`` come from ``config``
+    (``QuantizationConfig``'s defaults when it is None); ``seed`` overrides the config's sampling seed.
+    """
 
     def __init__(
         self,
         quantizer: MultiProfileQuantizer,
         surrogate: SurrogateRecommender,
         sampler: InteractionSampler,
-        loss_weight: float = 0.001,
-        interactions_per_user: int = 8,
-        without_vq: bool = False,
-        user_features: np.ndarray | None = None,
-        seed: int = 0,
         config: QuantizationConfig | None = None,
+        user_features: np.ndarray | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config  # recorded in the bank manifest
+        settings = config if config is not None else QuantizationConfig()
         self.quantizer = quantizer
         self.surrogate = surrogate
         self.sampler = sampler
-        self.loss_weight = loss_weight
-        self.interactions_per_user = interactions_per_user
-        self.without_vq = without_vq
-        self.seed = seed
+        self.loss_weight = settings.loss_weight
+        self.interactions_per_user = settings.interactions_per_user
+        self.without_vq = settings.without_vq
+        self.seed = settings.seed if seed is None else seed
         self.user_features = (
             None if user_features is None else torch.as_tensor(user_features, dtype=torch.long)
         )
@@ -122,18 +124,9 @@ class JointObjective(nn.Module):
         self, sampler: InteractionSampler, user_features: np.ndarray | None = None
     ) -> JointObjective:
         """The same (shared) quantizer and surrogate over other users' interactions: new-user inference."""
-        clone = JointObjective(
-            self.quantizer,
-            self.surrogate,
-            sampler,
-            self.loss_weight,
-            self.interactions_per_user,
-            self.without_vq,
-            user_features,
-            self.seed + 1,
-            self.config,
+        return JointObjective(
+            self.quantizer, self.surrogate, sampler, self.config, user_features, self.seed + 1
         )
-        return clone
 
     def forward(
         self, user_ids: torch.Tensor, profile_embeds: torch.Tensor
@@ -230,14 +223,4 @@ def build_joint_objective(
     # The surrogate is a recommender: it trains on the profile split's labelled rows, sampled negatives of
     # implicit data included (on positives alone its BCE would only learn "everything is a click").
     sampler = InteractionSampler.from_interactions(dataset.profile_samples(), dataset.num_users)
-    return JointObjective(
-        quantizer,
-        surrogate,
-        sampler,
-        loss_weight=config.loss_weight,
-        interactions_per_user=config.interactions_per_user,
-        without_vq=config.without_vq,
-        user_features=user_features,
-        seed=config.seed,
-        config=config,
-    )
+    return JointObjective(quantizer, surrogate, sampler, config, user_features)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -328,19 +329,20 @@ def floor_sinkhorn_offsets(cost: torch.Tensor, floor: int, iters_per_eps: int = 
 
 
 class MultiProfileQuantizer(nn.Module):
-    """One ``ProfileQuantizer`` per profile; works on (B, P, D) profile embeddings."""
+    """One ``ProfileQuantizer`` per profile; works on (B, P, D) profile embeddings.
+
+    ``options`` are ``ProfileQuantizer``'s keyword arguments (``beta``, ``init``, ``dead_code_threshold``,
+    ``kmeans_init_samples``, ``kmeans_iters``), the same for every profile; profile p is seeded ``seed + p``.
+    """
 
     def __init__(
         self,
         profile_names: list[str],
         codebook_sizes: list[int],
         dim: int,
-        beta: float = 0.001,
-        init: CodebookInit | str = CodebookInit.KMEANS,
-        dead_code_threshold: int = 20,
-        kmeans_init_samples: int = 256,
-        kmeans_iters: int = 20,
+        *,
         seed: int = 0,
+        **options: Any,
     ) -> None:
         super().__init__()
         if len(profile_names) != len(codebook_sizes) or not profile_names:
@@ -355,10 +357,7 @@ class MultiProfileQuantizer(nn.Module):
         self.codebook_sizes = list(codebook_sizes)
         self.dim = dim
         self.quantizers = nn.ModuleList(
-            ProfileQuantizer(
-                dim, size, beta, init, dead_code_threshold, kmeans_init_samples, kmeans_iters, seed + p
-            )
-            for p, size in enumerate(codebook_sizes)
+            ProfileQuantizer(dim, size, seed=seed + p, **options) for p, size in enumerate(codebook_sizes)
         )
 
     def index(self, profile: int | str) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 
+# Not ctr.layers' CrossNet/MLP: other cross init (Xavier), no 0 layers, other state-dict keys (saved banks).
 class CrossNetwork(nn.Module):
     """DCN v1 cross layers: x_{l+1} = x0 * (x_l . w_l) + b_l + x_l."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.run_layout import RunLayout
 
 if TYPE_CHECKING:
     from userip.ctr.recipe import CTRResult
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         "num_threads": args.threads,
     }
     distributed = distributed_requested(bool(getattr(args, "distributed", False)))
-    setup_logging(rank_log_file(run_dir / "logs", "train", distributed))
+    setup_logging(rank_log_file(RunLayout(run_dir).logs, "train", distributed))
     try:
         model_config, trainer_dict = _read_model_config(args.model_config)
         # configs/ctr_models.yaml holds one section per model: pick this model's (flat mappings pass through).

@@ -24,7 +24,7 @@ import torch
 from userip.ctr.encoding import FeatureEncoder, Vocabulary
 from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, FieldSource
 from userip.data.schema import SPLITS, Dataset
-from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS
+from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, ctr_field_index
 
 USER_COLUMN = 0  # user_id is always field 0 of x_ids (the trainer's user-id dropout relies on it)
 
@@ -211,4 +211,4 @@ def profile_indices(bank: ProfileBank, user_ids: np.ndarray) -> np.ndarray:
     sizes = np.asarray(bank.codebook_sizes, dtype=np.int64)
     if (codes < -1).any() or (codes >= sizes).any():
         raise ValueError(f"bank.lookup returned codes outside [-1, K_p) for K = {sizes.tolist()}")
-    return codes + 1
+    return ctr_field_index(codes)

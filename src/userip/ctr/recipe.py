@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from userip.ctr.data import CTRData, ProfileBank, build_ctr_data, freeze_field_rows
+from userip.ctr.data import CTRData, ProfileBank, SplitTensors, build_ctr_data, freeze_field_rows
 from userip.ctr.extend import extend_model
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, predict_probs
@@ -28,6 +28,7 @@ from userip.evaluation.metrics import auc, logloss
 from userip.utils.config import to_dict
 from userip.utils.io import atomic_write_json
 from userip.utils.logging import get_logger
+from userip.utils.run_layout import RunLayout
 from userip.utils.seed import seed_everything
 
 log = get_logger(__name__)
@@ -75,6 +76,21 @@ class CTRResult:
             "test_inference_samples_per_s": self.test_inference_samples_per_s,
             "history": [dataclasses.asdict(r) for r in self.fit.history],
         }
+
+
+def score_test(model: nn.Module, split: SplitTensors, batch_size: int, device: Any) -> dict[str, Any]:
+    """``CTRResult``'s test fields for ``model`` on ``split``: ``test`` (AUC, Logloss), ``test_labels``,
+    ``test_probs`` and ``test_inference_samples_per_s`` (the scoring pass, timed)."""
+    start = time.perf_counter()
+    probs = predict_probs(model, split.x_ids, batch_size, device)
+    samples_per_s = len(split) / max(time.perf_counter() - start, 1e-9)
+    labels = split.labels.numpy()
+    return {
+        "test": {"auc": auc(labels, probs), "logloss": logloss(labels, probs)},
+        "test_labels": labels,
+        "test_probs": probs,
+        "test_inference_samples_per_s": samples_per_s,
+    }
 
 
 def load_bank(path: str | Path) -> ProfileBank:
@@ -134,12 +150,12 @@ def train_ctr(
     if with_profiles and bank is None:
         if run_dir is None:
             raise ValueError("with_profiles needs a bank (object or path) when source is a Dataset")
-        bank = run_dir / "bank"
+        bank = RunLayout(run_dir).bank
     if isinstance(bank, str | Path):
         bank = load_bank(bank)
 
     if output_dir is None and run_dir is not None:
-        output_dir = run_dir / "ctr" / output_name(model_name, with_profiles)
+        output_dir = RunLayout(run_dir).ctr / output_name(model_name, with_profiles)
     out = Path(output_dir) if (save and output_dir is not None) else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,27 +205,18 @@ def train_ctr(
 
     # ---- evaluate
     valid_metrics = trainer.evaluate(valid) if valid is not None else None
-    test = data["test"]
-    start = time.perf_counter()
-    test_probs = predict_probs(trainer.model, test.x_ids, config.eval_batch_size, trainer.device)
-    infer_sps = len(test) / max(time.perf_counter() - start, 1e-9)
-    test_labels = test.labels.numpy()
-    test_metrics = {"auc": auc(test_labels, test_probs), "logloss": logloss(test_labels, test_probs)}
     result = CTRResult(
         model_name=model_name.lower(),
         with_profiles=with_profiles,
         seed=config.seed,
         valid=valid_metrics,
-        test=test_metrics,
-        test_labels=test_labels,
-        test_probs=test_probs,
         fit=fit,
         data=data,
         model=trainer.model,
-        test_inference_samples_per_s=infer_sps,
         output_dir=out,
+        **score_test(trainer.model, data["test"], config.eval_batch_size, trainer.device),
     )
-    log.info("%s: valid %s, test %s", output_name(model_name, with_profiles), valid_metrics, test_metrics)
+    log.info("%s: valid %s, test %s", output_name(model_name, with_profiles), valid_metrics, result.test)
 
     # ---- save (the checkpoint already holds the best weights; metrics last)
     if out is not None:

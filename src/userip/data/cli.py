@@ -14,6 +14,7 @@ from userip.data.preprocess import PrepareConfig, SplitMode
 from userip.data.schema import DatasetError
 from userip.utils.config import ConfigError, from_dict, load_yaml
 from userip.utils.logging import setup_logging
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    setup_logging(out / "logs" / "prepare.log")
+    setup_logging(RunLayout(out).logs / "prepare.log")
     try:
         source, options, config = resolve(args)
         dataset = prepare_to_run_dir(out, source, options, config, show_progress=True)

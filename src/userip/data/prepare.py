@@ -22,6 +22,7 @@ from userip.data.sources.synthetic import SyntheticConfig, generate_synthetic
 from userip.data.sources.tabular import TabularConfig, load_tabular
 from userip.data.sources.yelp import YelpConfig, load_yelp
 from userip.utils.config import from_dict, to_dict
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,9 @@ def prepare_to_run_dir(
     with tqdm(total=3, desc=f"prepare {source}", unit="phase", disable=not show_progress) as bar:
         dataset = prepare(source, options, config, progress=bar)
         started = time.perf_counter()
-        dataset.save(Path(run_dir) / "data")
-        log.info("wrote %s in %.2f s", Path(run_dir) / "data", time.perf_counter() - started)
+        data_dir = RunLayout(run_dir).data
+        dataset.save(data_dir)
+        log.info("wrote %s in %.2f s", data_dir, time.perf_counter() - started)
         bar.update()
     return dataset
 

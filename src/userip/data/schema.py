@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from userip.utils.io import atomic_write_json, atomic_write_with, read_json
+from userip.utils.run_layout import RunLayout
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")  # the CTR splits
@@ -261,8 +262,8 @@ class Dataset:
     @classmethod
     def load(cls, folder: str | Path) -> Dataset:
         folder = Path(folder)
-        if (folder / "data" / MANIFEST).exists():  # accept a run directory as well
-            folder = folder / "data"
+        if (RunLayout(folder).data / MANIFEST).exists():  # accept a run directory as well
+            folder = RunLayout(folder).data
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():
             raise DatasetError(
@@ -307,8 +308,8 @@ class Dataset:
     @staticmethod
     def read_manifest(folder: str | Path) -> dict[str, Any]:
         folder = Path(folder)
-        if (folder / "data" / MANIFEST).exists():
-            folder = folder / "data"
+        if (RunLayout(folder).data / MANIFEST).exists():
+            folder = RunLayout(folder).data
         return read_json(folder / MANIFEST)
 
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from userip.profile.model import ProfileModel, SoftTokenTable, initial_soft_token_table
 from userip.prompts import PromptBuilder, TokenKind, collate
+from userip.utils.run_layout import RunLayout
 
 
 @dataclasses.dataclass
@@ -90,17 +91,15 @@ def explain_attention(
 ) -> ProfileAttention:
     """Fig. 7 for users of a finished ``userip profile`` run (default: the first ``limit`` trained users;
     default sentence: the title of the training split's most-interacted item)."""
-    from userip.data.schema import Dataset
     from userip.evaluation.explain import select_users
     from userip.profile.lm import load_causal_lm, load_tokenizer
     from userip.profile.recipe import load_soft_tokens
-    from userip.profile.stage import read_stage_config, stage_lm_path
+    from userip.profile.stage import reopen_profile
 
     run_dir = Path(run_dir)
-    dataset = Dataset.load(run_dir)
-    stage, config = read_stage_config(run_dir)
-    lm_path = stage_lm_path(run_dir, stage, dataset)
-    soft_tokens, trained, manifest = load_soft_tokens(run_dir / "profile")
+    finished = reopen_profile(run_dir)
+    dataset, config, lm_path = finished.dataset, finished.config, finished.lm_path
+    soft_tokens, trained, manifest = load_soft_tokens(RunLayout(run_dir).profile)
     user_ids = select_users(dataset, trained, raw_user_ids, limit, run_dir)
     lm = load_causal_lm(lm_path, attn_implementation="eager")
     builder = PromptBuilder(load_tokenizer(lm_path), config.prompt)

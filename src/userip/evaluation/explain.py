@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from userip.utils.run_layout import RunLayout
+
 
 def nearest_tokens(
     soft_embeds: torch.Tensor,
@@ -53,7 +55,7 @@ def select_users(
     index = {r: i for i, r in enumerate(dataset.users["raw_user_id"].astype(str))}
     missing = [r for r in raw_user_ids if str(r) not in index]
     if missing:
-        raise KeyError(f"unknown user(s) {missing[:5]} (not in {run_dir / 'data'})")
+        raise KeyError(f"unknown user(s) {missing[:5]} (not in {RunLayout(run_dir).data})")
     return np.array([index[str(r)] for r in raw_user_ids], dtype=np.int64)
 
 
@@ -62,21 +64,20 @@ def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, 
     bank knows them, their profile IDs. Returns a list of dicts (one per user)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from userip.data.schema import Dataset
     from userip.feature_bank import FeatureBank
     from userip.profile.model import profile_means
     from userip.profile.recipe import load_soft_tokens
-    from userip.profile.stage import read_stage_config, stage_lm_path
+    from userip.profile.stage import reopen_profile
 
     run_dir = Path(run_dir)
-    dataset = Dataset.load(run_dir)
-    stage, stage_config = read_stage_config(run_dir)
-    lm_path = stage_lm_path(run_dir, stage, dataset)
-    soft_tokens, trained, _ = load_soft_tokens(run_dir / "profile")
-    lm = AutoModelForCausalLM.from_pretrained(lm_path)
-    tokenizer = AutoTokenizer.from_pretrained(lm_path)
+    layout = RunLayout(run_dir)
+    finished = reopen_profile(run_dir)
+    dataset, stage_config = finished.dataset, finished.config
+    soft_tokens, trained, _ = load_soft_tokens(layout.profile)
+    lm = AutoModelForCausalLM.from_pretrained(finished.lm_path)
+    tokenizer = AutoTokenizer.from_pretrained(finished.lm_path)
     vocab_embeds = lm.get_input_embeddings().weight.detach()
-    bank = FeatureBank.load(run_dir / "bank")
+    bank = FeatureBank.load(layout.bank)
     raw_of = dataset.users["raw_user_id"].astype(str).to_numpy()
     user_ids = select_users(dataset, trained, raw_user_ids, limit, run_dir)
     prompt_config = stage_config.prompt

@@ -9,6 +9,10 @@ Public API::
     path = pretrain_offline_lm(dataset, prompt_config, config, cache_dir)  # always trains
     path = load_or_build_random(dataset, prompt_config, config, cache_dir)  # same shape, untrained (ablation)
     name_or_path = resolve_lm("offline" | "random" | folder | hub id, dataset, run_dir)
+
+Modules: ``offline_config`` (OfflineLMConfig), ``texts`` (tokenizer corpus, slot words, pre-training
+examples), ``pretrain`` (model and training loop), ``offline`` (the cache; re-exports the others' names),
+``resolve`` (``--lm`` values), ``tokenizer``, ``gguf``.
 """
 
 from userip.lm.offline import (

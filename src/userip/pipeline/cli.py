@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 2
     run_dir = Path(config.run_dir)
-    from userip.pipeline.run import LOG_FILE, run_pipeline
+    from userip.pipeline.run import run_pipeline
 
-    print(f"userip run: artifacts under {run_dir}, details in {run_dir / LOG_FILE}", flush=True)
+    layout = RunLayout(run_dir)
+    print(f"userip run: artifacts under {run_dir}, details in {layout.log_file}", flush=True)
     start = time.perf_counter()
     try:
         summary = run_pipeline(config, verbose=args.verbose)
@@ -73,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(summary["markdown"])
     print(f"done in {time.perf_counter() - start:.0f} s; artifacts under {run_dir.resolve()}")
-    print(f"  summary: {run_dir / 'results' / 'summary.md'}  log: {run_dir / LOG_FILE}")
+    print(f"  summary: {layout.results / 'summary.md'}  log: {layout.log_file}")
     return 0

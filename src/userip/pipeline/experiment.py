@@ -16,13 +16,15 @@ ablation and the codebook sweeps re-train only the quantization module (codebook
 those fixed profiles: with the paper's lambda = 0.001 the LM term dominates the soft tokens' updates anyway,
 and re-running the frozen LLM for each of ~10 codebook settings would multiply the cost for no change in
 method.
+
+This module runs the cells; the config is ``experiment_config``, the tables and diagnostics
+``experiment_report``, the re-quantization ``userip.profile.requantize``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import time
@@ -31,197 +33,52 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from userip.baselines.kar import KARConfig
-from userip.baselines.pepler import PEPLERConfig
-from userip.baselines.rella import ReLLaConfig
-from userip.baselines.rows import BASELINE_ROWS, BaselineConfigs, cell_key, changes_lm, lm_placement
-from userip.codebook.config import QuantizationConfig
-from userip.ctr.models import MODELS
+from userip.baselines.rows import BASELINE_ROWS, cell_key, changes_lm, lm_placement
 from userip.ctr.recipe import CTRResult, train_ctr
 from userip.ctr.trainer import TrainerConfig
 from userip.data.prepare import prepare
-from userip.data.preprocess import PrepareConfig, SplitMode
-from userip.data.protocols import Protocol, ProtocolConfig, apply_protocol, known_rows_of
-from userip.data.schema import HISTORY_SPLIT, MANIFEST, Dataset
+from userip.data.protocols import apply_protocol, known_rows_of
+from userip.data.schema import MANIFEST, Dataset
 from userip.evaluation.controls import bag_of_items_bank
-from userip.evaluation.plots import plot_sweep
-from userip.evaluation.probes import one_hot_codes, probe_markdown, probe_report
-from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import UNKNOWN_CODE, FeatureBank
+from userip.pipeline.experiment_config import (
+    CONTROLS,
+    PAPER_BASELINES,
+    SEARCHABLE_TRAINER_KEYS,
+    TABLES,
+    ExperimentConfig,
+    TrainerSearchConfig,
+)
+from userip.pipeline.experiment_report import row_name, write_diagnostics, write_tables
 from userip.pipeline.run import PipelineConfig, stage_profile
-from userip.profile.bank import build_aux, code_usage, write_bank
-from userip.profile.model import profile_means
-from userip.profile.recipe import load_soft_tokens
-from userip.profile.stage import ProfileStageConfig, add_new_users, read_stage_config, stage_lm_path
-from userip.prompts import ProfileSpec
+from userip.profile.requantize import requantize
+from userip.profile.stage import add_new_users, reopen_profile
 from userip.prompts.template import HistoryFeedback
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, atomic_write_text, atomic_write_with, read_json
+from userip.utils.run_layout import RunLayout
+
+__all__ = [  # the config and report names live in experiment_config / experiment_report / profile.requantize
+    "CONTROLS",
+    "NEW_USERS_FILE",
+    "PAPER_BASELINES",
+    "SEARCHABLE_TRAINER_KEYS",
+    "TABLES",
+    "Cell",
+    "Experiment",
+    "ExperimentConfig",
+    "TrainerSearchConfig",
+    "cell_count",
+    "requantize",
+    "row_name",
+    "run_experiment",
+]
 
 log = logging.getLogger(__name__)
 
-PAPER_BASELINES = ["ffm", "afm", "fibinet", "difm", "afn", "deepfm", "autoint", "onn", "pnn", "dcnv2", "dcn"]
-TABLES = ("table2", "table3", "table4", "figure5", "figure6")
-# Control rows of Table 2 (UserIP-<model>'s CTR model with other user fields):
-#   bag_of_items  IDs from k-means on each user's bag of profile-row items (same codebook sizes): what the LM
-#                 adds over plain clustering of the same evidence
-#   attributes    the dataset's true user attributes (``attribute_features``): the ceiling of a user profile
-CONTROLS = ("bag_of_items", "attributes")
-# The paper's LLM-based rows (docs/llm_baselines.md) are userip.baselines.rows.BASELINE_ROWS.
 NEW_USERS_FILE = "new_users.parquet"  # cold_start: the cold users' known rows, as a --new-users file
-
-
-# TrainerConfig keys a search may vary; the rest (seed, device, threads, progress) are not hyper-parameters.
-SEARCHABLE_TRAINER_KEYS = (
-    "lr",
-    "batch_size",
-    "weight_decay",
-    "embedding_weight_decay",
-    "max_epochs",
-    "min_epochs",
-    "patience",
-    "user_id_dropout",
-    "warm_start",
-)
-
-
-def _default_profile() -> ProfileStageConfig:
-    return ProfileStageConfig()
-
-
-@dataclasses.dataclass
-class TrainerSearchConfig:
-    """Trainer settings chosen per table row on validation AUC, before the seeds run.
-
-    The paper sets every baseline "to obtain their optimal performance"; one trainer setting for all models
-    does not do that: on the synthetic default the MLP-based models sit on a plateau near AUC 0.63 at lr 1e-3
-    and need a higher lr and embedding L2 to leave it, while FM-type models do not. Each row (a CTR model
-    without profiles, with the main bank's IDs, or without VQ) gets the grid candidate with the best mean
-    *validation* AUC over ``seeds``; ties go to the earlier candidate. The codebook-size sweeps reuse
-    UserIP-<model>'s choice, so their curves differ only in the codebooks. ``grid`` maps a TrainerConfig key
-    to its candidate values (every combination is tried); empty turns the search off.
-    """
-
-    grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
-
-    def __post_init__(self) -> None:
-        bad = sorted(set(self.grid) - set(SEARCHABLE_TRAINER_KEYS))
-        if bad:
-            raise ConfigError(
-                f"trainer_search.grid: unknown key(s) {bad}; accepted: {list(SEARCHABLE_TRAINER_KEYS)}"
-            )
-        for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"trainer_search.grid.{key}: expected a non-empty list, got {values!r}")
-        if self.grid and not self.seeds:
-            raise ConfigError("trainer_search.seeds: at least one seed is required")
-
-    def candidates(self, base: TrainerConfig) -> list[TrainerConfig]:
-        """Every combination of the grid applied to ``base`` (just ``[base]`` without a grid)."""
-        keys = list(self.grid)
-        out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
-            try:
-                out.append(dataclasses.replace(base, **dict(zip(keys, values))))
-            except ValueError as e:
-                raise ConfigError(f"trainer_search.grid {dict(zip(keys, values))}: {e}") from None
-        return out
-
-
-@dataclasses.dataclass
-class ExperimentConfig:
-    """One experiment. ``run_dir`` holds (or receives) the prepared data, soft tokens and main bank;
-    ``out_dir`` the cells, tables and plots."""
-
-    name: str = "experiment"
-    run_dir: str = "runs/experiment"
-    out_dir: str = ""  # default: <run_dir>/experiment
-    source: str = "synthetic"
-    source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
-    profile: ProfileStageConfig = dataclasses.field(default_factory=_default_profile)
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4])
-    tables: list[str] = dataclasses.field(default_factory=lambda: list(TABLES))
-    baselines: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_BASELINES))
-    userip_model: str = "dcn"
-    transfer_models: list[str] = dataclasses.field(default_factory=lambda: ["pnn", "onn", "dcnv2"])
-    hobby_sizes: list[int] = dataclasses.field(default_factory=lambda: [4, 9, 27, 81])
-    background_sizes: list[int] = dataclasses.field(default_factory=lambda: [3, 9, 27, 81])
-    requantize_epochs: int = 30  # passes over the users when re-training codebooks on fixed profiles
-    model_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
-    trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
-    protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
-    controls: list[str] = dataclasses.field(default_factory=list)  # see CONTROLS
-    llm_baselines: list[str] = dataclasses.field(default_factory=list)  # Table 2 rows, see BASELINE_ROWS
-    llm_baseline_lm: str = "smollm2"  # the --lm spec every LLM baseline row uses
-    kar: KARConfig = dataclasses.field(default_factory=KARConfig)  # rows kar, kar_nogen (mode set per row)
-    pepler: PEPLERConfig = dataclasses.field(default_factory=PEPLERConfig)  # row pepler
-    rella: ReLLaConfig = dataclasses.field(default_factory=ReLLaConfig)  # rows rella, rella_zeroshot
-    attribute_features: list[str] = dataclasses.field(default_factory=list)  # user columns for "attributes"
-
-    def __post_init__(self) -> None:
-        bad = [c for c in self.controls if c not in CONTROLS]
-        if bad:
-            raise ConfigError(f"controls: unknown {bad}; accepted: {list(CONTROLS)}")
-        bad = [b for b in self.llm_baselines if b not in BASELINE_ROWS]
-        if bad:
-            raise ConfigError(f"llm_baselines: unknown {bad}; accepted: {list(BASELINE_ROWS)}")
-        if self.llm_baselines and "table2" not in self.tables:
-            raise ConfigError("llm_baselines are Table 2 rows: add table2 to tables")
-        if "attributes" in self.controls and not self.attribute_features:
-            raise ConfigError(
-                "controls: 'attributes' needs attribute_features (e.g. [gender, age, occupation])"
-            )
-        protocol = self.protocol.name
-        if (protocol is Protocol.TIME) != (self.prepare.split is SplitMode.TIME):
-            raise ConfigError(
-                f"protocol.name {protocol.value!r} with prepare.split {self.prepare.split.value!r}: the time "
-                "protocol is the time split (prepare.split: time), and only it"
-            )
-        requantized = sorted({"table3", "figure5", "figure6"} & set(self.tables))
-        if protocol is Protocol.COLD_START and requantized:
-            raise ConfigError(
-                f"tables {requantized} re-quantize the soft tokens of trained users only, so cold users "
-                "would have no IDs there; use tables [table2, table4] with protocol cold_start"
-            )
-        for key in ("baselines", "transfer_models"):
-            bad = [m for m in getattr(self, key) if m.lower() not in MODELS]
-            if bad:
-                raise ConfigError(f"{key}: unknown model(s) {bad}; accepted: {sorted(MODELS)}")
-        if self.userip_model.lower() not in MODELS:
-            raise ConfigError(f"userip_model: {self.userip_model!r} is not one of {sorted(MODELS)}")
-        bad = [m for m in self.model_configs if m.lower() not in MODELS]
-        if bad:
-            raise ConfigError(f"model_configs: unknown model(s) {bad}; accepted: {sorted(MODELS)}")
-        bad = [t for t in self.tables if t not in TABLES]
-        if bad:
-            raise ConfigError(f"tables: unknown {bad}; accepted: {list(TABLES)}")
-        if not self.seeds:
-            raise ConfigError("seeds: at least one seed is required")
-        for key in ("hobby_sizes", "background_sizes"):
-            if any(int(k) < 2 for k in getattr(self, key)):
-                raise ConfigError(f"{key}: every codebook size must be >= 2, got {getattr(self, key)}")
-        candidates = self.trainer_search.candidates(self.trainer)  # every grid point must be valid
-        if "table3" in self.tables and any(t.warm_start for t in candidates):
-            raise ConfigError(
-                "table3's without-VQ row holds continuous profiles, which warm_start cannot extend a model "
-                "with; drop warm_start from trainer/trainer_search or table3 from tables"
-            )
-        # A paired test needs >= 2 seeds; one seed still gives tables (without p-values).
-        PipelineConfig(source=self.source, ctr_model=self.userip_model)  # validates the source name
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else Path(self.run_dir) / "experiment"
-
-    @property
-    def baseline_configs(self) -> BaselineConfigs:
-        return BaselineConfigs(self.kar, self.pepler, self.rella)
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -282,57 +139,14 @@ class Experiment:
             self.diagnostics()
 
     def diagnostics(self) -> None:
-        """What the profiles know (``OUT/diagnostics.md``, ``probes.csv``, ``code_usage.csv``): code usage of
-        the main bank, and cross-validated linear-probe AUCs of the soft tokens and the codes against truths
-        no profile saw (user attributes; held-out positive rate and genres), beside the bag of the same
-        profile rows and random vectors. Users: those with trained soft tokens."""
-        marker = (
-            self.out / "diagnostics.json"
-        )  # written last: marks diagnostics of that bank version complete
-        if marker.exists() and read_json(marker).get("bank") == self.banks["userip"].version:
-            return
         assert self.dataset is not None
-        bank = self.banks["userip"]
-        usage = code_usage(bank.codes[: self.dataset.num_users], bank.profile_names, bank.codebook_sizes)
-        soft_tokens, trained_mask, _ = load_soft_tokens(self.run_dir / "profile")
-        users = torch.nonzero(trained_mask).squeeze(1).numpy()
-        profiles = profile_means(soft_tokens[users], self.config.profile.prompt)  # (N, P, D)
-        codes = bank.lookup(users)
-        features = {
-            "soft_tokens": profiles.flatten(1).numpy(),
-            **{f"soft_token_{n}": profiles[:, p].numpy() for p, n in enumerate(bank.profile_names)},
-            "codes": one_hot_codes(codes, bank.codebook_sizes),
-        }
-        # Everything but the profile rows is held out from the profiles (a cold-start protocol's history
-        # split leaves the CTR training rows out of them too).
-        held_out = ("train", "valid", "test") if len(self.dataset.split(HISTORY_SPLIT)) else ("valid", "test")
-        probes = probe_report(self.dataset, features, self.dataset.profile_rows(), users, held_out)
-        atomic_write_text(self.out / "code_usage.csv", usage.to_csv(index=False))
-        atomic_write_text(self.out / "probes.csv", probes.to_csv())
-        text = "\n".join(
-            [
-                f"# {self.config.name}: what the profiles know",
-                "",
-                "## Code usage (main bank, every user with a profile)",
-                "",
-                markdown_table(usage),
-                "## Linear probes (5-fold cross-validated AUC)",
-                "",
-                f"{len(users)} users with trained soft tokens; targets from {', '.join(held_out)} rows and "
-                "the users table, which no profile saw. `bag_of_items`/`bag_of_categories`: the same profile "
-                "rows as a plain bag; `random`: chance.",
-                "",
-                probe_markdown(probes),
-            ]
-        )
-        atomic_write_text(self.out / "diagnostics.md", text + "\n")
-        atomic_write_json(marker, {"bank": bank.version})
+        write_diagnostics(self.config, self.banks["userip"], self.out, self.run_dir, self.dataset)
 
     def prepare_data(self) -> Dataset:
         """``RUN/data`` as the protocol evaluates it (reused when it was written for the same source, prepare
         and protocol settings); cold_start also writes the cold users' known rows to ``RUN/protocol``."""
         cfg = self.config
-        data_dir = self.run_dir / "data"
+        data_dir = RunLayout(self.run_dir).data
         wanted = {"source_options": cfg.source_options, "prepare": to_dict(cfg.prepare)}
         wanted["protocol"] = to_dict(cfg.protocol)
         if (data_dir / MANIFEST).exists():
@@ -344,7 +158,7 @@ class Experiment:
         protocol = apply_protocol(prepare(cfg.source, cfg.source_options, cfg.prepare), cfg.protocol)
         dataset = protocol.dataset
         dataset.config["experiment"] = wanted
-        new_users = self.run_dir / "protocol" / NEW_USERS_FILE
+        new_users = RunLayout(self.run_dir).protocol / NEW_USERS_FILE
         new_users.unlink(missing_ok=True)
         if protocol.new_users is not None:
             new_users.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +169,7 @@ class Experiment:
 
     def _known_rows(self) -> pd.DataFrame | None:
         """cold_start: the cold users' known rows (``RUN/protocol``) in dataset ids; None otherwise."""
-        path = self.run_dir / "protocol" / NEW_USERS_FILE
+        path = RunLayout(self.run_dir).protocol / NEW_USERS_FILE
         if not path.exists():
             return None
         assert self.dataset is not None
@@ -369,7 +183,7 @@ class Experiment:
         if num_pending == 0:
             return bank
         log.info("cold start: inferring profiles of %d cold users from their known rows", num_pending)
-        return add_new_users(self.run_dir, self.run_dir / "protocol" / NEW_USERS_FILE)
+        return add_new_users(self.run_dir, RunLayout(self.run_dir).protocol / NEW_USERS_FILE)
 
     def bank(self, variant: str) -> FeatureBank:
         """The main bank, or one re-quantized from the fixed soft tokens (cached under OUT/banks)."""
@@ -570,7 +384,7 @@ class Experiment:
             cell.seed,
             trainer_config=trainer,
             model_config=cfg.model_configs.get(cell.model, {}),
-            cache_dir=self.run_dir / "baselines",
+            cache_dir=RunLayout(self.run_dir).baselines,
         )
         cost_path = self.out / "llm_baseline_cost.json"
         costs = read_json(cost_path) if cost_path.exists() else {}
@@ -591,7 +405,7 @@ class Experiment:
             return self._text_lms[placement]
         spec = cfg.llm_baseline_lm
         if spec == cfg.profile.lm.name_or_path:  # the profile stage's own LM: load it, do not rebuild it
-            spec = stage_lm_path(self.run_dir, read_stage_config(self.run_dir)[0], self.dataset)
+            spec = reopen_profile(self.run_dir, self.dataset).lm_path
         lm = load_text_lm(spec, dataset=self.dataset, dtype=placement[0], device=placement[1])
         if not changes_lm(variant, cfg.baseline_configs):
             self._text_lms[placement] = lm
@@ -632,120 +446,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ tables and figures
     def report(self, results: pd.DataFrame) -> dict[str, Any]:
-        cfg = self.config
-        main = cfg.userip_model.lower()
-        results = results.assign(name=[row_name(m, v) for m, v in zip(results.model, results.variant)])
-        md = [f"# {cfg.name}: results", ""]
-        md.append(
-            f"Dataset `{self.run_dir}` ({_stats_line(self.dataset)}); seeds {cfg.seeds}; "
-            f"mean ± std of test metrics; **best**, <u>second best</u>."
-        )
-        out: dict[str, Any] = {"tables": {}}
-
-        def table(rows: pd.DataFrame, title: str, key: str, base_name: str | None, ours: list[str]) -> None:
-            if base_name is not None and base_name in set(rows["name"]):
-                summary = compare_with_base(rows, "name", base_name, ours)
-            else:
-                summary = summarize_over_seeds(rows, by=["name"], metrics=["auc", "logloss"])
-                summary = summary.drop(columns=["num_seeds"]).rename(columns={"name": "model"})
-            seeds = rows.groupby("name")["seed"].nunique()
-            if (seeds != len(cfg.seeds)).any():  # finished_only: say which rows have fewer seeds
-                summary.insert(1, "seeds", [int(seeds[name]) for name in summary["model"]])
-            md.extend(
-                ["", f"## {title}", "", markdown_table(summary, {"auc_mean": True, "logloss_mean": False})]
-            )
-            out["tables"][key] = summary.to_dict(orient="records")
-
-        if "table2" in cfg.tables:
-            rows = results[
-                (results.variant == "base") & results.model.isin([m.lower() for m in cfg.baselines])
-            ]
-            ours = ["userip", *cfg.controls, *cfg.llm_baselines]
-            rows = pd.concat([rows, results[(results.model == main) & results.variant.isin(ours)]])
-            table(
-                rows,
-                f"Table 2: overall performance ({cfg.protocol.name.value} protocol)",
-                "table2",
-                main.upper(),
-                [row_name(main, v) for v in ours],
-            )
-        if self.search_results is not None:
-            chosen = self.search_results[self.search_results["chosen"]].drop(columns=["chosen"])
-            chosen = chosen.assign(model=[row_name(m, v) for m, v in zip(chosen.model, chosen.variant)]).drop(
-                columns=["variant"]
-            )
-            # Grid values as written (1e-05, not 0.0000); the AUC columns keep the tables' 4 decimals.
-            chosen = chosen.astype({k: str for k in cfg.trainer_search.grid})
-            grid = ", ".join(f"{k} {v}" for k, v in cfg.trainer_search.grid.items())
-            md.extend(
-                [
-                    "",
-                    "## Trainer settings chosen on validation AUC",
-                    "",
-                    f"Grid: {grid}; mean validation AUC over seeds {cfg.trainer_search.seeds}; every "
-                    "candidate's score is in `trainer_search.csv`. Codebook-size sweeps use "
-                    f"UserIP-{main.upper()}'s choice.",
-                    "",
-                    markdown_table(chosen).rstrip("\n"),
-                ]
-            )
-            out["tables"]["trainer_search"] = chosen.to_dict(orient="records")
-        if "table3" in cfg.tables:
-            rows = results[(results.model == main) & results.variant.isin(["base", "userip", "novq"])]
-            table(
-                rows,
-                "Table 3: with and without the VQ module",
-                "table3",
-                main.upper(),
-                [f"UserIP-{main.upper()}", f"UserIP-{main.upper()} w/o VQ"],
-            )
-        if "table4" in cfg.tables:
-            for m in cfg.transfer_models:
-                rows = results[(results.model == m.lower()) & results.variant.isin(["base", "userip"])]
-                table(
-                    rows,
-                    f"Table 4: transfer to {m.upper()}",
-                    f"table4_{m.lower()}",
-                    m.upper(),
-                    [f"UserIP-{m.upper()}"],
-                )
-        for fig, prefix, sizes, what in (
-            ("figure5", "hobby", cfg.hobby_sizes, "hobby"),
-            ("figure6", "background", cfg.background_sizes, "background"),
-        ):
-            if fig not in cfg.tables:
-                continue
-            specs = cfg.profile.prompt.profiles
-            default = specs[0].codebook_size if prefix == "hobby" else specs[1].codebook_size
-            rows = []
-            for k in sizes:
-                variant = "userip" if k == default else f"{prefix}{k}"
-                sel = results[(results.model == main) & (results.variant == variant)]
-                rows.append(sel.assign(codebook_size=k))
-            sweep = summarize_over_seeds(pd.concat(rows), by=["codebook_size"], metrics=["auc", "logloss"])
-            png = plot_sweep(
-                sweep,
-                "codebook_size",
-                title=f"UserIP-{main.upper()}: {what} codebook size",
-                path=self.out / f"{fig}_{what}_codebook.png",
-            )
-            md.extend(
-                [
-                    "",
-                    f"## {fig.capitalize()}: {what} codebook size",
-                    "",
-                    markdown_table(
-                        sweep.drop(columns=["num_seeds"]), {"auc_mean": True, "logloss_mean": False}
-                    ),
-                    f"![{fig}]({png.name})",
-                ]
-            )
-            out["tables"][fig] = sweep.to_dict(orient="records")
-        text = "\n".join(md) + "\n"
-        atomic_write_text(self.out / "tables.md", text)
-        atomic_write_json(self.out / "results.json", out)
-        out["markdown"] = text
-        return out
+        return write_tables(self.config, results, self.out, self.run_dir, self.dataset, self.search_results)
 
 
 def _write_cell(
@@ -767,74 +468,9 @@ def _write_cell(
     return record
 
 
-def row_name(model: str, variant: str) -> str:
-    """A table row's name: ``DCN``, ``UserIP-DCN``, ``UserIP-DCN w/o VQ``, ``UserIP-DCN hobby9``."""
-    label = {
-        "base": "{M}",
-        "userip": "UserIP-{M}",
-        "novq": "UserIP-{M} w/o VQ",
-        "bag_of_items": "{M} + bag-of-items IDs (control)",
-        "attributes": "{M} + true attributes (control)",
-        **{row: spec.label for row, spec in BASELINE_ROWS.items()},
-    }
-    return label.get(variant, "UserIP-{M} " + variant).format(M=model.upper())
-
-
 def _plain(value: Any) -> Any:
     """numpy scalar -> Python scalar (a TrainerConfig field must stay JSON- and validation-friendly)."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _stats_line(dataset: Dataset | None) -> str:
-    if dataset is None:
-        return ""
-    s = dataset.statistics()
-    return f"{s['interactions']:,} interactions, {s['users']:,} users, {s['items']:,} items"
-
-
-# ---------------------------------------------------------------------------------------------- requantize
-def requantize(
-    run_dir: Path,
-    dataset: Dataset,
-    profile: ProfileStageConfig,
-    quant: QuantizationConfig,
-    codebook_sizes: list[int],
-    bank_dir: Path,
-    epochs: int = 30,
-    batch_size: int = 128,
-) -> FeatureBank:
-    """Train codebooks + surrogate (eq. 5, straight-through) on the *fixed* soft tokens of ``RUN/profile``
-    with other codebook sizes (or without VQ), and write that bank to ``bank_dir``."""
-    soft_tokens, trained_mask, _ = load_soft_tokens(run_dir / "profile")
-    profile_table = profile_means(soft_tokens, profile.prompt)  # (U, P, D)
-    specs = [
-        ProfileSpec(p.name, p.phrase, p.num_soft_tokens, k)
-        for p, k in zip(profile.prompt.profiles, codebook_sizes)
-    ]
-    aux = build_aux(dataset, specs, profile_table.shape[-1], quant)
-    optimizer = torch.optim.AdamW(aux.parameters(), lr=profile.train.aux_lr)
-    trained_ids = torch.nonzero(trained_mask).squeeze(1)
-    gen = torch.Generator().manual_seed(quant.seed)
-    aux.train()
-    for _ in range(epochs):
-        perm = trained_ids[torch.randperm(len(trained_ids), generator=gen)]
-        for start in range(0, len(perm), batch_size):
-            user_ids = perm[start : start + batch_size]
-            loss, _ = aux(user_ids, profile_table[user_ids])
-            optimizer.zero_grad(set_to_none=True)
-            # The loss carries lambda; rescale so the codebook learns at the paper's rate per unit of L_VQ.
-            (loss / max(quant.loss_weight, 1e-12)).backward()
-            optimizer.step()
-    aux.eval()
-    bank, _ = write_bank(
-        bank_dir,
-        dataset,
-        aux,
-        profile_table,
-        trained_user_ids=trained_ids.numpy(),
-        config={"requantized": True, "codebook_sizes": codebook_sizes, "without_vq": quant.without_vq},
-    )
-    return bank
 
 
 def run_experiment(

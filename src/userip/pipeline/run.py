@@ -33,10 +33,11 @@ from userip.profile.stage import ProfileStageConfig, run_profile_stage
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, atomic_write_text, read_json
 from userip.utils.logging import setup_logging
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "logs/run.log"  # every INFO record of ``userip run``, relative to the run folder
+LOG_FILE = RunLayout(".").log_file.as_posix()  # "logs/run.log": relative to the run folder
 
 
 def _default_profile() -> ProfileStageConfig:
@@ -78,12 +79,12 @@ class PipelineConfig:
 
 
 def stage_prepare(config: PipelineConfig, run_dir: Path, progress: bool = False) -> Dataset:
-    if (run_dir / "data" / MANIFEST).exists():
-        log.info("prepare: reusing %s", run_dir / "data")
+    if (RunLayout(run_dir).data / MANIFEST).exists():
+        log.info("prepare: reusing %s", RunLayout(run_dir).data)
         return Dataset.load(run_dir)
     from userip.data.prepare import prepare_to_run_dir
 
-    log.info("prepare: %s -> %s", config.source, run_dir / "data")
+    log.info("prepare: %s -> %s", config.source, RunLayout(run_dir).data)
     return prepare_to_run_dir(
         run_dir, config.source, config.source_options, config.prepare, show_progress=progress
     )
@@ -92,19 +93,20 @@ def stage_prepare(config: PipelineConfig, run_dir: Path, progress: bool = False)
 def stage_profile(
     config: PipelineConfig, run_dir: Path, dataset: Dataset
 ) -> tuple[FeatureBank, dict[str, Any]]:
-    bank_manifest = run_dir / "bank" / "report.json"
-    stage_file = run_dir / "profile" / "stage_config.json"
+    layout = RunLayout(run_dir)
+    bank_manifest = layout.bank_report
+    stage_file = layout.stage_config
     same_config = stage_file.exists() and read_json(stage_file)["config"] == to_dict(config.profile)
     if bank_manifest.exists() and not same_config:
-        log.info("profile: the stage config changed since %s was written; rebuilding", run_dir / "bank")
+        log.info("profile: the stage config changed since %s was written; rebuilding", layout.bank)
     elif bank_manifest.exists():
         try:
-            bank = FeatureBank.load(run_dir / "bank", expected_dataset_hash=dataset.content_hash)
+            bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
             log.info("profile: reusing bank %s", bank.version)
             return bank, read_json(bank_manifest)
         except Exception as e:  # a stale or broken bank is rebuilt, not trusted
             log.warning("profile: existing bank unusable (%s); rebuilding", e)
-    resume = same_config and (run_dir / "profile" / "checkpoints").exists()
+    resume = same_config and layout.checkpoints.exists()
     result = run_profile_stage(run_dir, config.profile, resume=resume)
     return result.bank, result.report
 
@@ -118,7 +120,7 @@ def stage_ctr(
     with tqdm(total=len(runs), desc="ctr", unit="model", disable=not progress) as bar:
         for seed, with_profiles in runs:
             name = config.ctr_model.lower() + ("+profiles" if with_profiles else "")
-            out = run_dir / "ctr" / f"{name}-seed{seed}"
+            out = RunLayout(run_dir).ctr / f"{name}-seed{seed}"
             expected = {
                 "trainer": to_dict(dataclasses.replace(config.trainer, seed=seed)),
                 "dataset_hash": dataset.content_hash,
@@ -221,7 +223,7 @@ def run_pipeline(
     config = config or PipelineConfig()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / LOG_FILE, console_level=logging.INFO if verbose else logging.WARNING)
+    setup_logging(RunLayout(run_dir).log_file, console_level=logging.INFO if verbose else logging.WARNING)
     atomic_write_json(run_dir / "config.json", to_dict(config))
     timings: dict[str, float] = {}
 
@@ -240,8 +242,9 @@ def run_pipeline(
     markdown, summary = summarize(results, report, config)
     summary["timings"] = timings
     summary["dataset"] = dataset.statistics()
-    atomic_write_text(run_dir / "results" / "summary.md", markdown)
-    atomic_write_json(run_dir / "results" / "summary.json", summary)
-    results.to_csv(run_dir / "results" / "results.csv", index=False)
+    results_dir = RunLayout(run_dir).results
+    atomic_write_text(results_dir / "summary.md", markdown)
+    atomic_write_json(results_dir / "summary.json", summary)
+    results.to_csv(results_dir / "results.csv", index=False)
     summary["markdown"] = markdown
     return summary

@@ -35,10 +35,11 @@ from userip.feature_bank.embedded import OBJECTIVES_DIR  # trained codebooks + s
 from userip.utils.artifacts import tensors_digest
 from userip.utils.config import to_dict
 from userip.utils.io import atomic_write_json, atomic_write_with
+from userip.utils.run_layout import BANK_REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.json"
+REPORT_FILE = BANK_REPORT_FILE
 
 
 def build_aux(

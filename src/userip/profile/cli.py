@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from userip.utils.config import ConfigError, load_yaml
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from userip.utils.logging import setup_logging
 
     distributed = distributed_requested(bool(getattr(args, "distributed", False)))
-    setup_logging(rank_log_file(args.run_dir / "logs", "profile", distributed))
+    setup_logging(rank_log_file(RunLayout(args.run_dir).logs, "profile", distributed))
     if distributed:
         return _run_distributed(args)
     try:

@@ -65,6 +65,7 @@ from userip.utils.distributed import (
     gather_rows_to_main,
 )
 from userip.utils.io import atomic_write_json, read_json
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +327,12 @@ def run_profile_stage_distributed(
     from userip.utils.seed import seed_everything
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
     ctx = ctx or init_distributed(config.lm.device)
     if ctx.device.type == "cuda":  # one GPU per rank
         config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, device=str(ctx.device)))
-    dataset = Dataset.load(run_dir / "data")
+    dataset = Dataset.load(layout.data)
     # The offline LM is pre-trained (and cached in RUN/lm) once, by rank 0; the others then find it.
     if ctx.is_main:
         lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
@@ -369,14 +371,14 @@ def run_profile_stage_distributed(
         bounds,
         batches_per_epoch,
         aux=aux,
-        checkpoint_root=run_dir / "profile" / "checkpoints" / DIST_CHECKPOINTS,
+        checkpoint_root=layout.checkpoints / DIST_CHECKPOINTS,
     )
     result = trainer.train(resume=resume)
 
     # Each rank's soft tokens in its own file (never the whole table on one rank).
     trained = torch.zeros(hi - lo, dtype=torch.bool)
     trained[torch.from_numpy(shard.user_ids)] = True
-    shard_file = run_dir / "profile" / SHARDS_DIR / f"rank-{ctx.rank}-of-{ctx.world_size}.safetensors"
+    shard_file = layout.profile / SHARDS_DIR / f"rank-{ctx.rank}-of-{ctx.world_size}.safetensors"
     save_tensors(
         shard_file,
         {"soft_tokens": table.weight, "trained": trained},
@@ -389,7 +391,7 @@ def run_profile_stage_distributed(
     if ctx.is_main:
         assert profiles is not None
         atomic_write_json(
-            run_dir / "profile" / MANIFEST_FILE,
+            layout.profile / MANIFEST_FILE,
             {
                 "lm": run_relative(lm_path, run_dir),
                 "hidden_size": int(embeddings.shape[1]),
@@ -413,7 +415,7 @@ def run_profile_stage_distributed(
             },
         )
         # A single-process table from an earlier run would no longer match this run's bank.
-        (run_dir / "profile" / SOFT_TOKENS_FILE).unlink(missing_ok=True)
+        (layout.profile / SOFT_TOKENS_FILE).unlink(missing_ok=True)
         template = builder.tokenizer.decode(builder.build("<target>").input_ids)
         out = finish_stage(
             run_dir,

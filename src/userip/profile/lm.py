@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from userip.lm.resolve import looks_like_local_path
 from userip.utils.config import ConfigError, choice
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def load_causal_lm(
 
 def _from_pretrained(name_or_path: str, attn_implementation: str) -> PreTrainedModel:
     path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    looks_local = path.exists() or looks_like_local_path(name_or_path)
     if looks_local and not path.exists():
         raise LMLoadError(f"LM path {name_or_path!r} does not exist")
     if path.is_dir() and not (path / "config.json").exists():

@@ -31,6 +31,7 @@ from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_exampl
 from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, read_json, run_relative
+from userip.utils.run_layout import RunLayout
 from userip.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ProfileSetup:
 def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
     """Load the dataset, tokenizer and frozen LM; build the examples and an initialised soft-token table."""
     seed_everything(config.train.seed)
-    dataset = Dataset.load(Path(run_dir) / "data")
+    dataset = Dataset.load(RunLayout(run_dir).data)
     lm_cfg = config.lm
     lm = load_causal_lm(lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
     tokenizer = load_tokenizer(lm_cfg.name_or_path)
@@ -109,10 +110,10 @@ def run_profile(
         prepared.examples,
         config.train,
         aux=aux,
-        checkpoint_dir=run_dir / "profile" / "checkpoints",
+        checkpoint_dir=RunLayout(run_dir).checkpoints,
     )
     result = trainer.train(resume=resume)
-    save_soft_tokens(run_dir / "profile", prepared, config, result)
+    save_soft_tokens(RunLayout(run_dir).profile, prepared, config, result)
     return prepared, result
 
 
@@ -153,8 +154,8 @@ def save_soft_tokens(
 def load_soft_tokens(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(soft_tokens (U, S, D), trained (U,) bool, manifest) from ``RUN/profile`` (or the run dir)."""
     folder = Path(folder)
-    if (folder / "profile" / SOFT_TOKENS_FILE).exists():
-        folder = folder / "profile"
+    if (RunLayout(folder).profile / SOFT_TOKENS_FILE).exists():
+        folder = RunLayout(folder).profile
     path = folder / SOFT_TOKENS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no soft tokens; run `userip profile` first")

@@ -21,8 +21,9 @@ import torch
 from userip.codebook.config import QuantizationConfig
 from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
-from userip.lm.offline import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig, resolve_lm
-from userip.profile.bank import REPORT_FILE, build_aux, load_objective_state, write_bank
+from userip.lm.offline_config import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig
+from userip.lm.resolve import resolve_lm
+from userip.profile.bank import build_aux, load_objective_state, write_bank
 from userip.profile.lm import LMConfig, LMLoadError
 from userip.profile.model import SoftTokenConfig
 from userip.profile.new_users import infer_new_users, read_new_users, trainer_fit_profiles
@@ -31,10 +32,10 @@ from userip.profile.trainer import TrainConfig, TrainResult
 from userip.prompts import PromptConfig
 from userip.utils.config import from_dict, to_dict
 from userip.utils.io import atomic_write_json, read_json, resolve_in_run, run_relative
+from userip.utils.run_layout import STAGE_CONFIG_FILE as STAGE_CONFIG_FILE  # re-exported
+from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
-
-STAGE_CONFIG_FILE = "stage_config.json"
 
 
 def _default_lm() -> LMConfig:
@@ -113,7 +114,7 @@ def run_profile_stage(
     """Algorithm 1 on ``RUN/data``, then the feature bank. ``resume`` continues from the last checkpoint."""
     run_dir = Path(run_dir)
     config = config or ProfileStageConfig()
-    dataset = Dataset.load(run_dir / "data")
+    dataset = Dataset.load(RunLayout(run_dir).data)
     lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
     profile_config = _profile_config(config, lm_path)
     prepared = setup(run_dir, profile_config)
@@ -149,16 +150,17 @@ def finish_stage(
     """After Algorithm 1 (one process, or rank 0 with every rank's profiles gathered): the stage record, the
     bank and its report. ``profile_embeds`` (U, P, D) for every user; ``world_size`` (a distributed run's)
     is recorded in the bank's config and report."""
+    layout = RunLayout(run_dir)
     bank_config = to_dict(config)
     if world_size is not None:
         bank_config["distributed"] = {"world_size": world_size}
     recorded_lm = run_relative(lm_path, run_dir)  # a copied run must use its own LM, never the original's
     atomic_write_json(
-        run_dir / "profile" / STAGE_CONFIG_FILE,
+        layout.stage_config,
         {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
     )
     bank, report = write_bank(
-        run_dir / "bank",
+        layout.bank,
         dataset,
         aux,
         profile_embeds,
@@ -173,13 +175,13 @@ def finish_stage(
     report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
     if world_size is not None:
         report["world_size"] = world_size
-    atomic_write_json(run_dir / "bank" / REPORT_FILE, report)
+    atomic_write_json(layout.bank_report, report)
     return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
 
 
 def read_stage_config(run_dir: str | Path) -> tuple[dict[str, Any], ProfileStageConfig]:
     """``RUN/profile/stage_config.json``: the raw record and its validated config."""
-    path = Path(run_dir) / "profile" / STAGE_CONFIG_FILE
+    path = RunLayout(run_dir).stage_config
     stage = read_json(path)
     if not isinstance(stage, dict) or not isinstance(stage.get("lm_path"), str) or "config" not in stage:
         raise ValueError(f"{path}: not a profile stage record (expected keys lm_path and config)")
@@ -195,22 +197,37 @@ def stage_lm_path(run_dir: str | Path, stage: dict[str, Any], dataset: Dataset |
     weights).
     """
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     recorded = resolve_in_run(stage["lm_path"], run_dir)
     legacy = Path(recorded)
-    if legacy.is_absolute() and legacy.parent.name == "lm" and (run_dir / "lm" / legacy.name).is_dir():
-        return str(run_dir / "lm" / legacy.name)
+    if legacy.is_absolute() and legacy.parent.name == layout.lm.name and (layout.lm / legacy.name).is_dir():
+        return str(layout.lm / legacy.name)
     if Path(recorded).exists() or not (Path(recorded).is_absolute() or recorded.startswith("lm/")):
         return recorded  # present, or a hub id
     spec = stage.get("lm") or stage.get("config", {}).get("lm", {}).get("name_or_path")
     if spec in (OFFLINE_SPEC, RANDOM_SPEC) and dataset is not None:
         config = ProfileStageConfig.from_dict(stage["config"])
-        log.warning(
-            "the %s LM recorded at %s is missing; rebuilding it in %s", spec, recorded, run_dir / "lm"
-        )
+        log.warning("the %s LM recorded at %s is missing; rebuilding it in %s", spec, recorded, layout.lm)
         return resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
-    raise LMLoadError(
-        f"{run_dir / 'profile' / STAGE_CONFIG_FILE}: the LM it names ({stage['lm_path']!r}) is missing"
-    )
+    raise LMLoadError(f"{layout.stage_config}: the LM it names ({stage['lm_path']!r}) is missing")
+
+
+@dataclasses.dataclass
+class FinishedProfile:
+    """A finished profile stage, reopened: its dataset, stage record and config, and the LM to load now."""
+
+    dataset: Dataset
+    stage: dict[str, Any]
+    config: ProfileStageConfig
+    lm_path: str
+
+
+def reopen_profile(run_dir: str | Path, dataset: Dataset | None = None) -> FinishedProfile:
+    """The dataset (``dataset`` when the caller holds it), stage record and LM path of a finished
+    ``userip profile`` run, as explanations and the LLM baselines use them."""
+    dataset = dataset if dataset is not None else Dataset.load(RunLayout(run_dir).data)
+    stage, config = read_stage_config(run_dir)
+    return FinishedProfile(dataset, stage, config, stage_lm_path(run_dir, stage, dataset))
 
 
 def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBank:
@@ -219,10 +236,11 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     from userip.profile.lm import load_causal_lm, load_tokenizer
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     stage, config = read_stage_config(run_dir)
-    dataset = Dataset.load(run_dir / "data")
-    bank = FeatureBank.load(run_dir / "bank", expected_dataset_hash=dataset.content_hash)
-    bank.verify_objective(run_dir / "bank")  # before any fitting: a corrupt objective must not shape IDs
+    dataset = Dataset.load(layout.data)
+    bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
+    bank.verify_objective(layout.bank)  # before any fitting: a corrupt objective must not shape IDs
     new = read_new_users(new_users_file, dataset, bank)
     log.info(
         "new users: %d to fit, %d already known (skipped), %d rows on unknown items dropped",
@@ -235,9 +253,9 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     hidden = lm.get_input_embeddings().weight.shape[1]
     # The objective the current bank version was written with: trained codebooks and surrogate.
     aux = load_objective_state(
-        build_aux(dataset, config.prompt.profiles, hidden, config.quantization), run_dir / "bank"
+        build_aux(dataset, config.prompt.profiles, hidden, config.quantization), layout.bank
     )
-    manifest = read_json(run_dir / "profile" / MANIFEST_FILE)
+    manifest = read_json(layout.profile / MANIFEST_FILE)
     fit = trainer_fit_profiles(
         lm,
         tokenizer,
@@ -247,4 +265,4 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
         soft_token_config=config.soft_tokens,
         value_words=manifest.get("value_words", {}),
     )
-    return infer_new_users(run_dir / "bank", dataset, aux.to(lm.device), new, fit)
+    return infer_new_users(layout.bank, dataset, aux.to(lm.device), new, fit)

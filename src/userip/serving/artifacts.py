@@ -27,6 +27,7 @@ from userip.serving.bank import bank_source
 from userip.serving.redis_bank import DEFAULT_PREFIX
 from userip.utils.artifacts import CorruptArtifactError, load_tensors
 from userip.utils.io import read_json
+from userip.utils.run_layout import RunLayout
 
 PREFERRED_MODEL = "dcn+profiles"
 
@@ -40,7 +41,7 @@ def resolve_model_dir(run_dir: Path, model: str | None) -> Path:
     complete one, or ``dcn+profiles`` when there are several."""
     if model is not None and Path(model).is_dir() and (Path(model) / METRICS_FILE).exists():
         return Path(model)
-    ctr = run_dir / "ctr"
+    ctr = RunLayout(run_dir).ctr
     complete = sorted(p.name for p in ctr.glob("*") if (p / METRICS_FILE).exists()) if ctr.is_dir() else []
     if model is None:
         if len(complete) == 1:
@@ -100,7 +101,7 @@ def load_run(
     model_dir = resolve_model_dir(run_dir, model)
     net, feature_map, encoder, config = load_model(model_dir)
 
-    data_dir = run_dir / "data"
+    data_dir = RunLayout(run_dir).data
     try:
         manifest = Dataset.read_manifest(run_dir)
     except FileNotFoundError:
@@ -126,7 +127,9 @@ def load_run(
 
     source = None
     if any(f.source == FieldSource.PROFILE for f in feature_map.fields):
-        source = bank_source(bank if bank is not None else run_dir / "bank", redis_prefix or DEFAULT_PREFIX)
+        source = bank_source(
+            bank if bank is not None else RunLayout(run_dir).bank, redis_prefix or DEFAULT_PREFIX
+        )
     name = model_dir.name
     trained_bank = config.get("bank") or {}
     info = {

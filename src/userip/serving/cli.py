@@ -15,6 +15,7 @@ from pathlib import Path
 
 from userip.utils.config import ConfigError, from_dict, load_yaml, to_dict
 from userip.utils.logging import get_logger, setup_logging
+from userip.utils.run_layout import RunLayout
 
 log = get_logger(__name__)
 
@@ -121,7 +122,7 @@ def read_admin_token(config) -> str | None:  # noqa: ANN001 - ServeConfig (impor
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.run_dir / "logs" / "serve.log")
+    setup_logging(RunLayout(args.run_dir).logs / "serve.log")
     try:
         config = build_config(args)
         admin_token = None if args.publish_to_redis else read_admin_token(config)
@@ -169,7 +170,7 @@ def _publish(args: argparse.Namespace) -> int:
     from userip.serving.redis_bank import DEFAULT_PREFIX, publish_bank
 
     try:
-        bank = FeatureBank.load(args.bank or args.run_dir / "bank")
+        bank = FeatureBank.load(args.bank or RunLayout(args.run_dir).bank)
         version = publish_bank(bank, args.publish_to_redis, args.redis_prefix or DEFAULT_PREFIX)
     except Exception as e:  # noqa: BLE001 - a CLI reports any failure in one line
         log.error("cannot publish the bank to %s: %s", args.publish_to_redis, e)

@@ -28,7 +28,7 @@ from torch import nn
 from userip.ctr.encoding import FeatureEncoder
 from userip.ctr.features import ITEM_FIELD, UNKNOWN_INDEX, USER_FIELD, FeatureMap, FieldSource
 from userip.feature_bank import KIND_CODES
-from userip.feature_bank.base import ProfileLookup
+from userip.feature_bank.base import ProfileLookup, ctr_field_index
 from userip.serving.bank import BankSource, FileBankSource, bank_source
 from userip.utils.logging import get_logger
 
@@ -239,7 +239,7 @@ class Scorer:
         if snap is not None:
             # Backends guarantee codes in [0, K_p) or -1 (unknown): code + 1 is a valid index, 0 = unknown.
             codes, known = snap.bank.lookup_raw(uniq)
-            profile = (codes if snap.bank_columns is None else codes[:, snap.bank_columns]) + 1
+            profile = ctr_field_index(codes if snap.bank_columns is None else codes[:, snap.bank_columns])
             unknown_user |= ~known
             x[:, self._profile_slot] = profile if inverse is None else profile[inverse]
         item_index = np.fromiter((self._item_index.get(i, 0) for i in items), np.int64, n)

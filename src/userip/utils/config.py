@@ -20,7 +20,7 @@ import numbers
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,6 +115,67 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def check_fields(
+    config: Any,
+    *,
+    positive_ints: Sequence[str] = (),
+    counts: Sequence[str] = (),
+    optional_positive_ints: Sequence[str] = (),
+    positive_numbers: Sequence[str] = (),
+    nonnegative_numbers: Sequence[str] = (),
+    fractions: Sequence[str] = (),
+    flags: Sequence[str] = (),
+    words: Sequence[str] = (),
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """The common checks of a config dataclass's ``__post_init__``, declared by field name; each failure is a
+    ``ConfigError`` naming ``<Class>.<field>``, what was expected and what was given.
+
+    ``positive_ints`` >= 1; ``counts`` >= 0; ``optional_positive_ints`` >= 1 or None; ``positive_numbers`` > 0
+    and ``nonnegative_numbers`` >= 0 (finite ints or floats); ``fractions`` in [0, 1); ``flags`` booleans;
+    ``words`` non-empty strings; ``choices`` field -> accepted values."""
+    where = type(config).__name__
+
+    def fail(name: str, expected: str) -> None:
+        raise ConfigError(f"{where}.{name} must be {expected}, got {getattr(config, name)!r}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    for name in positive_ints:
+        if not (is_int(getattr(config, name)) and getattr(config, name) >= 1):
+            fail(name, "a positive integer")
+    for name in counts:
+        if not (is_int(getattr(config, name)) and getattr(config, name) >= 0):
+            fail(name, "an integer >= 0")
+    for name in optional_positive_ints:
+        value = getattr(config, name)
+        if value is not None and not (is_int(value) and value >= 1):
+            fail(name, "a positive integer or None")
+    for name in positive_numbers:
+        if not (is_number(getattr(config, name)) and getattr(config, name) > 0):
+            fail(name, "a finite number > 0")
+    for name in nonnegative_numbers:
+        if not (is_number(getattr(config, name)) and getattr(config, name) >= 0):
+            fail(name, "a finite number >= 0")
+    for name in fractions:
+        if not (is_number(getattr(config, name)) and 0 <= getattr(config, name) < 1):
+            fail(name, "in [0, 1)")
+    for name in flags:
+        if not isinstance(getattr(config, name), bool):
+            fail(name, "true or false")
+    for name in words:
+        value = getattr(config, name)
+        if not (isinstance(value, str) and value.strip()):
+            fail(name, "a non-empty string")
+    for name, accepted in (choices or {}).items():
+        if getattr(config, name) not in accepted:
+            fail(name, f"one of {tuple(accepted)}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], where: str = "--set") -> dict[str, Any]:
