@@ -139,3 +139,17 @@ def test_explain_attention_writes_heat_maps_and_numbers(tiny_run, tmp_path, caps
     assert weights.min() >= 0.0 and weights.max() == 1.0  # scaled to [0, 1] per row
     assert "after" in capsys.readouterr().out
     assert main(["explain", "--run-dir", str(run_dir), "--attention", "--users", "nobody"]) == 2
+
+
+def test_set_overrides_reach_the_config_and_a_bad_one_exits_2(tmp_path, capsys):
+    from userip.cli import build_parser
+    from userip.pipeline.cli import build_config
+
+    args = build_parser(only="run").parse_args(
+        ["run", "--run-dir", str(tmp_path), "--set", "trainer.lr=0.02", "--set", "profile.train.num_epochs=2"]
+    )
+    config = build_config(args)
+    assert config.trainer.lr == 0.02 and config.profile.train.num_epochs == 2
+    assert main(["run", "--run-dir", str(tmp_path), "--set", "trainer.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().out
+    assert not (tmp_path / "data").exists()  # it failed before any work

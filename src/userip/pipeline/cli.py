@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
 from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'offline' (default), 'random', 'smollm2', a .gguf file, a model folder, or a HF name (gpt2)",
     )
     parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any config key, value read as YAML (repeatable): --set profile.train.num_epochs=5",
+    )
     parser.add_argument(
         "-v",
         "--verbose",
@@ -52,6 +59,7 @@ def build_config(args: argparse.Namespace):
         data.setdefault("profile", {}).setdefault("lm", {})["name_or_path"] = args.lm
     if args.seeds is not None:
         data["seeds"] = parse_seeds(args.seeds)
+    data = apply_overrides(data, args.set)
     return from_dict(PipelineConfig, data, str(args.config or "run config"))
 
 
