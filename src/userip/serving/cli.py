@@ -9,6 +9,7 @@ USERIP_ADMIN_TOKEN=... userip serve --run-dir runs/demo --host 0.0.0.0   # beyon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -19,23 +20,6 @@ from userip.utils.run_layout import RunLayout
 
 log = get_logger(__name__)
 
-# CLI flag -> ServeConfig key (flags left unset keep the config file's / default value).
-_LIMIT_FLAGS = (
-    "host",
-    "port",
-    "max_items_per_request",
-    "max_batch_pairs",
-    "max_body_bytes",
-    "max_id_length",
-    "limit_concurrency",
-    "num_threads",
-    "bank_poll_s",
-    "log_level",
-    "max_connections",
-    "timeout_request_s",
-    "timeout_keep_alive",
-    "admin_token_file",
-)
 MIN_TOKEN_LENGTH = 16
 
 
@@ -87,10 +71,12 @@ def build_config(args: argparse.Namespace):  # -> ServeConfig
 
     data = load_yaml(args.config) if args.config else {}
     data = dict(data.get("serve", data))  # accept a full experiment config with a serve: section
-    for key in _LIMIT_FLAGS:
-        value = getattr(args, key, None)
+    # Every ServeConfig key that has a flag of the same name (``--max-body-bytes`` -> max_body_bytes); flags
+    # left unset keep the config file's / default value.
+    for field in dataclasses.fields(ServeConfig):
+        value = getattr(args, field.name, None)
         if value is not None:
-            data[key] = value
+            data[field.name] = value
     return from_dict(ServeConfig, data, where=str(args.config or "serve"))
 
 
