@@ -3,15 +3,18 @@
 Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported lazily so that
 ``userip --help`` is fast and a stage's heavy imports are paid only when it runs.
 
-One error path for every command: a corrupt or missing artifact, a bad input file or a wrongly typed config
-value ends in one line ``userip <command>: error: <ErrorName>: <message>`` on stderr and exit code 2 (the
-code argparse uses for bad arguments), never a traceback. ``USERIP_TRACEBACK=1`` re-raises for debugging.
+One error path for every command: a stage raises its named error and ``main`` reports it, so a corrupt or
+missing artifact, a bad input file, a wrongly typed config value or a bad ``--set`` ends in one line
+``userip <command>: error: <ErrorName>: <message>`` on stderr (and in the command's log file) and exit code 2
+(the code argparse uses for bad arguments), never a traceback. ``USERIP_TRACEBACK=1`` re-raises for
+debugging.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import zlib
@@ -69,29 +72,30 @@ def main(argv: list[str] | None = None) -> int:
         check_folder_args(args)
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
-    except SystemExit as e:
-        if not isinstance(e.code, str):  # argparse and explicit exit codes pass through
+    except Exception as e:
+        if not is_input_error(e) or os.environ.get("USERIP_TRACEBACK"):
             raise
-        # A stage's `raise SystemExit(message)` would exit with 1: same message, exit code 2 like the rest.
-        print(e.code, file=sys.stderr)
-        raise StageExit(e.code) from None
-    except (*INPUT_ERRORS, *_library_errors()) as e:
-        if os.environ.get("USERIP_TRACEBACK"):
-            raise
-        print(f"userip {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        message = f"userip {args.command}: error: {describe_error(e)}"
+        print(message, file=sys.stderr)
+        _log_to_file(message)
         return EXIT_ERROR
 
 
-class StageExit(SystemExit):
-    """A stage's exit with a message, re-raised with exit code ``EXIT_ERROR`` (the message already printed);
-    ``str()`` is still the message."""
+def is_input_error(e: BaseException) -> bool:
+    """Whether ``e`` is reported in one line (bad input, damaged artifact) rather than as a bug: the
+    ``INPUT_ERRORS``, readers' errors, and the project's own named errors deriving from RuntimeError
+    (``BankReloadError``, ``RedisBankError``, ...)."""
+    if isinstance(e, (*INPUT_ERRORS, *_library_errors())):
+        return True
+    return isinstance(e, RuntimeError) and type(e).__module__.startswith("userip.")
 
-    def __init__(self, message: str) -> None:
-        super().__init__(EXIT_ERROR)
-        self.message = message
 
-    def __str__(self) -> str:
-        return self.message
+def _log_to_file(message: str) -> None:
+    """The error line in the command's log file too (the terminal already has it): the last file handler
+    ``userip.utils.logging.setup_logging`` added; nothing before a command set its log file up."""
+    files = [h for h in logging.getLogger("userip").handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        files[-1].handle(logging.LogRecord("userip", logging.ERROR, __file__, 0, message, None, None))
 
 
 def check_folder_args(args: argparse.Namespace) -> None:

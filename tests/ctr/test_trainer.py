@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -282,20 +283,69 @@ def test_cli_prints_table_and_writes_metrics(run_dir, tmp_path, capsys):
     assert (run_dir / "logs" / "train.log").exists()
 
 
-def test_cli_missing_run_dir(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
-        cli_main(["train", "--model", "dcn", "--run-dir", str(tmp_path / "nope")])
+def test_cli_missing_run_dir(tmp_path, capsys):
+    assert cli_main(["train", "--model", "dcn", "--run-dir", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
 
 
-def test_cli_bad_input_ends_with_one_line(run_dir):
-    with pytest.raises(SystemExit, match="userip train: unknown CTR model 'nope'"):
-        cli_main(["train", "--model", "nope", "--run-dir", str(run_dir)])
-    with pytest.raises(SystemExit, match="userip train: .*no feature bank here"):
-        cli_main(["train", "--model", "dcn", "--run-dir", str(run_dir), "--with-profiles"])
+def test_cli_bad_input_ends_with_one_line(run_dir, capsys):
+    def error_line(argv: list[str]) -> str:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    assert re.search(
+        "userip train: error: .*unknown CTR model 'nope'",
+        error_line(["train", "--model", "nope", "--run-dir", str(run_dir)]),
+    )
+    assert re.search(
+        "userip train: error: .*no feature bank here",
+        error_line(["train", "--model", "dcn", "--run-dir", str(run_dir), "--with-profiles"]),
+    )
     bad = run_dir / "bad.yaml"
     bad.write_text("trainer:\n  epochs: 3\n")
-    with pytest.raises(SystemExit, match="userip train: .*bad.yaml:trainer: unknown key"):
-        cli_main(["train", "--run-dir", str(run_dir), "--model-config", str(bad)])
+    assert re.search(
+        "userip train: error: .*bad.yaml:trainer: unknown key",
+        error_line(["train", "--run-dir", str(run_dir), "--model-config", str(bad)]),
+    )
+
+
+def test_cli_set_reaches_the_trainer_config_and_a_bad_key_exits_2(run_dir, capsys, monkeypatch):
+    import userip.ctr.recipe as recipe
+
+    seen = {}
+
+    def fake_train_ctr(run_dir, model, **options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(recipe, "train_ctr", fake_train_ctr)
+    argv = ["train", "--run-dir", str(run_dir), "--lr", "0.5", "--no-progress"]
+    assert (
+        cli_main(
+            [
+                *argv,
+                "--set",
+                "trainer.lr=0.02",
+                "--set",
+                "trainer.patience=2",
+                "--set",
+                "model.embedding_dim=4",
+            ]
+        )
+        == 2
+    )
+    assert "stop here" in capsys.readouterr().err
+    config = seen["config"]
+    assert (config.lr, config.patience, config.progress) == (0.02, 2, False)
+    assert seen["model_config"]["embedding_dim"] == 4
+    seen.clear()
+    for item, key in (("trainer.no_such_key=1", "no_such_key"), ("trainr.lr=1", "trainr")):
+        assert cli_main([*argv, "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err
+    assert not seen  # failed before training
 
 
 def test_user_id_dropout_trains_the_unknown_user_row():

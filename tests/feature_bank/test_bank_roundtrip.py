@@ -6,14 +6,25 @@ import numpy as np
 import pytest
 from tests.feature_bank.conftest import make_bank
 
-from userip.feature_bank import UNKNOWN_CODE, FeatureBank, FeatureBankError, ProfileLookup, ctr_field_index
+from userip.ctr.data import ProfileBank as CTRProfileBank
+from userip.feature_bank import (
+    UNKNOWN_CODE,
+    BankIdentity,
+    FeatureBank,
+    FeatureBankError,
+    ProfileBank,
+    ProfileLookup,
+    ctr_field_index,
+)
 
 
 def test_write_reload_lookup_equality(bank, tmp_path):
     path = bank.write(tmp_path / "bank")
     assert path.exists() and path.parent.name == "versions"
     loaded = FeatureBank.load(tmp_path / "bank", expected_dataset_hash="hash-a")
-    assert isinstance(loaded, ProfileLookup)
+    # One bank, two reads sharing one identity: by raw id (serving) and by dataset user id (CTR training).
+    assert isinstance(loaded, ProfileLookup) and isinstance(loaded, ProfileBank)
+    assert isinstance(loaded, BankIdentity) and CTRProfileBank is ProfileBank
     assert loaded.version == bank.version and loaded.profile_names == ["hobby", "background"]
     assert loaded.codebook_sizes == [4, 3] and loaded.dataset_hash == "hash-a"
     ids = np.array([4, 0, 2, 2], dtype=np.int64)

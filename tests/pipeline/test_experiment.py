@@ -237,3 +237,30 @@ def test_every_shipped_experiment_config_loads_and_names_its_command(path):
     assert path.read_text().splitlines()[0] == f"# userip experiment --config configs/{path.name}"
     config = from_dict(ExperimentConfig, load_yaml(path), str(path))
     assert config.seeds and config.tables
+
+
+def test_experiment_cli_set_reaches_the_config_and_a_bad_key_exits_2(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import userip.pipeline.experiment as experiment
+    from userip.cli import main
+
+    seen = {}
+
+    def fake_run_experiment(config, rows, finished_only):
+        seen["config"] = config
+        return {"markdown": "tables"}
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run_experiment)
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "run"), "out_dir": str(tmp_path / "out")})
+    )
+    argv = ["experiment", "--config", str(path), "--seeds", "0,1"]
+    assert main([*argv, "--set", "trainer.lr=0.02", "--set", "seeds=[3]"]) == 0
+    assert seen["config"].trainer.lr == 0.02 and seen["config"].seeds == [3]  # --set wins over --seeds
+    seen.clear()
+    assert main([*argv, "--out-dir", str(tmp_path / "out2"), "--set", "trainer.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "userip experiment: error: ConfigError:" in err and "no_such_key" in err
+    assert not seen and not (tmp_path / "out2").exists()  # failed before any work

@@ -74,8 +74,8 @@ def test_unknown_config_key_fails_before_any_work(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("run_dir: x\nseedz: [1]\n")
     assert main(["run", "--config", str(config)]) == 2
-    out = capsys.readouterr().out
-    assert "seedz" in out and "seeds" in out
+    err = capsys.readouterr().err  # userip.cli reports every command's error on stderr
+    assert "seedz" in err and "seeds" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -151,5 +151,5 @@ def test_set_overrides_reach_the_config_and_a_bad_one_exits_2(tmp_path, capsys):
     config = build_config(args)
     assert config.trainer.lr == 0.02 and config.profile.train.num_epochs == 2
     assert main(["run", "--run-dir", str(tmp_path), "--set", "trainer.no_such_key=1"]) == 2
-    assert "no_such_key" in capsys.readouterr().out
+    assert "no_such_key" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # it failed before any work

@@ -41,9 +41,29 @@ def test_bad_lm_paths(tmp_path):
         load_causal_lm(str(tmp_path / "empty"))
 
 
-def test_cli_reports_bad_config(tmp_path, caplog):
+def test_cli_reports_bad_config(tmp_path, capsys):
     history_dataset(num_users=3).save(tmp_path / "data")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  batch_sise: 3\n")
     assert main(["profile", "--run-dir", str(tmp_path), "--lm", "x", "--config", str(cfg)]) == 2
-    assert "batch_sise" in caplog.text
+    err = capsys.readouterr().err
+    assert "userip profile: error: ConfigError:" in err and "batch_sise" in err
+    assert "batch_sise" in (tmp_path / "logs" / "profile.log").read_text()  # the log file has it too
+
+
+def test_set_overrides_reach_the_config_and_a_bad_key_exits_2(tmp_path, capsys):
+    from userip.cli import build_parser
+    from userip.profile.cli import build_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.1\n")
+    args = build_parser(only="profile").parse_args(
+        ["profile", "--run-dir", str(tmp_path), "--config", str(cfg), "--lr", "0.2",
+         "--set", "train.num_epochs=3", "--set", "quantization.beta=0.5", "--set", "train.lr=0.05"]
+    )  # fmt: skip
+    config = build_config(args)
+    assert (config.train.num_epochs, config.quantization.beta, config.train.lr) == (3, 0.5, 0.05)
+    assert main(["profile", "--run-dir", str(tmp_path), "--set", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_key" in err and "Traceback" not in err
+    assert not (tmp_path / "profile").exists() and not (tmp_path / "lm").exists()  # no work done

@@ -253,10 +253,7 @@ def test_bad_input_is_a_named_error_and_changes_nothing(
     argv = case.damage(run_copy)
     before = snapshot(run_copy.parent)
     caplog.set_level(logging.ERROR)
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # `userip train` exits with its message (exit code 2: StageExit)
-        rc = e.code
+    rc = main(argv)
     captured = capsys.readouterr()
     text = captured.err + captured.out + caplog.text
     assert rc == ERROR_EXIT, text

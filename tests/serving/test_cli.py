@@ -102,3 +102,20 @@ def test_publish_to_redis_command(run_dir: Path, redis_url: str) -> None:
     argv = ["serve", "--run-dir", str(run_dir), "--publish-to-redis", redis_url, "--redis-prefix", prefix]
     assert main(argv) == 0
     assert current_version(redis_url, prefix) == FeatureBank.load(run_dir / "bank").version
+
+
+def test_serve_set_reaches_the_config_and_a_bad_key_exits_2(tmp_path: Path, capsys) -> None:
+    from userip.cli import build_parser
+    from userip.serving.cli import build_config
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("serve:\n  max_connections: 300\n  port: 9000\n")
+    args = build_parser(only="serve").parse_args(
+        ["serve", "--run-dir", str(tmp_path), "--config", str(config), "--port", "9001",
+         "--set", "timeout_request_s=2.5", "--set", "port=9002"]
+    )  # fmt: skip
+    served = build_config(args)
+    assert (served.max_connections, served.timeout_request_s, served.port) == (300, 2.5, 9002)
+    assert main(["serve", "--run-dir", str(tmp_path), "--set", "no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "userip serve: error: ConfigError:" in err and "no_such_key" in err and "Traceback" not in err

@@ -219,11 +219,12 @@ def test_admin_token_sources_and_the_loopback_rule(tmp_path: Path, monkeypatch: 
 
 
 def test_serve_refuses_a_public_bind_without_token(
-    run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.delenv("USERIP_ADMIN_TOKEN", raising=False)
     assert main(["serve", "--run-dir", str(run_dir), "--host", "0.0.0.0", "--port", "0"]) == 2
-    assert "not a loopback address" in caplog.text and "USERIP_ADMIN_TOKEN" in caplog.text
+    err = capsys.readouterr().err  # userip.cli reports the error on stderr
+    assert "not a loopback address" in err and "USERIP_ADMIN_TOKEN" in err
 
 
 def test_client_facing_messages_hold_no_server_paths(run_dir: Path, bank_dir: Path) -> None:

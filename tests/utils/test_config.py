@@ -4,6 +4,7 @@ import dataclasses
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 
 from userip.utils.config import ConfigError, apply_overrides, check_fields, load_yaml
@@ -50,6 +51,9 @@ class _Config:
     flag: Any = False
     word: Any = "w"
     mode: Any = "a"
+    steps: Any = None
+    port: Any = 80
+    floor: Any = 2
 
     def __post_init__(self) -> None:
         check_fields(
@@ -57,6 +61,8 @@ class _Config:
             positive_ints=("size",),
             counts=("count",),
             optional_positive_ints=("rows",),
+            optional_counts=("steps",),
+            int_ranges={"port": (0, 65535), "floor": (2, None)},
             positive_numbers=("rate",),
             nonnegative_numbers=("decay",),
             fractions=("dropout",),
@@ -81,6 +87,12 @@ class _Config:
         ("flag", 1),
         ("word", " "),
         ("mode", "c"),
+        ("steps", -1),
+        ("steps", 1.5),
+        ("port", 65536),
+        ("port", -1),
+        ("port", "80"),
+        ("floor", 1),
     ],
 )
 def test_check_fields_names_class_field_and_value(field, value):
@@ -90,3 +102,35 @@ def test_check_fields_names_class_field_and_value(field, value):
 
 def test_check_fields_accepts_the_edges():
     _Config(size=1, count=0, rows=3, rate=1e-9, decay=0, dropout=0.0, flag=True, word="x", mode="b")
+    _Config(steps=0, port=0, floor=2)
+    _Config(steps=None, port=65535, floor=10**9)
+    _Config(size=np.int64(3), rate=np.float32(0.5))  # numpy scalars from programmatic configs
+
+
+def test_check_fields_names_the_given_section():
+    @dataclasses.dataclass
+    class Section:
+        lr: float = 0.1
+
+        def __post_init__(self) -> None:
+            check_fields(self, positive_numbers=("lr",), where="train")
+
+    with pytest.raises(ConfigError, match=r"^train\.lr must be a finite number > 0, got -1"):
+        Section(lr=-1)
+
+
+def test_a_string_for_a_checked_number_reports_the_type_error_from_the_file():
+    from userip.utils.config import from_dict
+
+    @dataclasses.dataclass
+    class Section:
+        lr: float = 0.1
+        word: str = "w"
+
+        def __post_init__(self) -> None:
+            check_fields(self, positive_numbers=("lr",), words=("word",), where="train")
+
+    with pytest.raises(ConfigError, match=r"c.yaml.lr: expected a number, got str 'fast'"):
+        from_dict(Section, {"lr": "fast"}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"train.word must be a non-empty string"):  # the config's own words
+        from_dict(Section, {"word": None}, "c.yaml")

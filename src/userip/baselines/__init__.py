@@ -11,8 +11,8 @@ Public API::
     result = train_rella(dataset, lm, ReLLaConfig(zero_shot=False), seed=0, cache_dir=...)
     result.test["auc"], result.offline_cost.to_dict()
 
-``userip.baselines.rows`` makes them rows of ``userip experiment`` (``llm_baselines: [kar, kar_nogen,
-pepler, rella, rella_zeroshot]``).
+``userip.baselines.rows`` makes them rows of ``userip experiment``:
+``llm_baselines: [kar, kar_nogen, pepler, rella, rella_zeroshot]``.
 
 ``userip.baselines.llm_text`` holds the LLM plumbing the baselines share: loading, fingerprinting, cached and
 resumable generation, mean-pooled encoding, train-statistics standardisation, and the offline-cost record.

@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from userip.codebook.quantizer import CodebookInit
-from userip.utils.config import ConfigError
+from userip.utils.config import ConfigError, check_fields, choice
 
 
 @dataclasses.dataclass
@@ -38,35 +38,30 @@ class QuantizationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.codebook_init, CodebookInit):
-            try:
-                self.codebook_init = CodebookInit(self.codebook_init)
-            except ValueError:
-                raise ConfigError(
-                    f"codebook_init: {self.codebook_init!r} is not one of {[m.value for m in CodebookInit]}"
-                ) from None
+        self.codebook_init = choice(CodebookInit, self.codebook_init, "quantization.codebook_init")  # type: ignore[assignment]
         self.surrogate_mlp_dims = tuple(self.surrogate_mlp_dims)
-        checks = [
-            ("loss_weight", self.loss_weight >= 0, "must be >= 0"),
-            ("beta", self.beta >= 0, "must be >= 0"),
-            ("dead_code_threshold", self.dead_code_threshold >= 0, "must be >= 0 (0 disables revival)"),
-            ("kmeans_init_samples", self.kmeans_init_samples >= 2, "must be >= 2"),
-            ("kmeans_iters", self.kmeans_iters >= 0, "must be >= 0"),
-            (
-                "balance_min_share",
-                _is_real(self.balance_min_share) and 0.0 <= self.balance_min_share < 0.5,
-                "must be in [0, 1/K) for the smallest codebook of K >= 2 codes (0 disables balancing)",
-            ),
-            ("interactions_per_user", self.interactions_per_user >= 1, "must be >= 1"),
-            ("surrogate_proj_dim", self.surrogate_proj_dim >= 1, "must be >= 1"),
-            ("surrogate_embed_dim", self.surrogate_embed_dim >= 1, "must be >= 1"),
-            ("surrogate_cross_layers", self.surrogate_cross_layers >= 0, "must be >= 0"),
-            ("surrogate_mlp_dims", all(d >= 1 for d in self.surrogate_mlp_dims), "every width must be >= 1"),
-            ("surrogate_dropout", 0.0 <= self.surrogate_dropout < 1.0, "must be in [0, 1)"),
-        ]
-        for key, ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"quantization.{key}: {msg}, got {getattr(self, key)!r}")
+        check_fields(
+            self,
+            nonnegative_numbers=("loss_weight", "beta"),
+            counts=(
+                "dead_code_threshold",
+                "kmeans_iters",
+                "surrogate_cross_layers",
+            ),  # threshold 0: no revival
+            int_ranges={"kmeans_init_samples": (2, None)},
+            positive_ints=("interactions_per_user", "surrogate_proj_dim", "surrogate_embed_dim"),
+            fractions=("surrogate_dropout",),
+            where="quantization",
+        )
+        if not (_is_real(self.balance_min_share) and 0.0 <= self.balance_min_share < 0.5):
+            raise ConfigError(
+                "quantization.balance_min_share must be in [0, 1/K) for the smallest codebook of K >= 2 "
+                f"codes (0 disables balancing), got {self.balance_min_share!r}"
+            )
+        if not all(d >= 1 for d in self.surrogate_mlp_dims):
+            raise ConfigError(
+                f"quantization.surrogate_mlp_dims: every width must be >= 1, got {self.surrogate_mlp_dims!r}"
+            )
         self.balance_min_share = float(self.balance_min_share)
 
     def check_codebook_sizes(self, sizes: list[int]) -> None:

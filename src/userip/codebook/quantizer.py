@@ -1,8 +1,8 @@
 """Per-profile vector quantization (paper 2.4, eq. 5-6).
 
 Contract (as in vector-quantize-pytorch): ``forward(z) -> (quantized, code_ids, loss)`` and the inverse
-``ids_to_vectors(code_ids)``; once the codebook is initialised ``ids_to_vectors(forward(z)[1]) ==
-forward(z)[0]`` exactly (bit for bit).
+``ids_to_vectors(code_ids)``; once the codebook is initialised,
+``ids_to_vectors(forward(z)[1]) == forward(z)[0]`` exactly (bit for bit).
 
     k*        = argmin_k ||z - e_k||^2 - b_k                              (eq. 6 + balance offsets b)
     quantized = z + sg[e_k* - z]          value e_k*, gradient flows to z unchanged (straight-through)
@@ -37,9 +37,12 @@ trained codebooks put [521, 421, 1] users on the background codes. ``fit_balance
 of "assign every point to a code, each code gets >= floor points, minimum total squared distance":
 
 1. entropic optimal transport with floor-constrained code marginals (log-domain Sinkhorn, block coordinate
-   ascent of the smoothed dual: ``f_i = -eps LSE_k((b_k - c_ik)/eps)``, ``b_k = max(0, eps log floor - eps
-   LSE_i((f_i - c_ik)/eps))``, eps annealed from the mean cost down to 1e-3 of it), which moves all codes'
-   offsets together (no price war between two under-used codes);
+   ascent of the smoothed dual, eps annealed from the mean cost down to 1e-3 of it):
+
+       f_i = -eps LSE_k((b_k - c_ik) / eps)
+       b_k = max(0, eps log floor - eps LSE_i((f_i - c_ik) / eps))
+
+   which moves all codes' offsets together (no price war between two under-used codes);
 2. an exact auction-style repair on the very numbers ``nearest`` computes: while some code has fewer than
    ``floor`` points, raise its offset just past the gap of its ``floor - count``-th cheapest outside point.
 

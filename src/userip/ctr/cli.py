@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.config import ConfigError, add_set_argument, from_dict, load_yaml, merge_cli_values
 from userip.utils.run_layout import RunLayout
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="YAML: model keyword arguments, or sections `model:` and `trainer:` (TrainerConfig keys)",
     )
+    add_set_argument(parser, "trainer.patience=3 (sections model and trainer, as in --model-config)")
     parser.add_argument("--seed", type=int, default=None, help="seed for init, shuffling and dropout")
     parser.add_argument(
         "--epochs", type=int, default=None, help="maximum epochs (early stopping on valid AUC)"
@@ -103,42 +104,40 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
-        raise SystemExit(f"userip train: run directory {run_dir} not found")
+        raise FileNotFoundError(f"run directory {run_dir} not found")
     if args.bank is not None and not args.with_profiles:
-        raise SystemExit("userip train: --bank needs --with-profiles")
+        raise ConfigError("--bank needs --with-profiles")
     user_features = [c.strip() for c in args.user_features.split(",") if c.strip()]
-    overrides = {
-        "max_epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "num_threads": args.threads,
-    }
     distributed = distributed_requested(bool(getattr(args, "distributed", False)))
     setup_logging(rank_log_file(RunLayout(run_dir).logs, "train", distributed))
-    try:
-        model_config, trainer_dict = _read_model_config(args.model_config)
-        # configs/ctr_models.yaml holds one section per model: pick this model's (flat mappings pass through).
-        model_config = model_section(model_config, args.model)
-        trainer_dict.update({k: v for k, v in overrides.items() if v is not None})
-        if args.no_progress:
-            trainer_dict["progress"] = False
-        trainer_dict.setdefault("progress", True)
-        where = f"{args.model_config}:trainer" if args.model_config else "trainer options"
-        config = from_dict(TrainerConfig, trainer_dict, where)
-        options = {
-            "with_profiles": args.with_profiles,
-            "bank": args.bank,
-            "user_features": user_features,
-            "model_config": model_config,
-            "config": config,
-            "seed": args.seed,
-        }
-        if not distributed:
-            result = train_ctr(run_dir, args.model, **options)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input (unknown model, stale bank, missing file, bad config): one line naming the cause.
-        raise SystemExit(f"userip train: {e}") from e
-    if distributed:
+    model_config, trainer_dict = _read_model_config(args.model_config)
+    trainer_dict.setdefault("progress", True)
+    flags = {
+        "trainer.max_epochs": args.epochs,
+        "trainer.batch_size": args.batch_size,
+        "trainer.lr": args.lr,
+        "trainer.num_threads": args.threads,
+        "trainer.progress": False if args.no_progress else None,
+    }
+    # configs/ctr_models.yaml holds one section per model: pick this model's (flat mappings pass through).
+    data = {"model": model_section(model_config, args.model), "trainer": trainer_dict}
+    data = merge_cli_values(data, flags, args.set)
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"--set: unknown section(s) {unknown}; accepted: {list(_SECTIONS)}")
+    where = f"{args.model_config}:trainer" if args.model_config else "trainer options"
+    config = from_dict(TrainerConfig, data["trainer"], where)
+    options = {
+        "with_profiles": args.with_profiles,
+        "bank": args.bank,
+        "user_features": user_features,
+        "model_config": data["model"],
+        "config": config,
+        "seed": args.seed,
+    }
+    if not distributed:
+        result = train_ctr(run_dir, args.model, **options)
+    else:
         result = _run_distributed(run_dir, args.model, options)
         if result is None:  # ranks > 0 print nothing
             return 0

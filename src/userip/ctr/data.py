@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,23 +23,9 @@ import torch
 from userip.ctr.encoding import FeatureEncoder, Vocabulary
 from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, FieldSource
 from userip.data.schema import SPLITS, Dataset
-from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, ctr_field_index
+from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, ProfileBank, ctr_field_index
 
 USER_COLUMN = 0  # user_id is always field 0 of x_ids (the trainer's user-id dropout relies on it)
-
-
-@runtime_checkable
-class ProfileBank(Protocol):
-    """What the CTR stage needs from a feature bank (``userip.feature_bank.FeatureBank`` implements it)."""
-
-    profile_names: list[str]
-    codebook_sizes: list[int]
-    dataset_hash: str
-    version: str
-
-    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
-        """(N,) int64 user ids -> (N, P) int64 codes in [0, K_p); -1 for a user the bank does not know."""
-        ...
 
 
 class BankMismatchError(ValueError):

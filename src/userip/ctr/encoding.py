@@ -2,7 +2,8 @@
 
 A vocabulary is fit on the training split only, so a user, item or feature value that appears only in
 valid/test maps to index 0 (``UNKNOWN_INDEX``), exactly as an unseen value would at serving time. Values are
-kept in sorted order, so fitting the same data twice gives the same indices. Encoding is vectorised through a
+kept in sorted order, so fitting the same data twice gives the same indices. The mapping is the data layer's
+``userip.data.ids.IdIndex`` with rows from 1 and 0 for a value not held; encoding is vectorised through its
 ``pandas.Index`` hash lookup: no per-row Python.
 """
 
@@ -18,6 +19,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from userip.ctr.features import UNKNOWN_INDEX
+from userip.data.ids import IdIndex
 from userip.utils.io import atomic_write_json, read_json
 
 ENCODER_FORMAT_VERSION = 1
@@ -30,10 +32,11 @@ class Vocabulary:
     values: tuple[Any, ...]
 
     def __post_init__(self) -> None:
-        index = pd.Index(self.values)
-        if not index.is_unique:
-            raise ValueError("Vocabulary values must be unique")
-        object.__setattr__(self, "_index", index)
+        try:
+            ids = IdIndex(self.values, first_row=UNKNOWN_INDEX + 1, missing=UNKNOWN_INDEX)
+        except ValueError:
+            raise ValueError("Vocabulary values must be unique") from None
+        object.__setattr__(self, "ids", ids)
 
     @classmethod
     def fit(cls, raw_values: ArrayLike, min_count: int = 1) -> Vocabulary:
@@ -51,8 +54,7 @@ class Vocabulary:
 
     def encode(self, raw_values: ArrayLike) -> np.ndarray:
         """int64 indices in [0, size): known values -> 1.., unseen (or missing) -> 0."""
-        positions = self._index.get_indexer(np.asarray(raw_values))  # type: ignore[attr-defined]
-        return np.where(positions < 0, UNKNOWN_INDEX, positions + 1).astype(np.int64)
+        return self.ids.encode(raw_values)  # type: ignore[attr-defined, no-any-return]
 
     def decode(self, indices: ArrayLike) -> list[Any]:
         """Raw values for field indices; the unseen index decodes to None."""

@@ -25,6 +25,7 @@ from userip.ctr.data import USER_COLUMN, SplitTensors
 from userip.ctr.features import UNKNOWN_INDEX
 from userip.evaluation.metrics import auc, logloss
 from userip.utils.artifacts import save_tensors
+from userip.utils.config import ConfigError, check_fields
 from userip.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -72,27 +73,24 @@ class TrainerConfig:
     progress: bool = False  # tqdm bar per epoch; library calls stay silent by default
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        for name in ("batch_size", "eval_batch_size", "max_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
+        check_fields(
+            self,
+            positive_ints=("batch_size", "eval_batch_size", "max_epochs", "patience"),
+            optional_positive_ints=("num_threads",),
+            positive_numbers=("lr",),
+            nonnegative_numbers=("min_delta", "weight_decay", "embedding_weight_decay"),
+            fractions=("user_id_dropout",),
+        )
         if not isinstance(self.min_epochs, int) or not 0 <= self.min_epochs <= self.max_epochs:
-            raise ValueError(f"min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r}")
-        for name in ("min_delta", "weight_decay", "embedding_weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.user_id_dropout < 1.0:
-            raise ValueError(f"user_id_dropout must be in [0, 1), got {self.user_id_dropout!r}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+            raise ConfigError(
+                f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r}"
+            )
         try:
             torch.device(self.device)
         except RuntimeError as e:
-            raise ValueError(f"device {self.device!r} is not a valid torch device: {e}") from None
+            raise ConfigError(
+                f"TrainerConfig.device {self.device!r} is not a valid torch device: {e}"
+            ) from None
 
 
 @dataclasses.dataclass

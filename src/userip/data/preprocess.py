@@ -2,21 +2,20 @@
 
 label   1 iff rating > ``label_threshold`` (3 in the paper), unless the source gives a ready 0/1 label;
         implicit feedback (no rating, no label): every observed interaction is 1, and
-        ``negatives_per_positive`` sampled negatives per interaction are 0 (drawn after the split)
+        ``negatives_per_positive`` sampled negatives per interaction are 0 (drawn after the split:
+        ``userip.data.negatives``)
 filter  users and items with fewer than 4 interactions dropped, repeated until stable
-split   8:1:1 at random by seed, by time (oldest 80% train), the source's own split, or per user in order:
-        leave-last-out (newest row test, the one before it valid) or each user's oldest 80% / next 10% /
-        newest 10%
-hints   the paper's derived profile words per user (favourite category and brand, price level), computed from
-        the *training split only* (and only its observed rows) so that nothing downstream sees valid/test
-        labels through them
-All steps are vectorised (numpy / pandas); nothing loops over interactions in Python.
+ids     the kept raw keys numbered 0.. in sorted order (``userip.data.ids.dense_rows``)
+split   8:1:1 at random by seed, by time (oldest 80% train), the source's own split, or per user in order
+        (``userip.data.splitting``)
+hints   the paper's derived profile words per user, from the training split only (``userip.data.hints``)
+All steps are vectorised (numpy / pandas); nothing loops over interactions in Python. The names of the split,
+negatives and hints modules stay importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import time
 from typing import Any
@@ -24,35 +23,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from userip.data.schema import SPLITS, Dataset, profile_rows_of, user_ranks
+from userip.data.hints import (
+    PRICE_LEVELS,
+    PROFILE_HINT_COLUMNS,
+    RATING_LEVELS,
+    UNKNOWN_PRICE_LEVEL,
+    derive_hints,
+)
+from userip.data.ids import dense_rows
+from userip.data.negatives import NEGATIVE_STREAM, sample_negatives, with_negatives
+from userip.data.schema import SPLITS, Dataset
 from userip.data.sources.base import RAW_INTERACTION_REQUIRED, DataLoadError, RawData
+from userip.data.splitting import ORDERED_SPLITS, SplitMode, assign_split, assign_user_split
 from userip.utils.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
-PRICE_LEVELS = ("low", "medium", "high")
-UNKNOWN_PRICE_LEVEL = "unknown"  # also the rating level of a user without profile rows
-# A user's share of positive profile rows, bucketed at the tertiles of all users' shares: the rating tendency,
-# the natural "background" of a data set without prices (map it with soft_tokens.value_word_columns and
-# offline_lm.slot_hint_columns).
-RATING_LEVELS = ("critical", "moderate", "enthusiastic")
-# Which derived hint column names the values of each default profile (the paper's hobby and background).
-PROFILE_HINT_COLUMNS = {"hobby": "favourite_category", "background": "price_level"}
-
-
-class SplitMode(enum.Enum):
-    RANDOM = "random"
-    TIME = "time"
-    SOURCE = "source"
-    LEAVE_LAST_OUT = "leave_last_out"  # per user, in order: newest row test, the one before valid, rest train
-    USER_ORDERED = "user_ordered"  # per user, in order: the oldest split_ratios[0] train, then valid, test
-
-
-# Per-user splits, cut in each user's own order (timestamp or position).
-ORDERED_SPLITS = (SplitMode.LEAVE_LAST_OUT, SplitMode.USER_ORDERED)
-# The negatives' random stream is (seed, this): independent of the split's, so changing the number of
-# negatives never moves a random split.
-NEGATIVE_STREAM = 0x6E6567
+__all__ = [
+    "NEGATIVE_STREAM",
+    "ORDERED_SPLITS",
+    "PRICE_LEVELS",
+    "PROFILE_HINT_COLUMNS",
+    "RATING_LEVELS",
+    "UNKNOWN_PRICE_LEVEL",
+    "FilterReport",
+    "PrepareConfig",
+    "SplitMode",
+    "assign_split",
+    "assign_user_split",
+    "build_dataset",
+    "derive_hints",
+    "kcore_mask",
+    "sample_negatives",
+    "with_negatives",
+]
 
 
 @dataclasses.dataclass
@@ -120,150 +124,6 @@ def kcore_mask(
         if new_keep.sum() == keep.sum():
             return keep, rounds
         keep = new_keep
-
-
-def assign_split(
-    num_rows: int, mode: SplitMode, ratios: tuple[float, float, float], seed: int, timestamps: np.ndarray
-) -> np.ndarray:
-    """Split names per row: a random permutation or time order (ties broken at random), cut at the ratios."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(num_rows)
-    if mode is SplitMode.TIME:
-        # Time order; a stable sort of randomly permuted rows breaks ties at random.
-        order = order[np.argsort(timestamps[order], kind="stable")]
-    num_train = int(round(ratios[0] * num_rows))
-    num_valid = int(round(ratios[1] * num_rows))
-    split = np.empty(num_rows, dtype=object)
-    split[order[:num_train]] = "train"
-    split[order[num_train : num_train + num_valid]] = "valid"
-    split[order[num_train + num_valid :]] = "test"
-    return split
-
-
-def assign_user_split(
-    user_ids: np.ndarray, mode: SplitMode, ratios: tuple[float, float, float]
-) -> np.ndarray:
-    """Split names per row of rows sorted by (user, order): each user's newest rows are test, the ones before
-    them valid, the rest train.
-
-    leave_last_out: one test and one valid row per user; user_ordered: round(ratio * n) of a user's n rows
-    (at least one where the ratio is above 0). A user always keeps a training row: with 2 rows there is no
-    valid row, with 1 only a training row.
-    """
-    counts = np.bincount(user_ids) if len(user_ids) else np.zeros(0, dtype=np.int64)
-    if mode is SplitMode.LEAVE_LAST_OUT:
-        num_test, num_valid = np.ones_like(counts), np.ones_like(counts)
-    else:
-
-        def share(ratio: float) -> np.ndarray:
-            # Half up, not numpy's half to even: 15 rows at 10% give 2 whatever the parity.
-            amount = np.floor(ratio * counts + 0.5).astype(np.int64)
-            return np.maximum(amount, 1) if ratio > 0 else amount
-
-        num_test, num_valid = share(ratios[2]), share(ratios[1])
-    num_test = np.minimum(num_test, np.maximum(counts - 1, 0))
-    num_valid = np.minimum(num_valid, np.maximum(counts - 1 - num_test, 0))
-    from_newest = counts[user_ids] - 1 - user_ranks(user_ids)
-    split = np.full(len(user_ids), "train", dtype=object)
-    split[from_newest < (num_test + num_valid)[user_ids]] = "valid"
-    split[from_newest < num_test[user_ids]] = "test"
-    return split
-
-
-def sample_negatives(
-    row_users: np.ndarray,
-    seen_users: np.ndarray,
-    seen_items: np.ndarray,
-    num_items: int,
-    per_row: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """(len(row_users), per_row) item ids: for each row, ``per_row`` distinct items drawn uniformly from the
-    items its user never interacted with (no (user, item) pair of ``seen_users``/``seen_items``).
-
-    Vectorised rejection sampling: draw everything, redraw the cells that hit a seen pair or repeat an earlier
-    cell of their row, until none do. With users who have seen nearly every item rejection could take long, so
-    after a few rounds the remaining rows are drawn exactly from their user's unseen items (a short loop).
-    The result depends only on the inputs and the generator's state.
-    """
-    n = len(row_users)
-    if num_items <= 0 or per_row <= 0:
-        return np.zeros((n, max(per_row, 0)), dtype=np.int64)
-    seen = np.unique(seen_users.astype(np.int64) * num_items + seen_items)
-    num_users = int(max(row_users.max(initial=-1), seen_users.max(initial=-1))) + 1
-    unseen = num_items - np.bincount(seen // num_items, minlength=num_users)
-    short = np.unique(row_users)
-    short = short[unseen[short] < per_row]
-    if len(short):
-        user = int(short[0])
-        raise DataLoadError(
-            f"user {user} (dataset id) has interacted with {num_items - int(unseen[user])} of {num_items} "
-            f"items, leaving {int(unseen[user])} to sample {per_row} distinct negatives from: lower "
-            "prepare.negatives_per_positive or filter such users out"
-        )
-    row_users = row_users.astype(np.int64)
-    out = rng.integers(0, num_items, size=(n, per_row), dtype=np.int64)
-    todo = np.arange(n)  # rows that may still hold a bad cell
-    for _ in range(_REJECTION_ROUNDS):
-        bad = _bad_negatives(out[todo], row_users[todo], seen, num_items)
-        todo = todo[bad.any(axis=1)]
-        if not len(todo):
-            return out
-        bad = bad[bad.any(axis=1)]
-        redraw = out[todo]
-        redraw[bad] = rng.integers(0, num_items, size=int(bad.sum()), dtype=np.int64)
-        out[todo] = redraw
-    bad = _bad_negatives(out[todo], row_users[todo], seen, num_items)
-    for row in todo[bad.any(axis=1)]:
-        user = row_users[row]
-        lo, hi = np.searchsorted(seen, [user * num_items, (user + 1) * num_items])
-        candidates = np.setdiff1d(np.arange(num_items), seen[lo:hi] - user * num_items)
-        out[row] = rng.choice(candidates, size=per_row, replace=False)
-    return out
-
-
-_REJECTION_ROUNDS = 30
-
-
-def _bad_negatives(draws: np.ndarray, users: np.ndarray, seen: np.ndarray, num_items: int) -> np.ndarray:
-    """Cells of ``draws`` (rows x k) that are a seen pair of the row's user or repeat an earlier cell."""
-    keys = users[:, None] * num_items + draws
-    at = np.minimum(np.searchsorted(seen, keys), max(len(seen) - 1, 0))
-    bad = seen[at] == keys if len(seen) else np.zeros(draws.shape, dtype=bool)
-    if draws.shape[1] > 1:
-        # Sort each row (stable), mark a value equal to its left neighbour, and scatter the marks back: the
-        # later copies of a repeated item are redrawn, the first stays.
-        order = np.argsort(draws, axis=1, kind="stable")
-        ordered = np.take_along_axis(draws, order, axis=1)
-        repeat_sorted = np.zeros(draws.shape, dtype=bool)
-        repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-        repeat = np.empty_like(repeat_sorted)
-        np.put_along_axis(repeat, order, repeat_sorted, axis=1)
-        bad |= repeat
-    return bad
-
-
-def with_negatives(interactions: pd.DataFrame, negatives: np.ndarray) -> pd.DataFrame:
-    """Observed rows (sorted by user, then order) followed each by its sampled negatives, with the columns
-    ``event`` (the observed row's rank in its user's history, shared with its negatives) and ``sampled``.
-
-    A negative copies its row's user, timestamp and split, so it lands in the same split and place in
-    time; its label is 0, its rating NaN and its review empty.
-    """
-    n, k = negatives.shape
-    block = k + 1
-    source_row = np.repeat(np.arange(n), block)
-    out = interactions.iloc[source_row].reset_index(drop=True)
-    is_negative = np.tile(np.r_[False, np.ones(k, dtype=bool)], n)
-    items = np.concatenate([interactions["item_id"].to_numpy()[:, None], negatives], axis=1).ravel()
-    out["item_id"] = items.astype(np.int64)
-    out["label"] = np.where(is_negative, 0, out["label"].to_numpy()).astype(np.int8)
-    out["rating"] = np.where(is_negative, np.nan, out["rating"].to_numpy()).astype(np.float32)
-    if "review" in out.columns:
-        out["review"] = out["review"].where(~is_negative, "")
-    out["event"] = np.repeat(user_ranks(interactions["user_id"].to_numpy()), block)
-    out["sampled"] = is_negative.astype(np.int8)
-    return out
 
 
 def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: dict[str, Any]) -> Dataset:
@@ -372,8 +232,9 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
     rows = rows[core]
 
     # Contiguous ids in the sorted order of the raw keys (codes are already sorted: remap, no sort needed).
-    kept_users, user_ids = _compact(user_codes[rows], len(user_keys))
-    kept_items, item_ids = _compact(item_codes[rows], len(item_keys))
+    kept_users, user_row = dense_rows(user_codes[rows], len(user_keys))
+    kept_items, item_row = dense_rows(item_codes[rows], len(item_keys))
+    user_ids, item_ids = user_row[user_codes[rows]], item_row[item_codes[rows]]
     if cfg.split is SplitMode.SOURCE:
         split = inter["split"].to_numpy(dtype=object)[rows]
     elif cfg.split in ORDERED_SPLITS:
@@ -403,11 +264,7 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
     negatives_report: dict[str, Any] = {}
     if raw.implicit:
         # Every item a kept user has a row with, kept or not (e.g. outside a source split), is excluded.
-        user_new = np.full(len(user_keys), -1, dtype=np.int64)
-        user_new[kept_users] = np.arange(len(kept_users))
-        item_new = np.full(len(item_keys), -1, dtype=np.int64)
-        item_new[kept_items] = np.arange(len(kept_items))
-        seen_users, seen_items = user_new[user_codes], item_new[item_codes]
+        seen_users, seen_items = user_row[user_codes], item_row[item_codes]  # -1: not a kept user/item
         both = (seen_users >= 0) & (seen_items >= 0)
         started = time.perf_counter()
         negatives = sample_negatives(
@@ -444,13 +301,6 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         **raw.extra_config,
     }
     return Dataset(interactions, items, users, truth=truth, hints=hints, source=source, config=config)
-
-
-def _compact(codes: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the codes present, in order; each row's rank among them as int64): contiguous ids in O(n)."""
-    present = np.zeros(num_codes, dtype=bool)
-    present[codes] = True
-    return np.flatnonzero(present), (np.cumsum(present) - 1)[codes].astype(np.int64)
 
 
 def _order_by(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
@@ -509,98 +359,3 @@ def _truth_table(raw: RawData, raw_user_ids: np.ndarray, source: str) -> pd.Data
     for column in profiles:
         out[column] = truth[column].to_numpy(np.int64)
     return out
-
-
-def _favourite(
-    user_ids: np.ndarray, value_codes: np.ndarray, labels: np.ndarray, names: np.ndarray, num_users: int
-) -> np.ndarray:
-    """Per user, the most frequent value among positive rows (all rows when the user has no positive one).
-
-    Ties go to the value whose name sorts first (codes are in sorted-name order). Users without rows get "".
-    """
-    out = np.full(num_users, "", dtype=object)
-    if len(user_ids) == 0:
-        return out
-    pair = user_ids.astype(np.int64) * len(names) + value_codes
-    pairs, inverse = np.unique(pair, return_inverse=True)
-    positives = np.bincount(inverse, weights=labels, minlength=len(pairs))
-    totals = np.bincount(inverse, minlength=len(pairs))
-    pair_users, pair_values = pairs // len(names), pairs % len(names)
-    # Best first within each user: most positives, then most rows, then the smallest code.
-    order = np.lexsort((pair_values, -totals, -positives, pair_users))
-    first = order[np.r_[True, pair_users[order][1:] != pair_users[order][:-1]]]
-    out[pair_users[first]] = names[pair_values[first]]
-    return out
-
-
-def derive_hints(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-    """The paper's derived profile words per user, from the profile rows only (the training split, or the
-    ``history`` split of an evaluation protocol: ``userip.data.schema.profile_rows_of``).
-
-    favourite_category  most frequent category among the user's train interactions (positives preferred)
-    favourite_brand     the same for brands ("" when no train item has a brand)
-    price_level         the user's mean train price, bucketed low/medium/high at the tertiles of all users'
-                        means; "unknown" without priced train items
-    rating_level        the user's share of positive rows, bucketed critical/moderate/enthusiastic at the
-                        tertiles of all users' shares; "unknown" without rows, and on implicit data (whose
-                        profile rows are all positives: the share says nothing)
-    """
-    num_users = int(interactions["user_id"].max()) + 1
-    train = profile_rows_of(interactions)
-    implicit = "sampled" in interactions.columns
-    user_ids = train["user_id"].to_numpy()
-    item_ids = train["item_id"].to_numpy()
-    labels = train["label"].to_numpy()
-
-    # Categories: one row per (train interaction, category of its item), via a CSR layout of item categories.
-    lengths = items["categories"].map(len).to_numpy()
-    category_codes, category_names = pd.factorize(
-        pd.Series([c for cats in items["categories"] for c in cats], dtype=object), sort=True
-    )
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    repeats = lengths[item_ids]
-    row_of = np.repeat(np.arange(len(item_ids)), repeats)
-    within = np.arange(len(row_of)) - np.repeat(np.cumsum(repeats) - repeats, repeats)
-    favourite_category = _favourite(
-        user_ids[row_of], category_codes[starts[item_ids][row_of] + within], labels[row_of],
-        np.asarray(category_names, dtype=object), num_users,
-    )  # fmt: skip
-
-    brand_codes, brand_names = pd.factorize(items["brand"], sort=True)
-    has_brand = (items["brand"] != "").to_numpy()[item_ids]
-    favourite_brand = _favourite(
-        user_ids[has_brand], brand_codes[item_ids[has_brand]], labels[has_brand],
-        np.asarray(brand_names, dtype=object), num_users,
-    )  # fmt: skip
-
-    prices = items["price"].to_numpy()[item_ids]
-    priced = ~np.isnan(prices)
-    sums = np.bincount(user_ids[priced], weights=prices[priced], minlength=num_users)
-    counts = np.bincount(user_ids[priced], minlength=num_users)
-    rows_per_user = np.bincount(user_ids, minlength=num_users)
-    if implicit:  # every profile row is a positive: the share says nothing, so every level is "unknown"
-        rows_per_user[:] = 0
-    return pd.DataFrame(
-        {
-            "user_id": np.arange(num_users, dtype=np.int64),
-            "favourite_category": favourite_category.astype(str),
-            "favourite_brand": favourite_brand.astype(str),
-            "price_level": _tertile_levels(sums, counts, PRICE_LEVELS),
-            "rating_level": _tertile_levels(
-                np.bincount(user_ids, weights=labels, minlength=num_users),
-                rows_per_user,
-                RATING_LEVELS,
-            ),
-        }
-    )
-
-
-def _tertile_levels(sums: np.ndarray, counts: np.ndarray, names: tuple[str, str, str]) -> np.ndarray:
-    """Per user, ``names[i]`` for the tertile of ``sums / counts`` among users with counts (the upper tertile
-    boundary belongs to the higher level); ``UNKNOWN_PRICE_LEVEL`` without counts."""
-    levels = np.full(len(counts), UNKNOWN_PRICE_LEVEL, dtype=object)
-    if counts.any():
-        means = sums[counts > 0] / counts[counts > 0]
-        tertiles = np.quantile(means, [1 / 3, 2 / 3])
-        levels[counts > 0] = np.array(names, dtype=object)[np.searchsorted(tertiles, means, side="right")]
-    return levels.astype(str)

@@ -34,7 +34,7 @@ import pandas as pd
 
 from userip.data.preprocess import derive_hints
 from userip.data.schema import HISTORY_SPLIT, Dataset, DatasetError
-from userip.utils.config import ConfigError, to_dict
+from userip.utils.config import ConfigError, check_fields, choice, to_dict
 
 # The columns of a ``userip profile --new-users`` file (``userip.profile.new_users.read_new_users``).
 NEW_USER_COLUMNS = ("raw_user_id", "raw_item_id", "rating", "label", "timestamp")
@@ -55,18 +55,8 @@ class ProtocolConfig:
     seed: int = 0  # which rows sparse keeps; which users are cold
 
     def __post_init__(self) -> None:
-        try:
-            self.name = Protocol(self.name)
-        except ValueError:
-            raise ConfigError(
-                f"protocol.name: {self.name!r} is not one of {[p.value for p in Protocol]}"
-            ) from None
-        if (
-            isinstance(self.history_rows, bool)
-            or not isinstance(self.history_rows, int)
-            or self.history_rows < 1
-        ):
-            raise ConfigError(f"protocol.history_rows: expected an integer >= 1, got {self.history_rows!r}")
+        self.name = choice(Protocol, self.name, "protocol.name")  # type: ignore[assignment]
+        check_fields(self, positive_ints=("history_rows",), where="protocol")
         if not 0.0 < self.cold_user_fraction < 1.0:
             raise ConfigError(
                 f"protocol.cold_user_fraction: expected a number in (0, 1), got {self.cold_user_fraction!r}"

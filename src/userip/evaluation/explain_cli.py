@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from userip.utils.config import ConfigError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, type=Path, help="a run after `userip profile`")
@@ -42,9 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_attention(args, users)
     try:
         rows = explain_run(args.run_dir, users, k=args.k, limit=10 if args.limit is None else args.limit)
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        print(f"userip explain: {e}")
-        return 2
+    except KeyError as e:  # unknown --users: reported by userip.cli as a named input error
+        raise ConfigError(f"--users: {e.args[0]}") from e
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -68,9 +69,8 @@ def _run_attention(args: argparse.Namespace, users: list[str] | None) -> int:
     limit = 7 if args.limit is None else args.limit
     try:
         result = explain_attention(args.run_dir, args.sentence, users, limit=limit)
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        print(f"userip explain: {e}")
-        return 2
+    except KeyError as e:
+        raise ConfigError(f"--users: {e.args[0]}") from e
     png = plot_attention(result, args.out or args.run_dir / "explain" / "attention.png")
     rows = []
     for when, values in (("before", result.before), ("after", result.after)):

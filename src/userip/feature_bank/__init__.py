@@ -4,15 +4,24 @@
 ``vocab_size = K_p + 1`` and index ``code + 1`` (so unknown users land on index 0).
 """
 
-from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError, ProfileLookup, ctr_field_index
+from userip.feature_bank.base import (
+    UNKNOWN_CODE,
+    BankIdentity,
+    FeatureBankError,
+    ProfileBank,
+    ProfileLookup,
+    ctr_field_index,
+)
 from userip.feature_bank.embedded import KIND_CODES, KIND_CONTINUOUS, FeatureBank
 
 __all__ = [
     "KIND_CODES",
     "KIND_CONTINUOUS",
     "UNKNOWN_CODE",
+    "BankIdentity",
     "FeatureBank",
     "FeatureBankError",
+    "ProfileBank",
     "ProfileLookup",
     "ctr_field_index",
 ]

@@ -1,9 +1,11 @@
-"""The read interface every feature-bank backend implements (embedded file here; Redis in ``userip.serving``).
+"""The read interfaces of a feature bank (embedded file here; Redis in ``userip.serving``).
 
 A bank maps users to one profile ID per profile. Codes of profile p lie in ``[0, K_p)``; ``UNKNOWN_CODE = -1``
 is reserved for a user the bank does not know. A CTR field for profile p has ``vocab_size = K_p + 1`` and
-index
-``code + 1``, so an unknown user lands on index 0 (the CTR side's reserved unknown index).
+index ``code + 1``, so an unknown user lands on index 0 (the CTR side's reserved unknown index).
+
+Every bank states its ``BankIdentity``; ``ProfileBank`` reads it by dataset user id (CTR training),
+``ProfileLookup`` by raw id (serving).
 """
 
 from __future__ import annotations
@@ -21,14 +23,32 @@ class FeatureBankError(ValueError):
 
 
 @runtime_checkable
-class ProfileLookup(Protocol):
+class BankIdentity(Protocol):
+    """What every bank says of itself: its profiles, their codebook sizes, its dataset and version."""
+
     profile_names: list[str]
     codebook_sizes: list[int]
     dataset_hash: str
     version: str
 
+
+# Two reads of one bank, not one protocol: training reads by dataset user id, serving by raw id, and the Redis
+# backend holds raw ids only (no ``lookup``). ``FeatureBank`` implements both.
+@runtime_checkable
+class ProfileLookup(BankIdentity, Protocol):
+    """Serving's read (``FeatureBank``, ``userip.serving.redis_bank.RedisBank``): raw ids -> codes."""
+
     def lookup_raw(self, raw_user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """raw ids (N,) -> codes (N, P) int64 (``UNKNOWN_CODE`` where unknown), known_mask (N,) bool."""
+        ...
+
+
+@runtime_checkable
+class ProfileBank(BankIdentity, Protocol):
+    """The CTR stage's read (``FeatureBank``; ``userip.ctr.data`` builds on it): dataset user ids -> codes."""
+
+    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+        """(N,) int64 user ids -> (N, P) int64 codes in [0, K_p); -1 for a user the bank does not know."""
         ...
 
 

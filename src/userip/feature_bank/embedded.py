@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from userip.data.ids import IdIndex
 from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError
 from userip.utils.io import atomic_write_json, atomic_write_with, read_json, sha256_file
 
@@ -70,7 +71,10 @@ class FeatureBank:
         self.dataset_hash: str = str(manifest["dataset_hash"])
         self.version: str = str(manifest["version"])
         self.codebook_hash: str = codebook_hash(self.profile_names, codebooks)
-        self._row_of = {r: i for i, r in enumerate(raw_user_ids) if r != ""}
+        try:  # raw id -> row (row i = user_id i); "" (a reserved, unfilled row) and unknown ids -> -1
+            self._rows = IdIndex(raw_user_ids, reserved="")
+        except ValueError as e:
+            raise FeatureBankError(f"raw_user_ids must be unique: {e}") from None
         # The codes plus one trailing row of UNKNOWN_CODE: any id outside the bank is sent to row -1, so a
         # lookup is one fancy index (online requests ask for one user; ~10 numpy calls cost >5% of scoring).
         self._codes_or_unknown = np.vstack(
@@ -182,8 +186,8 @@ class FeatureBank:
         rows = np.empty(len(raw_user_ids), dtype=np.int64)
         next_row = len(self.raw_user_ids)
         for i, raw in enumerate(raw_user_ids):
-            if raw in self._row_of:
-                rows[i] = self._row_of[raw]
+            if raw in self._rows:
+                rows[i] = self._rows.get(raw)
             elif user_ids is not None:
                 rows[i] = int(user_ids[i])
             else:
@@ -241,8 +245,7 @@ class FeatureBank:
 
     def lookup_raw(self, raw_user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """raw ids (N,) -> codes (N, P) int64 (-1 where unknown) and known_mask (N,) bool."""
-        rows = [self._row_of.get(str(r), -1) for r in raw_user_ids]
-        codes = self._codes_or_unknown[rows]
+        codes = self._codes_or_unknown[self._rows.rows(map(str, raw_user_ids), len(raw_user_ids))]
         return codes, (codes >= 0).all(axis=1)
 
     def lookup_vectors(self, user_ids: np.ndarray) -> np.ndarray:

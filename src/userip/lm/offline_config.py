@@ -7,7 +7,7 @@ import enum
 
 from userip.data.preprocess import PROFILE_HINT_COLUMNS
 from userip.lm.tokenizer import TokenizerModel
-from userip.utils.config import ConfigError, choice
+from userip.utils.config import ConfigError, check_fields, choice
 
 OFFLINE_SPEC = "offline"  # --lm value: the offline LM pre-trained on the dataset (userip.lm.offline)
 RANDOM_SPEC = "random"  # --lm value: the same shape, untrained (ablation)
@@ -76,17 +76,25 @@ class OfflineLMConfig:
         self.architecture = choice(Architecture, self.architecture, f"{where}.architecture")  # type: ignore[assignment]
         self.tokenizer_model = choice(TokenizerModel, self.tokenizer_model, f"{where}.tokenizer_model")  # type: ignore[assignment]
         self.slot_hint_mode = choice(SlotHintMode, self.slot_hint_mode, f"{where}.slot_hint_mode")  # type: ignore[assignment]
-        positive = {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "max_length": self.max_length,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"OfflineLMConfig.{name} must be a positive integer, got {value!r}")
+        check_fields(
+            self,
+            positive_ints=(
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "max_length",
+                "epochs",
+                "batch_size",
+                "short_target_max_titles",
+            ),
+            optional_positive_ints=("intermediate_size",),
+            optional_counts=("max_steps",),
+            int_ranges={"vocab_size": (16, None)},
+            positive_numbers=("learning_rate", "max_grad_norm"),
+            nonnegative_numbers=("weight_decay", "plain_title_ratio"),
+            fractions=("warmup_fraction",),
+            words=("missing_hint_word",),
+        )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"OfflineLMConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -97,34 +105,10 @@ class OfflineLMConfig:
                 f"OfflineLMConfig: Llama's rotary embeddings need an even head size; hidden_size/num_heads = "
                 f"{self.hidden_size // self.num_heads}"
             )
-        if self.intermediate_size is not None and self.intermediate_size < 1:
-            raise ConfigError(
-                f"OfflineLMConfig.intermediate_size must be >= 1 or null, got {self.intermediate_size}"
-            )
-        if self.vocab_size < 16:
-            raise ConfigError(f"OfflineLMConfig.vocab_size must be >= 16, got {self.vocab_size}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ConfigError(f"OfflineLMConfig.max_steps must be >= 0 or null, got {self.max_steps}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"OfflineLMConfig.learning_rate must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"OfflineLMConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(
-                f"OfflineLMConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
-            )
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"OfflineLMConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
         if not 0 <= self.short_target_fraction <= 1:
             raise ConfigError(
                 f"OfflineLMConfig.short_target_fraction must be in [0, 1], got {self.short_target_fraction}"
             )
-        if self.short_target_max_titles < 1:
-            raise ConfigError(
-                f"OfflineLMConfig.short_target_max_titles must be >= 1, got {self.short_target_max_titles}"
-            )
-        if self.plain_title_ratio < 0:
-            raise ConfigError(f"OfflineLMConfig.plain_title_ratio must be >= 0, got {self.plain_title_ratio}")
         if not isinstance(self.slot_hint_columns, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.slot_hint_columns.items()
         ):
@@ -132,8 +116,6 @@ class OfflineLMConfig:
                 "OfflineLMConfig.slot_hint_columns must map profile names to hint columns, e.g. "
                 f"{_default_slot_hint_columns()}; got {self.slot_hint_columns!r}"
             )
-        if not self.missing_hint_word.strip():
-            raise ConfigError("OfflineLMConfig.missing_hint_word must be a non-empty word")
 
     @property
     def resolved_intermediate_size(self) -> int:

@@ -8,14 +8,11 @@ too.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
-from userip.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
+from userip.utils.config import ConfigError, add_set_argument, from_dict, read_config
 from userip.utils.run_layout import RunLayout
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'offline' (default), 'random', 'smollm2', a .gguf file, a model folder, or a HF name (gpt2)",
     )
     parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override any config key, value read as YAML (repeatable): --set profile.train.num_epochs=5",
-    )
+    add_set_argument(parser, "profile.train.num_epochs=5")
     parser.add_argument(
         "-v",
         "--verbose",
@@ -52,34 +43,24 @@ def parse_seeds(text: str) -> list[int]:
 def build_config(args: argparse.Namespace):
     from userip.pipeline.run import PipelineConfig
 
-    data = load_yaml(args.config) if args.config else {}
-    if args.run_dir is not None:
-        data["run_dir"] = str(args.run_dir)
-    if args.lm is not None:
-        data.setdefault("profile", {}).setdefault("lm", {})["name_or_path"] = args.lm
-    if args.seeds is not None:
-        data["seeds"] = parse_seeds(args.seeds)
-    data = apply_overrides(data, args.set)
+    flags = {
+        "run_dir": None if args.run_dir is None else str(args.run_dir),
+        "profile.lm.name_or_path": args.lm,
+        "seeds": None if args.seeds is None else parse_seeds(args.seeds),
+    }
+    data = read_config(args.config, flags, args.set)
     return from_dict(PipelineConfig, data, str(args.config or "run config"))
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = build_config(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
+    config = build_config(args)  # a bad key or value fails here, before any work
     run_dir = Path(config.run_dir)
     from userip.pipeline.run import run_pipeline
 
     layout = RunLayout(run_dir)
     print(f"userip run: artifacts under {run_dir}, details in {layout.log_file}", flush=True)
     start = time.perf_counter()
-    try:
-        summary = run_pipeline(config, verbose=args.verbose)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+    summary = run_pipeline(config, verbose=args.verbose)
     print()
     print(summary["markdown"])
     print(f"done in {time.perf_counter() - start:.0f} s; artifacts under {run_dir.resolve()}")

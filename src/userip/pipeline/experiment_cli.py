@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
-from userip.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
-
-log = logging.getLogger(__name__)
+from userip.utils.config import add_set_argument, from_dict, read_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,13 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", help="override: comma-separated seeds")
     parser.add_argument("--out-dir", type=Path, help="override: where cells, tables and plots go")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override any config key, value read as YAML (repeatable): --set pepler.lm_device=cuda",
-    )
+    add_set_argument(parser, "pepler.lm_device=cuda")
     parser.add_argument(
         "--rows",
         help="compute only these rows' cells (comma-separated variants: base, userip, kar, pepler, rella, "
@@ -42,25 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from userip.pipeline.experiment import ExperimentConfig, run_experiment
     from userip.utils.logging import setup_logging
 
-    try:
-        data = load_yaml(args.config)
-        if args.seeds:
-            data["seeds"] = parse_seeds(args.seeds)
-        if args.out_dir:
-            data["out_dir"] = str(args.out_dir)
-        data = apply_overrides(data, args.set)
-        config = from_dict(ExperimentConfig, data, str(args.config))
-        rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
+    flags = {
+        "seeds": parse_seeds(args.seeds) if args.seeds else None,
+        "out_dir": str(args.out_dir) if args.out_dir else None,
+    }
+    config = from_dict(ExperimentConfig, read_config(args.config, flags, args.set), str(args.config))
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     setup_logging(config.output_dir / "experiment.log")
     start = time.perf_counter()
-    try:
-        out = run_experiment(config, rows, args.finished_only)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+    out = run_experiment(config, rows, args.finished_only)
     print(out["markdown"])
     print(f"done in {time.perf_counter() - start:.0f} s; tables, CSV/JSON and plots in {config.output_dir}")
     return 0

@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from userip.utils.config import ConfigError, load_yaml
+from userip.utils.config import add_set_argument, read_config
 from userip.utils.run_layout import RunLayout
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="YAML with sections lm, prompt, soft_tokens, train, quantization, offline_lm",
     )
+    add_set_argument(parser, "train.lr=0.05")
     parser.add_argument("--epochs", type=int, help="train.num_epochs")
     parser.add_argument("--max-steps", type=int, help="train.max_steps (0: no limit)")
     parser.add_argument("--batch-size", type=int, help="train.batch_size")
@@ -55,23 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from userip.profile.stage import ProfileStageConfig
 
-    data = load_yaml(args.config) if args.config else {}
-    overrides = {
-        ("lm", "name_or_path"): args.lm,
-        ("lm", "dtype"): args.dtype,
-        ("lm", "device"): args.device,
-        ("train", "num_epochs"): args.epochs,
-        ("train", "max_steps"): args.max_steps,
-        ("train", "batch_size"): args.batch_size,
-        ("train", "lr"): args.lr,
-        ("quantization", "without_vq"): True if args.without_vq else None,
+    flags = {
+        "lm.name_or_path": args.lm,
+        "lm.dtype": args.dtype,
+        "lm.device": args.device,
+        "train.num_epochs": args.epochs,
+        "train.max_steps": args.max_steps,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "quantization.without_vq": True if args.without_vq else None,
     }
-    for (section, key), value in overrides.items():
-        if value is not None:
-            section_data = data.setdefault(section, {})
-            if not isinstance(section_data, dict):
-                raise ConfigError(f"{args.config}: section {section!r} must be a mapping")
-            section_data[key] = value
+    data = read_config(args.config, flags, args.set)
     return ProfileStageConfig.from_dict(data, str(args.config or "profile config"))
 
 
@@ -83,21 +75,15 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(rank_log_file(RunLayout(args.run_dir).logs, "profile", distributed))
     if distributed:
         return _run_distributed(args)
-    try:
-        if args.new_users is not None:
-            from userip.profile.stage import add_new_users
+    if args.new_users is not None:
+        from userip.profile.stage import add_new_users
 
-            bank = add_new_users(args.run_dir, args.new_users)
-            print(
-                f"feature bank {bank.version}: {bank.manifest['num_users']} users -> {args.run_dir / 'bank'}"
-            )
-            return 0
-        from userip.profile.stage import run_profile_stage
+        bank = add_new_users(args.run_dir, args.new_users)
+        print(f"feature bank {bank.version}: {bank.manifest['num_users']} users -> {args.run_dir / 'bank'}")
+        return 0
+    from userip.profile.stage import run_profile_stage
 
-        result = run_profile_stage(args.run_dir, build_config(args), resume=args.resume)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+    result = run_profile_stage(args.run_dir, build_config(args), resume=args.resume)
     print(_summary(result))
     return 0
 

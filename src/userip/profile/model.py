@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from userip.data.preprocess import PROFILE_HINT_COLUMNS, UNKNOWN_PRICE_LEVEL
 from userip.prompts import IGNORE_INDEX, PromptBatch, PromptBuilder, PromptConfig
-from userip.utils.config import ConfigError, choice
+from userip.utils.config import ConfigError, check_fields, choice
 
 
 class SoftTokenInit(enum.Enum):
@@ -50,8 +50,7 @@ class SoftTokenConfig:
 
     def __post_init__(self) -> None:
         self.init = choice(SoftTokenInit, self.init, "soft_tokens.init")  # type: ignore[assignment]
-        if self.init_noise < 0:
-            raise ConfigError(f"soft_tokens.init_noise must be >= 0, got {self.init_noise}")
+        check_fields(self, nonnegative_numbers=("init_noise",), where="soft_tokens")
         for name, words in self.value_words.items():
             if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
                 raise ConfigError(

@@ -32,7 +32,7 @@ from userip.profile.model import ProfileModel
 from userip.profile.optim import RowAdam
 from userip.prompts import ExampleSet, collate
 from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
-from userip.utils.config import ConfigError, to_dict
+from userip.utils.config import ConfigError, check_fields, to_dict
 from userip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -74,25 +74,22 @@ class TrainConfig:
     min_epoch_improvement: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in (
-            "batch_size",
-            "grad_accum_steps",
-            "num_epochs",
-            "bucket_window",
-            "pad_to_multiple_of",
-            "log_every",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("max_steps", "checkpoint_every", "weight_decay", "aux_weight_decay"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if not 0.0 <= self.min_epoch_improvement < 1.0:
-            raise ConfigError(
-                f"train.min_epoch_improvement must be in [0, 1), got {self.min_epoch_improvement}"
-            )
-        if self.lr <= 0 or self.aux_lr <= 0:
-            raise ConfigError(f"train.lr and train.aux_lr must be > 0, got {self.lr}, {self.aux_lr}")
+        check_fields(
+            self,
+            positive_ints=(
+                "batch_size",
+                "grad_accum_steps",
+                "num_epochs",
+                "bucket_window",
+                "pad_to_multiple_of",
+                "log_every",
+            ),
+            counts=("max_steps", "checkpoint_every"),
+            positive_numbers=("lr", "aux_lr"),
+            nonnegative_numbers=("weight_decay", "aux_weight_decay"),
+            fractions=("min_epoch_improvement",),
+            where="train",
+        )
 
 
 def plan_batches(

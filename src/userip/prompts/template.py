@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from userip.utils.config import ConfigError, choice
+from userip.utils.config import ConfigError, check_fields, choice
 
 IGNORE_INDEX = -100  # label value ignored by the loss (HF / torch convention)
 
@@ -72,14 +72,9 @@ class ProfileSpec:
                 f"phrase such as "
                 '"This user\'s hobby is" (its soft tokens attend only to it)'
             )
-        if self.num_soft_tokens < 1:
-            raise ConfigError(
-                f"ProfileSpec {self.name!r}: num_soft_tokens must be >= 1, got {self.num_soft_tokens}"
-            )
-        if self.codebook_size < 1:
-            raise ConfigError(
-                f"ProfileSpec {self.name!r}: codebook_size must be >= 1, got {self.codebook_size}"
-            )
+        check_fields(
+            self, positive_ints=("num_soft_tokens", "codebook_size"), where=f"ProfileSpec[{self.name}]"
+        )
 
 
 def default_profiles() -> tuple[ProfileSpec, ...]:
@@ -127,8 +122,7 @@ class PromptConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"PromptConfig.profiles: duplicate profile names {names}")
         self.target_mode = choice(TargetMode, self.target_mode, "PromptConfig.target_mode")  # type: ignore[assignment]
-        if self.max_target_tokens < 1:
-            raise ConfigError(f"PromptConfig.max_target_tokens must be >= 1, got {self.max_target_tokens}")
+        check_fields(self, positive_ints=("max_target_tokens",), positive_numbers=("max_rating",))
         self.history_feedback = choice(  # type: ignore[assignment]
             HistoryFeedback, self.history_feedback, "PromptConfig.history_feedback"
         )
@@ -138,10 +132,9 @@ class PromptConfig:
                 f"PromptConfig.target_mode 'history' only, got target_mode {self.target_mode.value!r}; "
                 "set history_feedback: none or target_mode: history"
             )
+        check_fields(self, words=("liked_word", "disliked_word"))
         for key in ("liked_word", "disliked_word"):
             word = getattr(self, key)
-            if not isinstance(word, str) or not word.strip():
-                raise ConfigError(f"PromptConfig.{key} must be a non-empty word, got {word!r}")
             if self.separator.strip() and self.separator.strip() in word:
                 raise ConfigError(
                     f"PromptConfig.{key} {word!r} contains the separator {self.separator!r}, which splits "
@@ -152,12 +145,6 @@ class PromptConfig:
             raise ConfigError(
                 f"PromptConfig.liked_word and disliked_word must differ, both are {self.liked_word!r}"
             )
-        if (
-            isinstance(self.max_rating, bool)
-            or not isinstance(self.max_rating, int | float)
-            or not (math.isfinite(self.max_rating) and self.max_rating > 0)
-        ):
-            raise ConfigError(f"PromptConfig.max_rating must be a positive number, got {self.max_rating!r}")
 
     def feedback_text(self, label: int, rating: float = math.nan) -> str:
         """The text written after a title for one interaction (``""`` for ``history_feedback`` none).

@@ -14,13 +14,17 @@ import os
 import stat
 from pathlib import Path
 
-from userip.utils.config import ConfigError, from_dict, load_yaml, to_dict
+from userip.utils.config import ConfigError, add_set_argument, from_dict, load_yaml, merge_cli_values, to_dict
 from userip.utils.logging import get_logger, setup_logging
 from userip.utils.run_layout import RunLayout
 
 log = get_logger(__name__)
 
 MIN_TOKEN_LENGTH = 16
+
+
+class PublishError(RuntimeError):
+    """``--publish-to-redis`` failed; the message names the URL and the cause."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-prefix", default=None, help="key prefix of the Redis bank (default userip:bank)"
     )
     parser.add_argument("--config", type=Path, help="YAML file with ServeConfig keys (flags override it)")
+    add_set_argument(parser, "timeout_request_s=2.5 (ServeConfig keys, as in --config)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--max-items-per-request", type=int, help="item IDs per /v1/score request")
@@ -72,11 +77,9 @@ def build_config(args: argparse.Namespace):  # -> ServeConfig
     data = load_yaml(args.config) if args.config else {}
     data = dict(data.get("serve", data))  # accept a full experiment config with a serve: section
     # Every ServeConfig key that has a flag of the same name (``--max-body-bytes`` -> max_body_bytes); flags
-    # left unset keep the config file's / default value.
-    for field in dataclasses.fields(ServeConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            data[field.name] = value
+    # left unset keep the config file's / default value; --set items come last.
+    flags = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(ServeConfig)}
+    data = merge_cli_values(data, flags, args.set)
     return from_dict(ServeConfig, data, where=str(args.config or "serve"))
 
 
@@ -109,12 +112,8 @@ def read_admin_token(config) -> str | None:  # noqa: ANN001 - ServeConfig (impor
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(RunLayout(args.run_dir).logs / "serve.log")
-    try:
-        config = build_config(args)
-        admin_token = None if args.publish_to_redis else read_admin_token(config)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
+    config = build_config(args)
+    admin_token = None if args.publish_to_redis else read_admin_token(config)
     if args.publish_to_redis:
         return _publish(args)
 
@@ -126,13 +125,10 @@ def run(args: argparse.Namespace) -> int:
     from userip.serving.scorer import Scorer
 
     torch.set_num_threads(config.num_threads)
-    try:
-        scorer = Scorer.from_run_dir(
-            args.run_dir, model=args.model, bank=args.bank, redis_prefix=args.redis_prefix
-        )
-    except (OSError, ValueError, RuntimeError) as e:  # missing/incomplete artifacts, incompatible bank
-        log.error("cannot serve: %s", e)
-        return 2
+    # Missing/incomplete artifacts and an incompatible bank are named errors (userip.cli reports them).
+    scorer = Scorer.from_run_dir(
+        args.run_dir, model=args.model, bank=args.bank, redis_prefix=args.redis_prefix
+    )
     info = scorer.describe()
     log.info(
         "serving %s (fields %s, bank %s) on http://%s:%d with %s",
@@ -158,8 +154,7 @@ def _publish(args: argparse.Namespace) -> int:
     try:
         bank = FeatureBank.load(args.bank or RunLayout(args.run_dir).bank)
         version = publish_bank(bank, args.publish_to_redis, args.redis_prefix or DEFAULT_PREFIX)
-    except Exception as e:  # noqa: BLE001 - a CLI reports any failure in one line
-        log.error("cannot publish the bank to %s: %s", args.publish_to_redis, e)
-        return 2
+    except Exception as e:  # noqa: BLE001 - any failure (Redis unreachable, bad bank) is one named error
+        raise PublishError(f"cannot publish the bank to {args.publish_to_redis}: {e}") from e
     log.info("published bank version %s to %s (prefix %s)", version, args.publish_to_redis, args.redis_prefix)
     return 0

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 
-from userip.utils.config import ConfigError
+from userip.utils.config import ConfigError, check_fields
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -56,51 +55,30 @@ class ServeConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError(f"serve.host must be a non-empty string, got {self.host!r}")
-        _check_int("port", self.port, 0, 65535)
-        for name in (
-            "max_items_per_request",
-            "max_batch_pairs",
-            "max_body_bytes",
-            "max_id_length",
-            "limit_concurrency",
-            "num_threads",
-            "max_connections",
-            "timeout_keep_alive",
-            "max_header_bytes",
-        ):
-            _check_int(name, getattr(self, name), 1)
-        if (
-            isinstance(self.timeout_request_s, bool)
-            or not isinstance(self.timeout_request_s, int | float)
-            or not math.isfinite(self.timeout_request_s)
-            or self.timeout_request_s <= 0
-        ):
-            raise ConfigError(f"serve.timeout_request_s must be a number > 0, got {self.timeout_request_s!r}")
-        if not isinstance(self.admin_token_env, str) or not self.admin_token_env:
-            raise ConfigError(
-                f"serve.admin_token_env must name an environment variable, got {self.admin_token_env!r}"
-            )
+        check_fields(
+            self,
+            words=("host", "admin_token_env"),
+            int_ranges={"port": (0, 65535)},
+            positive_ints=(
+                "max_items_per_request",
+                "max_batch_pairs",
+                "max_body_bytes",
+                "max_id_length",
+                "limit_concurrency",
+                "num_threads",
+                "max_connections",
+                "timeout_keep_alive",
+                "max_header_bytes",
+            ),
+            positive_numbers=("timeout_request_s",),
+            nonnegative_numbers=("bank_poll_s",),  # 0 = no polling
+            choices={"log_level": LOG_LEVELS},
+            where="serve",
+        )
         if self.admin_token_file is not None and (
             not isinstance(self.admin_token_file, str) or not self.admin_token_file
         ):
             raise ConfigError(f"serve.admin_token_file must be a path, got {self.admin_token_file!r}")
-        if isinstance(self.bank_poll_s, bool) or not isinstance(self.bank_poll_s, int | float):
-            raise ConfigError(f"serve.bank_poll_s must be a number, got {self.bank_poll_s!r}")
-        if self.bank_poll_s < 0:
-            raise ConfigError(f"serve.bank_poll_s must be >= 0 (0 = no polling), got {self.bank_poll_s}")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"serve.log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
-
-
-def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, int) or value < minimum
-    if not bad and maximum is not None and value > maximum:  # type: ignore[operator]
-        bad = True
-    if bad:
-        upper = f" and <= {maximum}" if maximum is not None else ""
-        raise ConfigError(f"serve.{name} must be an integer >= {minimum}{upper}, got {value!r}")
 
 
 def is_loopback(host: str) -> bool:

@@ -1,10 +1,11 @@
 """The scoring library: a trained CTR model plus a feature bank (never the LLM) -> click probabilities.
 
 ``Scorer.score(user_ids, item_ids)`` takes raw IDs (the source's own keys: strings; ints are accepted and
-stringified), maps them with the vocabularies saved at training time (unseen -> index 0), reads the users'
-profile codes from the feature bank (unknown user -> code -1 -> field index 0, the reserved ID), builds one
-``x_ids`` (B, F) array and runs the model once under ``torch.inference_mode``; the sigmoid is applied outside
-the model. The hot path is dict lookups and numpy fancy indexing: tables are precomputed at load.
+stringified), maps them with the vocabularies saved at training time (``userip.data.ids.IdIndex``: unseen ->
+index 0), reads the users' profile codes from the feature bank (unknown user -> code -1 -> field index 0, the
+reserved ID), builds one ``x_ids`` (B, F) array and runs the model once under ``torch.inference_mode``; the
+sigmoid is applied outside the model. The hot path is dict lookups and numpy fancy indexing: tables are
+precomputed at load.
 
 Hot reload: the bank and its version live in one immutable ``BankSnapshot`` held by a single attribute. A
 call reads that attribute once and uses only that snapshot; ``reload_bank`` builds and validates a complete
@@ -27,6 +28,7 @@ from torch import nn
 
 from userip.ctr.encoding import FeatureEncoder
 from userip.ctr.features import ITEM_FIELD, UNKNOWN_INDEX, USER_FIELD, FeatureMap, FieldSource
+from userip.data.ids import IdIndex
 from userip.feature_bank import KIND_CODES
 from userip.feature_bank.base import ProfileLookup, ctr_field_index
 from userip.serving.bank import BankSource, FileBankSource, bank_source
@@ -157,10 +159,17 @@ class Scorer:
         self._user_table = np.concatenate(
             [np.zeros((1, len(user_cols)), dtype=np.int64), np.stack(user_columns, axis=1).astype(np.int64)]
         )
-        self._user_row = {raw: i + 1 for i, raw in enumerate(user_raw_ids)}
-        # Items have one field: map raw ID straight to its field index (absent -> 0, the unknown index).
-        item_index = encoder.encode(ITEM_FIELD, np.arange(len(item_raw_ids), dtype=np.int64)).tolist()
-        self._item_index = {raw: k for raw, k in zip(item_raw_ids, item_index) if k != UNKNOWN_INDEX}
+        # Raw ID -> row of the user table (row 0: the unknown user, all fields 0).
+        self._user_row = IdIndex(user_raw_ids, first_row=1, missing=0)
+        # Items have one field: a raw item ID maps straight to its field index, so the index holds the items
+        # the model's vocabulary knows, in field-index order (1, 2, ...; absent -> 0, the unknown index).
+        item_index = encoder.encode(ITEM_FIELD, np.arange(len(item_raw_ids), dtype=np.int64))
+        known = np.flatnonzero(item_index != UNKNOWN_INDEX)
+        known = known[np.argsort(item_index[known], kind="stable")]
+        first = int(item_index[known[0]]) if len(known) else UNKNOWN_INDEX + 1
+        if not np.array_equal(item_index[known], np.arange(first, first + len(known))):
+            raise ValueError("the model's item vocabulary does not number the dataset's items contiguously")
+        self._item_index = IdIndex([item_raw_ids[i] for i in known], first_row=first, missing=UNKNOWN_INDEX)
         self._item_col = feature_map.index(ITEM_FIELD)
         self._user_slot, self._profile_slot = _slot(user_cols), _slot(profile_cols)
 
@@ -231,9 +240,7 @@ class Scorer:
             positions: dict[str, int] = {}
             inverse = np.fromiter((positions.setdefault(u, len(positions)) for u in users), np.int64, n)
             uniq = list(positions)
-        user_block = self._user_table[
-            np.fromiter((self._user_row.get(u, 0) for u in uniq), np.int64, len(uniq))
-        ]
+        user_block = self._user_table[self._user_row.rows(uniq, len(uniq))]
         unknown_user = user_block[:, 0] == UNKNOWN_INDEX  # column 0 is the user_id field
         x[:, self._user_slot] = user_block if inverse is None else user_block[inverse]
         if snap is not None:
@@ -242,7 +249,7 @@ class Scorer:
             profile = ctr_field_index(codes if snap.bank_columns is None else codes[:, snap.bank_columns])
             unknown_user |= ~known
             x[:, self._profile_slot] = profile if inverse is None else profile[inverse]
-        item_index = np.fromiter((self._item_index.get(i, 0) for i in items), np.int64, n)
+        item_index = self._item_index.rows(items, n)
         x[:, self._item_col] = item_index
         return EncodedBatch(
             x_ids=x,

@@ -45,6 +45,10 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and what was expected."""
 
 
+class _NotANumberError(ConfigError):
+    """``check_fields`` found no number at all (a string, None, a list) where a number belongs."""
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, checking unknown keys, enum values and nested configs."""
     if data is None:
@@ -68,6 +72,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
             kwargs[name] = value
     try:
         config = cls(**kwargs)
+    except _NotANumberError:
+        if type_errors:  # a string where a number belongs: the type check names it best (with a hint)
+            raise type_errors[0] from None
+        raise
     except ConfigError:
         raise  # the config's own validation names a wrong value best ("must be a non-empty word")
     except Exception as e:  # noqa: BLE001 - a wrongly typed value may break __post_init__ in any way
@@ -123,49 +131,64 @@ def check_fields(
     positive_ints: Sequence[str] = (),
     counts: Sequence[str] = (),
     optional_positive_ints: Sequence[str] = (),
+    optional_counts: Sequence[str] = (),
+    int_ranges: Mapping[str, tuple[int, int | None]] | None = None,
     positive_numbers: Sequence[str] = (),
     nonnegative_numbers: Sequence[str] = (),
     fractions: Sequence[str] = (),
     flags: Sequence[str] = (),
     words: Sequence[str] = (),
     choices: Mapping[str, Sequence[str]] | None = None,
+    where: str | None = None,
 ) -> None:
     """The common checks of a config dataclass's ``__post_init__``, declared by field name; each failure is a
-    ``ConfigError`` naming ``<Class>.<field>``, what was expected and what was given.
+    ``ConfigError`` naming ``<where>.<field>`` (``where``: the config's YAML section such as ``train``, else
+    its class name), what was expected and what was given.
 
-    ``positive_ints`` >= 1; ``counts`` >= 0; ``optional_positive_ints`` >= 1 or None; ``positive_numbers`` > 0
-    and ``nonnegative_numbers`` >= 0 (finite ints or floats); ``fractions`` in [0, 1); ``flags`` booleans;
-    ``words`` non-empty strings; ``choices`` field -> accepted values."""
-    where = type(config).__name__
+    ``positive_ints`` >= 1; ``counts`` >= 0; ``optional_positive_ints`` >= 1 or None; ``optional_counts`` >= 0
+    or None; ``int_ranges`` field -> (min, max) integers in [min, max] (max None: no upper bound);
+    ``positive_numbers`` > 0 and ``nonnegative_numbers`` >= 0 (finite ints or floats); ``fractions`` in
+    [0, 1); ``flags`` booleans; ``words`` non-empty strings; ``choices`` field -> accepted values."""
+    where = where or type(config).__name__
 
-    def fail(name: str, expected: str) -> None:
-        raise ConfigError(f"{where}.{name} must be {expected}, got {getattr(config, name)!r}")
+    def fail(name: str, expected: str, numeric: bool = False) -> None:
+        value = getattr(config, name)
+        error = _NotANumberError if numeric and not isinstance(value, numbers.Real) else ConfigError
+        raise error(f"{where}.{name} must be {expected}, got {value!r}")
 
     def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     def is_number(value: Any) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
     for name in positive_ints:
         if not (is_int(getattr(config, name)) and getattr(config, name) >= 1):
-            fail(name, "a positive integer")
+            fail(name, "a positive integer", numeric=True)
     for name in counts:
         if not (is_int(getattr(config, name)) and getattr(config, name) >= 0):
-            fail(name, "an integer >= 0")
+            fail(name, "an integer >= 0", numeric=True)
     for name in optional_positive_ints:
         value = getattr(config, name)
         if value is not None and not (is_int(value) and value >= 1):
-            fail(name, "a positive integer or None")
+            fail(name, "a positive integer or None", numeric=True)
+    for name in optional_counts:
+        value = getattr(config, name)
+        if value is not None and not (is_int(value) and value >= 0):
+            fail(name, "an integer >= 0 or None", numeric=True)
+    for name, (low, high) in (int_ranges or {}).items():
+        value = getattr(config, name)
+        if not (is_int(value) and value >= low and (high is None or value <= high)):
+            fail(name, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]", True)
     for name in positive_numbers:
         if not (is_number(getattr(config, name)) and getattr(config, name) > 0):
-            fail(name, "a finite number > 0")
+            fail(name, "a finite number > 0", numeric=True)
     for name in nonnegative_numbers:
         if not (is_number(getattr(config, name)) and getattr(config, name) >= 0):
-            fail(name, "a finite number >= 0")
+            fail(name, "a finite number >= 0", numeric=True)
     for name in fractions:
         if not (is_number(getattr(config, name)) and 0 <= getattr(config, name) < 1):
-            fail(name, "in [0, 1)")
+            fail(name, "in [0, 1)", numeric=True)
     for name in flags:
         if not isinstance(getattr(config, name), bool):
             fail(name, "true or false")
@@ -193,16 +216,58 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], where: str =
             value = yaml.load(raw, Loader=_YAML12Loader)  # noqa: S506 - safe loader
         except yaml.YAMLError as e:
             raise ConfigError(f"{where} {item!r}: the value is not valid YAML ({e})") from None
-        node = out
-        for depth, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"{where} {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section"
-                )
-            node = child
-        node[keys[-1]] = value
+        _set_path(out, keys, value, f"{where} {item!r}")
     return out
+
+
+def set_values(data: dict[str, Any], values: Mapping[str, Any], where: str = "flags") -> dict[str, Any]:
+    """``data`` with each dotted key of ``values`` set (``{"train.lr": 0.02}``); ``None`` values (a command's
+    flags left unset) keep the file's or default value. How a CLI merges its own flags into its config,
+    before ``apply_overrides`` applies its ``--set`` items."""
+    out = copy.deepcopy(data)
+    for path, value in values.items():
+        if value is not None:
+            _set_path(out, path.split("."), value, f"{where} {path}")
+    return out
+
+
+def read_config(
+    path: str | Path | None, flags: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A command's config mapping: the YAML file ``path`` (or empty), its own flags (dotted key -> value,
+    ``None`` = unset, see ``set_values``), then its ``--set`` items (``apply_overrides``); later ones win."""
+    return merge_cli_values(load_yaml(path) if path is not None else {}, flags or {}, overrides)
+
+
+def merge_cli_values(
+    data: dict[str, Any], flags: Mapping[str, Any], overrides: Sequence[str]
+) -> dict[str, Any]:
+    """``data`` (a config mapping) with a command's own flags set (``set_values``), then its ``--set`` items
+    applied (``apply_overrides``)."""
+    return apply_overrides(set_values(data, flags), overrides)
+
+
+def add_set_argument(parser: Any, example: str) -> None:
+    """The ``--set KEY.PATH=VALUE`` option (repeatable) every command with a config has, read by
+    ``apply_overrides``; ``example`` is one override shown in the help."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help=f"override any config key, value read as YAML (repeatable): --set {example}",
+    )
+
+
+def _set_path(node: dict[str, Any], keys: Sequence[str], value: Any, where: str) -> None:
+    """Set ``node[k0][k1]...[kn] = value``, creating missing mappings; a value where a mapping belongs is a
+    ``ConfigError``."""
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
 
 
 def choice(enum_cls: type[enum.Enum], value: Any, where: str) -> enum.Enum:
