@@ -120,3 +120,14 @@ def test_shared_ml100k_recbole(ml100k_recbole, fx):
     ]
     assert {"age", "gender", "occupation", "zip_code"} <= set(ds.users.columns)
     assert (ds.hints["price_level"] == "unknown").all() and (ds.hints["favourite_category"] != "").all()
+
+
+def test_set_overrides_prepare_after_the_flags_and_a_bad_section_exits_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["prepare", "--source", "synthetic", "--num-users", "60", "--num-items", "24", "--out", str(out)]
+    assert main([*args, "--set", "source_options.num_users=40", "--set", "prepare.split=time"]) == 0
+    ds = Dataset.load(out)
+    assert ds.num_users <= 40 and ds.split("train")["timestamp"].max() <= ds.split("test")["timestamp"].min()
+    assert main([*args, "--out", str(tmp_path / "b"), "--set", "train.lr=1"]) == 2
+    assert "unknown section(s) ['train']" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "data").exists()

@@ -93,7 +93,7 @@ def test_rerun_skips_finished_cells(tiny_experiment):
         ({"source": "netflix"}, "netflix"),
         ({"trainer_search": {"grid": {"momentum": [0.9]}}}, "momentum"),
         ({"trainer_search": {"grid": {"lr": []}}}, "trainer_search.grid.lr"),
-        ({"trainer_search": {"grid": {"lr": [-1.0]}}}, "lr must be a positive"),
+        ({"trainer_search": {"grid": {"lr": [-1.0]}}}, "TrainerConfig.lr must be a finite number > 0"),
     ],
 )
 def test_bad_config_fails_naming_the_key(data, match):

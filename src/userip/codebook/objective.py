@@ -26,6 +26,7 @@ from torch import nn
 from userip.codebook.config import QuantizationConfig
 from userip.codebook.quantizer import MultiProfileQuantizer
 from userip.codebook.surrogate import SurrogateRecommender
+from userip.data.ids import IdIndex
 from userip.data.schema import Dataset
 
 
@@ -77,8 +78,8 @@ def encode_user_features(users: pd.DataFrame) -> tuple[np.ndarray, tuple[int, ..
     ids, sizes = [], []
     for col in columns:
         values = users[col].astype("string").fillna("")
-        vocab = {v: i + 1 for i, v in enumerate(sorted(set(values) - {""}))}
-        ids.append(values.map(lambda v, vocab=vocab: vocab.get(v, 0)).to_numpy(np.int64))
+        vocab = IdIndex(sorted(set(values) - {""}), first_row=1, missing=0)  # "" (missing) -> 0
+        ids.append(vocab.encode(values.to_numpy(dtype=object)))
         sizes.append(len(vocab) + 1)
     if not ids:
         return np.zeros((len(users), 0), dtype=np.int64), ()

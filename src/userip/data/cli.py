@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 from userip.data.prepare import SOURCES, prepare_to_run_dir, source_options_class, statistics_table
 from userip.data.preprocess import PrepareConfig, SplitMode
-from userip.data.schema import DatasetError
-from userip.utils.config import ConfigError, from_dict, load_yaml
+from userip.utils.config import ConfigError, add_set_argument, apply_overrides, from_dict, load_yaml
 from userip.utils.logging import setup_logging
 from userip.utils.run_layout import RunLayout
 
@@ -56,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="implicit sources: sampled negatives (label 0) per observed interaction (required there)",
     )
+    add_set_argument(parser, "prepare.min_user_interactions=5")
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfig]:
@@ -88,6 +87,12 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
         prepare_dict["label_threshold"] = args.label_threshold
     if args.negatives_per_positive is not None:
         prepare_dict["negatives_per_positive"] = args.negatives_per_positive
+    # --set goes last, as in every command with a config (file, then flags, then --set).
+    merged = apply_overrides({"source_options": options, "prepare": prepare_dict}, args.set)
+    unknown = sorted(set(merged) - {"source_options", "prepare"})
+    if unknown:
+        raise ConfigError(f"--set: unknown section(s) {unknown}; accepted: ['prepare', 'source_options']")
+    options, prepare_dict = merged["source_options"], merged["prepare"]  # the source checks its options
     config = from_dict(PrepareConfig, prepare_dict, where="prepare")
     return source, options, config
 
@@ -95,13 +100,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     setup_logging(RunLayout(out).logs / "prepare.log")
-    try:
-        source, options, config = resolve(args)
-        dataset = prepare_to_run_dir(out, source, options, config, show_progress=True)
-    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as e:
-        log.error("prepare failed: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    source, options, config = resolve(args)  # errors are reported by userip.cli.main: one line, exit 2
+    dataset = prepare_to_run_dir(out, source, options, config, show_progress=True)
     print(f"Prepared {source} dataset (content hash {dataset.content_hash}) in {out / 'data'}\n")
     print(statistics_table(dataset.statistics()))
     return 0

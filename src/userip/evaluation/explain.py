@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from userip.data.ids import IdIndex
 from userip.utils.run_layout import RunLayout
 
 
@@ -52,11 +53,11 @@ def select_users(
     """Internal ids of ``raw_user_ids``, or of the first ``limit`` users with trained soft tokens."""
     if raw_user_ids is None:
         return np.flatnonzero(trained.numpy())[:limit]
-    index = {r: i for i, r in enumerate(dataset.users["raw_user_id"].astype(str))}
+    index = IdIndex(dataset.users["raw_user_id"].astype(str))
     missing = [r for r in raw_user_ids if str(r) not in index]
     if missing:
         raise KeyError(f"unknown user(s) {missing[:5]} (not in {RunLayout(run_dir).data})")
-    return np.array([index[str(r)] for r in raw_user_ids], dtype=np.int64)
+    return index.rows([str(r) for r in raw_user_ids], len(raw_user_ids))
 
 
 def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, k: int = 5, limit: int = 10):

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from userip.codebook.objective import InteractionSampler, JointObjective
+from userip.data.ids import IdIndex
 from userip.data.schema import Dataset
 from userip.feature_bank import KIND_CONTINUOUS, UNKNOWN_CODE, FeatureBank, FeatureBankError
 from userip.profile.model import ProfileModel, SoftTokenConfig, initial_soft_token_table
@@ -99,7 +100,7 @@ def new_users_from_frame(
         raise ValueError(
             f"{where}: no new user with an interaction on a known item ({len(skipped)} known skipped)"
         )
-    uid_of = {r: i for i, r in enumerate(raw_new)}
+    uid_of = IdIndex(raw_new).row_of  # the new users' own ids, in first-appearance order
     rating = frame["rating"].astype(np.float32) if "rating" in frame else pd.Series(np.nan, index=frame.index)
     label = frame["label"].astype(np.int8) if "label" in frame else (rating > 3.0).astype(np.int8)
     interactions = pd.DataFrame(
