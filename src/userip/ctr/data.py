@@ -23,22 +23,15 @@ import torch
 from userip.ctr.encoding import FeatureEncoder, Vocabulary
 from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, FieldSource
 from userip.data.schema import SPLITS, Dataset
-from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, ProfileBank, ctr_field_index
+from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, ProfileBank, check_bank_dataset, ctr_field_index
+from userip.feature_bank import BankMismatchError as BankMismatchError  # re-exported: CTR's import path
 
 USER_COLUMN = 0  # user_id is always field 0 of x_ids (the trainer's user-id dropout relies on it)
 
 
-class BankMismatchError(ValueError):
-    """The feature bank was built from another dataset than the one being trained on."""
-
-
 def check_bank_matches(bank: ProfileBank, dataset: Dataset) -> None:
-    """Refuse a bank whose recorded dataset hash differs from the dataset's content hash."""
-    if bank.dataset_hash != dataset.content_hash:
-        raise BankMismatchError(
-            f"feature bank (version {bank.version!r}) was built from dataset {bank.dataset_hash!r}, but this "
-            f"dataset's content hash is {dataset.content_hash!r}; rerun `userip profile` on this dataset"
-        )
+    """Refuse a bank built from another dataset than ``dataset`` (``BankMismatchError``)."""
+    check_bank_dataset(bank, dataset.content_hash)
 
 
 @dataclasses.dataclass(frozen=True)

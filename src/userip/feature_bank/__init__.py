@@ -7,9 +7,11 @@
 from userip.feature_bank.base import (
     UNKNOWN_CODE,
     BankIdentity,
+    BankMismatchError,
     FeatureBankError,
     ProfileBank,
     ProfileLookup,
+    check_bank_dataset,
     ctr_field_index,
 )
 from userip.feature_bank.embedded import KIND_CODES, KIND_CONTINUOUS, FeatureBank
@@ -19,9 +21,11 @@ __all__ = [
     "KIND_CONTINUOUS",
     "UNKNOWN_CODE",
     "BankIdentity",
+    "BankMismatchError",
     "FeatureBank",
     "FeatureBankError",
     "ProfileBank",
     "ProfileLookup",
+    "check_bank_dataset",
     "ctr_field_index",
 ]

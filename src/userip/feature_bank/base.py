@@ -22,6 +22,10 @@ class FeatureBankError(ValueError):
     """A bank file is missing, corrupt, truncated, inconsistent, or built from another dataset."""
 
 
+class BankMismatchError(FeatureBankError):
+    """The feature bank was built from another dataset than the one in use."""
+
+
 @runtime_checkable
 class BankIdentity(Protocol):
     """What every bank says of itself: its profiles, their codebook sizes, its dataset and version."""
@@ -55,3 +59,13 @@ class ProfileBank(BankIdentity, Protocol):
 def ctr_field_index(codes: np.ndarray) -> np.ndarray:
     """Bank codes (..., P) -> CTR field indices: ``code + 1``, so ``UNKNOWN_CODE`` maps to 0."""
     return np.asarray(codes, dtype=np.int64) + 1
+
+
+def check_bank_dataset(bank: BankIdentity, dataset_hash: str) -> None:
+    """Refuse a bank whose recorded dataset content hash differs from ``dataset_hash`` (the one check,
+    whoever reads the bank: CTR training, the bank loader, serving)."""
+    if bank.dataset_hash != dataset_hash:
+        raise BankMismatchError(
+            f"feature bank (version {bank.version!r}) was built from dataset {bank.dataset_hash!r}, but the "
+            f"dataset in use has content hash {dataset_hash!r}; rerun `userip profile` on this dataset"
+        )

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from userip.data.ids import IdIndex
-from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError
+from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError, check_bank_dataset
 from userip.utils.io import atomic_write_json, atomic_write_with, read_json, sha256_file
 
 FORMAT_VERSION = 1
@@ -300,12 +300,8 @@ class FeatureBank:
         return source
 
     def check_dataset(self, dataset_hash: str) -> None:
-        """Refuse a bank built from another dataset (content hashes differ)."""
-        if self.dataset_hash != dataset_hash:
-            raise FeatureBankError(
-                f"feature bank {self.version} was built from dataset {self.dataset_hash!r}, but the "
-                f"dataset in use has content hash {dataset_hash!r}; rerun `userip profile` on this dataset"
-            )
+        """Refuse a bank built from another dataset (content hashes differ): ``BankMismatchError``."""
+        check_bank_dataset(self, dataset_hash)
 
     # ------------------------------------------------------------------ persistence
     def write(self, bank_dir: str | os.PathLike[str], keep_versions: int = 3) -> Path:
