@@ -106,11 +106,3 @@ def movie_dataset() -> Dataset:
 @pytest.fixture(scope="session")
 def tiny_lm(movie_dataset) -> TextLM:
     return make_tiny_lm(movie_dataset)
-
-
-@pytest.fixture
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -14,15 +14,6 @@ from userip.ctr.features import FeatureMap, Field, FieldSource
 VOCAB_SIZES = (9, 9, 6, 6)
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny models run fastest on one intra-op thread (and several test processes may share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def feature_map() -> FeatureMap:
     sources = (FieldSource.USER, FieldSource.ITEM, FieldSource.PROFILE, FieldSource.CONTEXT)

@@ -66,7 +66,7 @@ from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, Field
 from userip.ctr.recipe import CTRResult, score_test
 from userip.ctr.trainer import DEFAULT_EVAL_BATCH, EpochRecord, FitResult, predict_probs
 from userip.data.schema import SPLITS, Dataset
-from userip.evaluation.metrics import auc, logloss
+from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields, to_dict
 from userip.utils.io import atomic_write_json
@@ -430,9 +430,7 @@ def _batch_widths(lengths: np.ndarray, batch_size: int) -> np.ndarray:
 def _evaluate(
     model: nn.Module, split: SplitTensors, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    probs = predict_probs(model, split.x_ids, batch_size, device)
-    labels = split.labels.numpy()
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+    return ctr_metrics(split.labels.numpy(), predict_probs(model, split.x_ids, batch_size, device))
 
 
 def train_pepler(

@@ -66,7 +66,7 @@ from userip.ctr.data import build_ctr_data
 from userip.ctr.recipe import CTRResult
 from userip.ctr.trainer import EpochRecord, FitResult
 from userip.data.schema import HISTORY_SPLIT, Dataset
-from userip.evaluation.metrics import auc, logloss
+from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields, to_dict
 from userip.utils.io import atomic_write_json
@@ -582,10 +582,6 @@ def _sample(rng: np.random.Generator, positions: np.ndarray, limit: int | None) 
     return positions[np.sort(rng.choice(len(positions), size=limit, replace=False))]
 
 
-def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
-
-
 def _train_epoch(
     model: ReLLaModel,
     token_ids: list[list[int]],
@@ -692,7 +688,7 @@ def train_rella(
         if config.zero_shot:
             fit = FitResult(0, None, False, [EpochRecord(0, None, 0.0, 0.0)])
             if len(valid_rows):
-                valid_metrics = _metrics(valid_labels, score(valid_batches)[0])
+                valid_metrics = ctr_metrics(valid_labels, score(valid_batches)[0])
                 fit.history[0].valid_auc = valid_metrics["auc"]
                 fit.history[0].valid_logloss = valid_metrics["logloss"]
                 fit.best_valid_auc = valid_metrics["auc"]
@@ -711,7 +707,7 @@ def train_rella(
         with_profiles=False,
         seed=seed,
         valid=valid_metrics,
-        test=_metrics(test_labels, test_probs),
+        test=ctr_metrics(test_labels, test_probs),
         test_labels=test_labels,
         test_probs=test_probs.astype(np.float32),
         fit=fit,
@@ -799,7 +795,7 @@ def _fine_tune(
             best_epoch, best_state = epoch, model.adapter_state()
             say("ReLLa epoch %d: train loss %.5f", epoch, train_loss)
             continue
-        metrics = _metrics(valid_labels, score(valid_batches)[0])
+        metrics = ctr_metrics(valid_labels, score(valid_batches)[0])
         record.valid_auc, record.valid_logloss = metrics["auc"], metrics["logloss"]
         improved = metrics["auc"] > best_auc
         mark = " *" if improved else ""

@@ -16,11 +16,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from userip.baselines.kar import KARConfig, KnowledgeMode, train_kar
-from userip.baselines.llm_text import OfflineCost, TextLM
-from userip.baselines.pepler import PEPLERConfig, train_pepler
-from userip.baselines.rella import ReLLaConfig, train_rella
-from userip.ctr.recipe import CTRResult
+from userip.baselines.kar import KARConfig, KARResult, KnowledgeMode, train_kar
+from userip.baselines.llm_text import TextLM
+from userip.baselines.pepler import PEPLERConfig, PEPLERResult, train_pepler
+from userip.baselines.rella import ReLLaConfig, ReLLaResult, train_rella
 from userip.ctr.trainer import TrainerConfig
 from userip.data.schema import Dataset
 from userip.utils.config import to_dict
@@ -102,12 +101,6 @@ def changes_lm(row: str, configs: BaselineConfigs) -> bool:
     return isinstance(config, PEPLERConfig) and config.train_lm
 
 
-@dataclasses.dataclass
-class RowResult:
-    result: CTRResult
-    offline_cost: OfflineCost
-
-
 def train_row(
     row: str,
     dataset: Dataset,
@@ -119,8 +112,9 @@ def train_row(
     model_config: Mapping[str, Any],
     cache_dir: str | os.PathLike[str],
     progress: bool = False,
-) -> RowResult:
-    """Train and test one seed of row ``row`` (validation-only selection inside each baseline)."""
+) -> KARResult | PEPLERResult | ReLLaResult:
+    """Train and test one seed of row ``row`` (validation-only selection inside each baseline); the result
+    is a ``CTRResult`` with the row's ``offline_cost``."""
     config = row_config(row, configs)
     trainers: dict[BaselineKind, Callable[[], Any]] = {
         BaselineKind.KAR: lambda: train_kar(
@@ -138,5 +132,4 @@ def train_row(
             dataset, lm, config, seed, cache_dir=cache_dir, progress=progress
         ),
     }
-    result = trainers[BASELINE_ROWS[row].kind]()
-    return RowResult(result, result.offline_cost)
+    return trainers[BASELINE_ROWS[row].kind]()

@@ -24,7 +24,7 @@ from userip.ctr.extend import extend_model
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, predict_probs
 from userip.data.schema import Dataset
-from userip.evaluation.metrics import auc, logloss
+from userip.evaluation.metrics import ctr_metrics
 from userip.utils.config import to_dict
 from userip.utils.io import atomic_write_json
 from userip.utils.logging import get_logger
@@ -86,7 +86,7 @@ def score_test(model: nn.Module, split: SplitTensors, batch_size: int, device: A
     samples_per_s = len(split) / max(time.perf_counter() - start, 1e-9)
     labels = split.labels.numpy()
     return {
-        "test": {"auc": auc(labels, probs), "logloss": logloss(labels, probs)},
+        "test": ctr_metrics(labels, probs),
         "test_labels": labels,
         "test_probs": probs,
         "test_inference_samples_per_s": samples_per_s,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from userip.ctr.data import USER_COLUMN, SplitTensors
 from userip.ctr.features import UNKNOWN_INDEX
-from userip.evaluation.metrics import auc, logloss
+from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields
 from userip.utils.logging import get_logger
@@ -306,8 +306,7 @@ class Trainer:
 
     def evaluate(self, split: SplitTensors) -> dict[str, float]:
         probs = self.predict(split.x_ids)
-        labels = split.labels.numpy()
-        return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+        return ctr_metrics(split.labels.numpy(), probs)
 
 
 def predict_probs(

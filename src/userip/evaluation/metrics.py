@@ -55,6 +55,11 @@ def logloss(labels: ArrayLike, probs: ArrayLike, eps: float = DEFAULT_EPS) -> fl
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
+def ctr_metrics(labels: ArrayLike, probs: ArrayLike) -> dict[str, float]:
+    """``{"auc", "logloss"}`` of one split's predictions: what every table and checkpoint choice reads."""
+    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+
+
 def rela_impr_auc(auc_value: float, base_auc: float) -> float:
     """Paper's RelaImpr on AUC: (AUC - 0.5) / (AUC_base - 0.5) - 1 (gain over random guessing, relative)."""
     if base_auc == 0.5:

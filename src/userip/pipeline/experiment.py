@@ -376,7 +376,7 @@ class Experiment:
 
         cfg = self.config
         start = time.perf_counter()
-        row = train_row(
+        result = train_row(
             cell.variant,
             self.dataset,
             self._text_lm(cell.variant),
@@ -389,10 +389,10 @@ class Experiment:
         cost_path = self.out / "llm_baseline_cost.json"
         costs = read_json(cost_path) if cost_path.exists() else {}
         costs.setdefault(cell.variant, {"lm": cfg.llm_baseline_lm})[f"seed{cell.seed}"] = (
-            row.offline_cost.to_dict()
+            result.offline_cost.to_dict()
         )
         atomic_write_json(cost_path, costs)
-        return _write_cell(path, cell.model, cell.variant, cell.seed, row.result, time.perf_counter() - start)
+        return _write_cell(path, cell.model, cell.variant, cell.seed, result, time.perf_counter() - start)
 
     def _text_lm(self, variant: str) -> Any:
         """The LM of an LLM baseline row, loaded once per (dtype, device); a row that trains the LM's own
@@ -401,13 +401,14 @@ class Experiment:
 
         cfg = self.config
         placement = lm_placement(variant, cfg.baseline_configs)
-        if placement in self._text_lms and not changes_lm(variant, cfg.baseline_configs):
+        shared = not changes_lm(variant, cfg.baseline_configs)
+        if shared and placement in self._text_lms:
             return self._text_lms[placement]
         spec = cfg.llm_baseline_lm
         if spec == cfg.profile.lm.name_or_path:  # the profile stage's own LM: load it, do not rebuild it
             spec = reopen_profile(self.run_dir, self.dataset).lm_path
         lm = load_text_lm(spec, dataset=self.dataset, dtype=placement[0], device=placement[1])
-        if not changes_lm(variant, cfg.baseline_configs):
+        if shared:
             self._text_lms[placement] = lm
         return lm
 
@@ -425,13 +426,13 @@ class Experiment:
         log.info("trainer search: %d cells (%d already finished)", len(searched), done)
         self.select_trainers()
         cells = self.cells()
-        done = sum(self.cell_path(c, self.trainer_for(c)).exists() for c in cells)
-        log.info("%d cells (%d already finished)", len(cells), done)
+        finished = {c for c in cells if self.cell_path(c, self.trainer_for(c)).exists()}
+        log.info("%d cells (%d already finished)", len(cells), len(finished))
         if self.finished_only:
-            missing = [c for c in cells if not self.cell_path(c, self.trainer_for(c)).exists()]
-            for c in missing:
-                log.warning("finished_only: no cell %s (left out of the tables)", c.key)
-            cells = [c for c in cells if c not in missing]
+            for c in cells:
+                if c not in finished:
+                    log.warning("finished_only: no cell %s (left out of the tables)", c.key)
+            cells = [c for c in cells if c in finished]
         records = []
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):
             records.append(self.run_cell(cell, self.trainer_for(cell)))
