@@ -96,7 +96,7 @@ def results_table(valid: dict[str, float] | None, test: dict[str, float]) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    from userip.ctr.models import model_section
+    from userip.ctr.models import check_model_config, model_section
     from userip.ctr.recipe import output_name, train_ctr  # heavy imports only when the command runs
     from userip.ctr.trainer import TrainerConfig
     from userip.utils.distributed import distributed_requested, rank_log_file
@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--set: unknown section(s) {unknown}; accepted: {list(_SECTIONS)}")
     where = f"{args.model_config}:trainer" if args.model_config else "trainer options"
     config = from_dict(TrainerConfig, data["trainer"], where)
+    check_model_config(args.model, data["model"], str(args.model_config or "model options"))
     options = {
         "with_profiles": args.with_profiles,
         "bank": args.bank,

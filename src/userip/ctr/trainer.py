@@ -80,17 +80,12 @@ class TrainerConfig:
             positive_numbers=("lr",),
             nonnegative_numbers=("min_delta", "weight_decay", "embedding_weight_decay"),
             fractions=("user_id_dropout",),
+            devices=("device",),
         )
         if not isinstance(self.min_epochs, int) or not 0 <= self.min_epochs <= self.max_epochs:
             raise ConfigError(
                 f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r}"
             )
-        try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"TrainerConfig.device {self.device!r} is not a valid torch device: {e}"
-            ) from None
 
 
 @dataclasses.dataclass

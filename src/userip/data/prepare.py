@@ -21,7 +21,7 @@ from userip.data.sources.nete import NeteConfig, load_nete
 from userip.data.sources.synthetic import SyntheticConfig, generate_synthetic
 from userip.data.sources.tabular import TabularConfig, load_tabular
 from userip.data.sources.yelp import YelpConfig, load_yelp
-from userip.utils.config import from_dict, to_dict
+from userip.utils.config import ConfigError, from_dict, to_dict
 from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,28 @@ SOURCES: dict[str, Source] = {
 
 def source_options_class(source: str) -> type:
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; expected one of {sorted(SOURCES)}")
+        raise ConfigError(f"unknown source {source!r}; expected one of {sorted(SOURCES)}")
     return SOURCES[source].config_cls
+
+
+def check_source_options(source: str, options: Any, where: str = "source_options") -> Any:
+    """``options`` validated as source ``source``'s options (its config dataclass): a mapping whose keys are
+    that class's fields; anything else (a list, an unknown key, a wrong type) is a ``ConfigError`` naming
+    ``where`` and the source."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ConfigError(
+            f"{where}: expected a mapping of {source}'s options (key: value), got {type(options).__name__} "
+            f"{options!r}"
+        )
+    return from_dict(source_options_class(source), options, where=f"{where} ({source})")
 
 
 def load_source(source: str, options: dict[str, Any] | None = None) -> tuple[RawData, Any]:
     """Validate ``options`` against the source's config class and run its loader."""
-    spec = SOURCES.get(source)
-    if spec is None:
-        raise ValueError(f"unknown source {source!r}; expected one of {sorted(SOURCES)}")
-    cfg = from_dict(spec.config_cls, options or {}, where=f"source options ({source})")
-    return spec.load(cfg), cfg
+    cfg = check_source_options(source, options)
+    return SOURCES[source].load(cfg), cfg
 
 
 def prepare(

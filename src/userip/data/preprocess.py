@@ -142,6 +142,7 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         np.float64
     )
 
+    labels_from_ratings = False  # labels = rating > prepare.label_threshold (named if one class)
     if raw.implicit:
         if cfg.negatives_per_positive < 1:
             raise ConfigError(
@@ -164,6 +165,7 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
                 f"{source}: {int(np.isnan(ratings).sum())} interaction(s) have no rating to label"
             )
         labels = (ratings > cfg.label_threshold).astype(np.int8)
+        labels_from_ratings = True
 
     keep = np.ones(n, dtype=bool)
     if cfg.split is SplitMode.SOURCE:
@@ -278,6 +280,8 @@ def build_dataset(raw: RawData, cfg: PrepareConfig, source: str, source_config: 
         )  # fmt: skip
         negatives_report = {"implicit": {"positional": raw.positional, "num_negatives": int(negatives.size)}}
 
+    _check_both_labels(interactions, ratings[rows], cfg, source, thresholded=labels_from_ratings)
+
     raw_user_ids = np.asarray(user_keys)[kept_users].astype(str)
     raw_item_ids = np.asarray(item_keys)[kept_items].astype(str)
     items = _items_table(raw, raw_item_ids)
@@ -359,3 +363,24 @@ def _truth_table(raw: RawData, raw_user_ids: np.ndarray, source: str) -> pd.Data
     for column in profiles:
         out[column] = truth[column].to_numpy(np.int64)
     return out
+
+
+def _check_both_labels(
+    interactions: pd.DataFrame, ratings: np.ndarray, cfg: PrepareConfig, source: str, thresholded: bool
+) -> None:
+    """A CTR data set needs clicks and non-clicks: one with a single label class (every rating on one side
+    of ``label_threshold``, or a source without negatives) trains nothing and has no AUC, so it is refused
+    instead of written."""
+    classes = np.unique(interactions["label"].to_numpy())
+    if len(classes) > 1:
+        return
+    only = int(classes[0]) if len(classes) else None
+    if thresholded:
+        raise DataLoadError(
+            f"{source}: prepare.label_threshold={cfg.label_threshold} makes every label {only} (ratings range "
+            f"{np.nanmin(ratings):g}..{np.nanmax(ratings):g}; label = rating > label_threshold): choose a "
+            "threshold inside the ratings' range"
+        )
+    raise DataLoadError(
+        f"{source}: every interaction has label {only}; a CTR data set needs both 0 and 1 labels"
+    )

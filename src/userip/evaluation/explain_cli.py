@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from userip.utils.config import ConfigError
+from userip.utils.config import ConfigError, positive_int_flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,10 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", help="comma-separated raw user ids (default: the first --limit users)")
     parser.add_argument(
         "--limit",
-        type=int,
+        type=positive_int_flag,
         help="users shown when --users is not given (default 10; 7 with --attention, as in Fig. 7)",
     )
-    parser.add_argument("-k", type=int, default=5, help="nearest words per profile")
+    parser.add_argument("-k", type=positive_int_flag, default=5, help="nearest words per profile")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument(
         "--attention",

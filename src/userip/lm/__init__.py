@@ -30,8 +30,8 @@ from userip.lm.offline import (
     load_or_pretrain,
     pretrain_offline_lm,
     read_lm_manifest,
-    resolve_lm,
 )
+from userip.lm.resolve import resolve_lm
 from userip.lm.tokenizer import TokenizerModel, build_tokenizer, unknown_words
 
 __all__ = [

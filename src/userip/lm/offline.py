@@ -43,7 +43,6 @@ from userip.lm.offline_config import (
     SlotHintMode,
 )
 from userip.lm.pretrain import PretrainResult, build_model, build_model_config, pretrain_model
-from userip.lm.resolve import looks_like_local_path, resolve_lm
 from userip.lm.texts import (
     build_dataset_tokenizer,
     pretraining_examples,
@@ -60,8 +59,8 @@ from userip.utils.run_layout import RunLayout
 from userip.utils.seed import seed_everything
 
 # The offline LM is split by concern: its config (offline_config), texts and examples (texts), model and
-# pre-training loop (pretrain), the --lm resolver (resolve); this module is the cache. Their names stay
-# importable from here.
+# pre-training loop (pretrain), the --lm resolver (resolve, which builds on this cache: it imports this
+# module, never the other way round); this module is the cache. Its parts' names stay importable from here.
 __all__ = [
     "FORMAT_VERSION",
     "LM_MANIFEST",
@@ -79,12 +78,10 @@ __all__ = [
     "is_complete_artifact",
     "load_or_build_random",
     "load_or_pretrain",
-    "looks_like_local_path",
     "pretrain_model",
     "pretrain_offline_lm",
     "pretraining_examples",
     "read_lm_manifest",
-    "resolve_lm",
     "short_target_example",
     "slot_words_per_user",
     "tokenizer_texts",

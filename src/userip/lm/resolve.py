@@ -8,6 +8,7 @@ from pathlib import Path
 
 from userip.data.schema import Dataset
 from userip.lm.gguf import SMOLLM2_SPEC, converted_folder, smollm2_gguf_path
+from userip.lm.offline import default_cache_dir, load_or_build_random, load_or_pretrain
 from userip.lm.offline_config import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig
 from userip.prompts import PromptConfig
 from userip.utils.config import ConfigError
@@ -40,7 +41,6 @@ def resolve_lm(
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"--lm: expected 'offline', 'random', a model folder or a hub id; got {spec!r}")
     spec = spec.strip()
-    from userip.lm.offline import default_cache_dir, load_or_build_random, load_or_pretrain  # the cache
 
     if spec == SMOLLM2_SPEC or spec.endswith(".gguf"):
         gguf_path = smollm2_gguf_path() if spec == SMOLLM2_SPEC else Path(spec).expanduser()

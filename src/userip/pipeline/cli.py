@@ -33,11 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``--seeds 0,1,2`` -> [0, 1, 2], with an error naming the flag."""
+    """``--seeds 0,1,2`` -> [0, 1, 2], with an error naming the flag; an empty list is refused (it would
+    leave nothing to train, or silently fall back to the config's seeds)."""
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError(f"--seeds: expected at least one integer (e.g. 0,1,2), got {text!r}")
+    return seeds
 
 
 def build_config(args: argparse.Namespace):

@@ -420,6 +420,11 @@ class Experiment:
                 raise ConfigError(
                     f"rows: {unknown or self.rows} not among this experiment's rows {sorted(every)}"
                 )
+        cells_dir = self.out / "cells"
+        if self.finished_only and not any(cells_dir.glob("*.json")):  # before setup: nothing to table
+            raise ConfigError(
+                f"--finished-only: no finished cells in {cells_dir}; run the experiment (or its --rows) first"
+            )
         self.setup()
         searched = self.search_cells()
         done = sum(self.cell_path(c, t).exists() for c, t in searched)
@@ -433,6 +438,11 @@ class Experiment:
                 if c not in finished:
                     log.warning("finished_only: no cell %s (left out of the tables)", c.key)
             cells = [c for c in cells if c in finished]
+            if not cells:
+                raise ConfigError(
+                    f"--finished-only: none of this experiment's cells is finished in {cells_dir} (the cells "
+                    "there were made with another config)"
+                )
         records = []
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):
             records.append(self.run_cell(cell, self.trainer_for(cell)))

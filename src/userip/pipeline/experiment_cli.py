@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from userip.utils.logging import setup_logging
 
     flags = {
-        "seeds": parse_seeds(args.seeds) if args.seeds else None,
-        "out_dir": str(args.out_dir) if args.out_dir else None,
+        "seeds": parse_seeds(args.seeds) if args.seeds is not None else None,
+        "out_dir": str(args.out_dir) if args.out_dir is not None else None,
     }
     config = from_dict(ExperimentConfig, read_config(args.config, flags, args.set), str(args.config))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None

@@ -14,7 +14,7 @@ from userip.baselines.kar import KARConfig
 from userip.baselines.pepler import PEPLERConfig
 from userip.baselines.rella import ReLLaConfig
 from userip.baselines.rows import BASELINE_ROWS, BaselineConfigs
-from userip.ctr.models import MODELS
+from userip.ctr.models import MODELS, check_model_config
 from userip.ctr.trainer import TrainerConfig
 from userip.data.preprocess import PrepareConfig, SplitMode
 from userip.data.protocols import Protocol, ProtocolConfig
@@ -156,9 +156,13 @@ class ExperimentConfig:
         bad = [m for m in self.model_configs if m.lower() not in MODELS]
         if bad:
             raise ConfigError(f"model_configs: unknown model(s) {bad}; accepted: {sorted(MODELS)}")
+        for model, kwargs in self.model_configs.items():
+            check_model_config(model, kwargs, f"model_configs.{model}")
         bad = [t for t in self.tables if t not in TABLES]
         if bad:
             raise ConfigError(f"tables: unknown {bad}; accepted: {list(TABLES)}")
+        if not self.tables:
+            raise ConfigError(f"tables: at least one table is required; accepted: {list(TABLES)}")
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
         for key in ("hobby_sizes", "background_sizes"):
@@ -171,7 +175,8 @@ class ExperimentConfig:
                 "with; drop warm_start from trainer/trainer_search or table3 from tables"
             )
         # A paired test needs >= 2 seeds; one seed still gives tables (without p-values).
-        PipelineConfig(source=self.source, ctr_model=self.userip_model)  # validates the source name
+        # The source name and its options, by the run's own rule.
+        PipelineConfig(source=self.source, source_options=self.source_options, ctr_model=self.userip_model)
 
     @property
     def output_dir(self) -> Path:

@@ -69,13 +69,17 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
-        from userip.ctr.models import MODELS
-        from userip.data.prepare import SOURCES
+        from userip.ctr.models import MODELS, check_model_config
+        from userip.data.prepare import SOURCES, check_source_options
 
         if self.source not in SOURCES:
             raise ConfigError(f"source: {self.source!r} is not one of {sorted(SOURCES)}")
         if self.ctr_model.lower() not in MODELS:
             raise ConfigError(f"ctr_model: {self.ctr_model!r} is not one of {sorted(MODELS)}")
+        # Every section is checked here, before any work: a bad option must not surface after the data, LM,
+        # profile stage and bank were built.
+        check_source_options(self.source, self.source_options)
+        check_model_config(self.ctr_model, self.ctr_model_config, "ctr_model_config")
 
 
 def stage_prepare(config: PipelineConfig, run_dir: Path, progress: bool = False) -> Dataset:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from userip.lm.resolve import looks_like_local_path
-from userip.utils.config import ConfigError, choice
+from userip.utils.config import check_device, check_fields, choice
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,7 @@ class LMConfig:
     def __post_init__(self) -> None:
         self.dtype = choice(DType, self.dtype, "lm.dtype")  # type: ignore[assignment]
         self.attn_implementation = choice(AttnImpl, self.attn_implementation, "lm.attn_implementation")  # type: ignore[assignment]
-        for key in ("device", "table_device"):
-            value = getattr(self, key)
-            if torch.device(value).type not in ("cpu", "cuda"):
-                raise ConfigError(f"lm.{key}: expected 'cpu' or 'cuda[:N]', got {value!r}")
+        check_fields(self, devices=("device", "table_device"), where="lm")
 
     def resolved_attn(self) -> str:
         if self.attn_implementation is not AttnImpl.AUTO:
@@ -77,8 +74,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load (name/path) or build (config) a causal LM, cast it once to ``dtype``, move it and freeze it."""
     dtype = choice(DType, dtype, "dtype")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    check_device(str(device), "device")
     if isinstance(source, PretrainedConfig):
         try:
             model = AutoModelForCausalLM.from_config(source, attn_implementation=attn_implementation)

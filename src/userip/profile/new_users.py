@@ -59,6 +59,8 @@ def read_new_users(path: str | Path, dataset: Dataset, bank: FeatureBank | None 
         raise FileNotFoundError(f"{path}: new-users file not found")
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
+    elif path.stat().st_size == 0:
+        frame = pd.DataFrame()  # pandas' EmptyDataError would not name the file; the check below does
     else:
         frame = pd.read_csv(path, dtype={"raw_user_id": str, "raw_item_id": str})
     return new_users_from_frame(frame, dataset, bank, where=str(path))
@@ -75,6 +77,11 @@ def new_users_from_frame(
     bank, those whose codes are known (a dataset user without a profile, e.g. one with no training rows, is
     fitted); without one, every dataset user.
     """
+    if frame.empty:
+        raise ValueError(
+            f"{where}: no interactions (an empty file); expected rows of raw_user_id, raw_item_id and rating "
+            "or label"
+        )
     if not {"raw_user_id", "raw_item_id"} <= set(frame.columns) or not {"rating", "label"} & set(
         frame.columns
     ):

@@ -30,7 +30,7 @@ from userip.profile.new_users import infer_new_users, read_new_users, trainer_fi
 from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, run_profile, setup
 from userip.profile.trainer import TrainConfig, TrainResult
 from userip.prompts import PromptConfig
-from userip.utils.config import from_dict, to_dict
+from userip.utils.config import ConfigError, check_device, from_dict, to_dict
 from userip.utils.io import atomic_write_json, read_json, resolve_in_run, run_relative
 from userip.utils.run_layout import STAGE_CONFIG_FILE as STAGE_CONFIG_FILE  # re-exported
 from userip.utils.run_layout import RunLayout
@@ -185,7 +185,27 @@ def read_stage_config(run_dir: str | Path) -> tuple[dict[str, Any], ProfileStage
     stage = read_json(path)
     if not isinstance(stage, dict) or not isinstance(stage.get("lm_path"), str) or "config" not in stage:
         raise ValueError(f"{path}: not a profile stage record (expected keys lm_path and config)")
-    return stage, ProfileStageConfig.from_dict(stage["config"], str(path))
+    return stage, ProfileStageConfig.from_dict(_placed_here(stage["config"], path), str(path))
+
+
+def _placed_here(recorded: Any, path: Path) -> Any:
+    """A recorded stage config with each LM device this machine lacks (a run made on a CUDA machine, opened
+    on a CPU one by ``explain`` or ``--new-users``) moved to the CPU: the record says where the stage ran,
+    not where a later command must run."""
+    lm = recorded.get("lm") if isinstance(recorded, dict) else None
+    if not isinstance(lm, dict):
+        return recorded
+    placed = dict(lm)
+    for key in ("device", "table_device"):
+        value = placed.get(key, "cpu")
+        if not (isinstance(value, str) and value.startswith("cuda")):
+            continue  # cpu, or not a device at all: the config's validation names it
+        try:
+            check_device(value, f"{path}: lm.{key}")
+        except ConfigError as e:
+            log.warning("%s; using the cpu", e)
+            placed[key] = "cpu"
+    return {**recorded, "lm": placed}
 
 
 def stage_lm_path(run_dir: str | Path, stage: dict[str, Any], dataset: Dataset | None = None) -> str:

@@ -49,8 +49,13 @@ class _NotANumberError(ConfigError):
     """``check_fields`` found no number at all (a string, None, a list) where a number belongs."""
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``, checking unknown keys, enum values and nested configs."""
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``, checking unknown keys, enum values and nested configs.
+
+    ``data`` updates ``base`` (default: the class defaults): a key left out keeps ``base``'s value, and a
+    nested section given as a mapping updates the nested config it sits on -- ``base``'s, else the field's
+    own default (a stage's tuned ``default_factory``), never the nested class's bare defaults -- so
+    ``train: {lr: 0.05}`` changes the learning rate and nothing else, at any depth."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -63,10 +68,16 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         )
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    if base is not None:  # every key left out keeps base's value (copied: the new config owns its lists)
+        kwargs = {name: copy.deepcopy(getattr(base, name)) for name in fields}
     type_errors: list[ConfigError] = []
     for name, value in data.items():
         try:
-            kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+            nested_base = _nested_default(fields[name], base, value)
+            if nested_base is not None:
+                kwargs[name] = from_dict(type(nested_base), value, f"{where}.{name}", base=nested_base)
+            else:
+                kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
         except ConfigError as e:
             type_errors.append(e)
             kwargs[name] = value
@@ -87,6 +98,23 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     if type_errors:  # the config's validation let a wrongly typed value through: the type check refuses it
         raise type_errors[0]
     return config
+
+
+def _nested_default(field: dataclasses.Field, base: Any, value: Any) -> Any:
+    """The config a nested section's mapping ``value`` updates: ``base``'s value of ``field`` when ``base``
+    is given, else the field's default; None when either is not a dataclass config (or ``value`` is not a
+    mapping: then the type check names what is wrong)."""
+    if not isinstance(value, dict):
+        return None
+    if base is not None:
+        current = getattr(base, field.name)
+    elif field.default_factory is not dataclasses.MISSING:
+        current = field.default_factory()
+    else:
+        current = field.default
+    if dataclasses.is_dataclass(current) and not isinstance(current, type):
+        return current
+    return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -139,6 +167,7 @@ def check_fields(
     flags: Sequence[str] = (),
     words: Sequence[str] = (),
     choices: Mapping[str, Sequence[str]] | None = None,
+    devices: Sequence[str] = (),
     where: str | None = None,
 ) -> None:
     """The common checks of a config dataclass's ``__post_init__``, declared by field name; each failure is a
@@ -148,7 +177,8 @@ def check_fields(
     ``positive_ints`` >= 1; ``counts`` >= 0; ``optional_positive_ints`` >= 1 or None; ``optional_counts`` >= 0
     or None; ``int_ranges`` field -> (min, max) integers in [min, max] (max None: no upper bound);
     ``positive_numbers`` > 0 and ``nonnegative_numbers`` >= 0 (finite ints or floats); ``fractions`` in
-    [0, 1); ``flags`` booleans; ``words`` non-empty strings; ``choices`` field -> accepted values."""
+    [0, 1); ``flags`` booleans; ``words`` non-empty strings; ``choices`` field -> accepted values;
+    ``devices`` torch devices this machine has (``check_device``)."""
     where = where or type(config).__name__
 
     def fail(name: str, expected: str, numeric: bool = False) -> None:
@@ -199,6 +229,36 @@ def check_fields(
     for name, accepted in (choices or {}).items():
         if getattr(config, name) not in accepted:
             fail(name, f"one of {tuple(accepted)}")
+    for name in devices:
+        check_device(getattr(config, name), f"{where}.{name}")
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(value: Any, where: str) -> None:
+    """The one device rule of every config with a device field: ``value`` must parse as a torch device of a
+    type in ``DEVICE_TYPES`` (``cpu``, ``cuda``, ``cuda:N``), and a CUDA device must exist on this machine;
+    else a ``ConfigError`` naming ``where`` -- before any work, not as a traceback when the model moves."""
+    import torch  # here, not at the top: reading a config does not need torch otherwise
+
+    expected = "'cpu' or 'cuda[:N]'"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be {expected}, got {value!r}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{where} must be {expected}, got {value!r}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(f"{where} must be {expected}, got {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where} is {value!r} but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"{where} is {value!r} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], where: str = "--set") -> dict[str, Any]:
@@ -257,6 +317,20 @@ def add_set_argument(parser: Any, example: str) -> None:
         metavar="KEY.PATH=VALUE",
         help=f"override any config key, value read as YAML (repeatable): --set {example}",
     )
+
+
+def positive_int_flag(text: str) -> int:
+    """argparse ``type=`` of a count flag (``--limit``, ``-k``): a whole number >= 1, else argparse's own
+    error (exit 2, naming the flag), never a silent ``[:-1]`` slice or an empty result."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _set_path(node: dict[str, Any], keys: Sequence[str], value: Any, where: str) -> None:

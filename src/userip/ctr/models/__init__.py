@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from userip.ctr.features import FeatureMap
+from userip.ctr.features import FeatureMap, Field
 from userip.ctr.models.afm import AFM
 from userip.ctr.models.afn import AFN
 from userip.ctr.models.autoint import AutoInt
@@ -61,6 +61,26 @@ def build_model(name: str, feature_map: FeatureMap, **kwargs: Any) -> nn.Module:
     return cls(feature_map, **kwargs)
 
 
+# A small stand-in feature map (a user, an item and two more fields) to build a model on when its config is
+# checked before any data exists.
+_PROBE_FEATURE_MAP = FeatureMap(tuple(Field(f"probe{i}", 4) for i in range(4)))
+
+
+def check_model_config(name: str, kwargs: Any, where: str) -> None:
+    """Refuse a bad model config before any work: ``kwargs`` must be a mapping of model ``name``'s
+    arguments whose values build the model (types and ranges as its constructor checks them). Built once on a
+    tiny stand-in feature map, so a wrong key or value is a ``ConfigError`` naming ``where`` and the model,
+    not a failure after data, LM and bank were built."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{where}: expected a mapping of {name}'s arguments, got {type(kwargs).__name__}")
+    try:
+        build_model(name, _PROBE_FEATURE_MAP, **kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # the constructor's own checks, or a wrong type
+        raise ConfigError(f"{where}: model {name!r} refuses these arguments {kwargs}: {e}") from None
+
+
 def model_section(config: dict[str, Any], name: str) -> dict[str, Any]:
     """Keyword arguments for model ``name`` from a model config mapping.
 
@@ -87,6 +107,7 @@ __all__ = [
     "MODELS",
     "CTRModel",
     "build_model",
+    "check_model_config",
     "model_arguments",
     "model_section",
     *(cls.__name__ for cls in MODELS.values()),

@@ -319,6 +319,29 @@ def as_category_lists(values: pd.Series, separator: str | None = None) -> pd.Ser
     return values.map(convert)
 
 
+def as_int64(numbers: pd.Series, what: str, path: str | Path, first_row: int = 1) -> pd.Series:
+    """Whole numbers read from a file (``pd.to_numeric`` output: int, uint, float or object) as int64. A
+    value outside int64 (2^63 and up, as text or as a float) would wrap to a negative number under a bare
+    ``astype``: it is a ``DataLoadError`` naming ``path``, the row (``first_row``: the file line of row 0)
+    and ``what``."""
+    values = numbers.to_numpy()
+    if values.dtype.kind == "u":
+        outside = values > np.iinfo(np.int64).max
+    elif values.dtype.kind == "f":
+        outside = (values >= 2.0**63) | (values < -(2.0**63))
+    elif values.dtype.kind == "O":
+        outside = np.array([not -(2**63) <= int(v) < 2**63 for v in values], dtype=bool)
+    else:
+        outside = np.zeros(len(values), dtype=bool)
+    if outside.any():
+        row = int(np.flatnonzero(outside)[0])
+        raise DataLoadError(
+            f"{path}: row {row + first_row}: {what} holds {values[row]!r}, outside the 64-bit integer range "
+            f"[-2^63, 2^63)"
+        )
+    return numbers.astype("int64")
+
+
 def to_unix_seconds(dates: pd.Series) -> pd.Series:
     """Parsed datetimes as int64 Unix seconds (0 where missing), whatever their resolution (pandas 3: us)."""
     seconds = (dates - pd.Timestamp(0)) // pd.Timedelta(seconds=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from userip.data.sources.base import DataLoadError, RawData, to_unix_seconds
+from userip.data.sources.base import DataLoadError, RawData, as_int64, to_unix_seconds
 from userip.data.sources.tabular import read_items, read_table, require_column
 from userip.utils.config import ConfigError, choice
 
@@ -79,7 +79,7 @@ def _positions(values: pd.Series, column: str, path: Path) -> pd.Series:
             f"{path}: row {row + 1}: column {column!r} (order_column, order_type position) holds "
             f"{values.iloc[row]!r}, not a non-negative integer"
         )
-    return numbers.astype("int64")
+    return as_int64(numbers, f"column {column!r} (order_column, order_type position)", path)
 
 
 def _timestamps(values: pd.Series, column: str, path: Path) -> pd.Series:
@@ -94,7 +94,7 @@ def _timestamps(values: pd.Series, column: str, path: Path) -> pd.Series:
                 f"{values.iloc[row]!r}, neither seconds nor a date"
             )
         numbers = to_unix_seconds(dates)
-    return numbers.astype("int64")
+    return as_int64(numbers, f"column {column!r} (order_column, order_type timestamp)", path)
 
 
 def load_implicit(cfg: ImplicitConfig) -> RawData:

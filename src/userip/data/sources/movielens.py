@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from userip.data.sources.base import DataLoadError, LoadReport, RawData, read_bytes
+from userip.data.sources.base import DataLoadError, LoadReport, RawData, as_int64, read_bytes
 
 # fmt: off
 ML100K_GENRES = (
@@ -75,7 +75,7 @@ def _ratings(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             "raw_user_id": frame["user"],
             "raw_item_id": frame["item"],
             "rating": rating.astype("float64"),
-            "timestamp": timestamp.astype("int64"),
+            "timestamp": as_int64(timestamp, "timestamp", path),
         }
     )
 
@@ -195,7 +195,9 @@ def load_recbole(cfg: RecBoleConfig) -> RawData:
                 )
             interactions[column] = values.astype("int8" if column == "label" else "float64")
     if "timestamp" in interactions.columns:
-        interactions["timestamp"] = interactions["timestamp"].astype("int64")
+        interactions["timestamp"] = as_int64(
+            interactions["timestamp"], "column 'timestamp'", path, first_row=2
+        )
     if "review" in inter.columns:
         interactions["review"] = inter["review"]
 

@@ -17,6 +17,7 @@ from userip.data.sources.base import (
     DataLoadError,
     RawData,
     as_category_lists,
+    as_int64,
     parse_price,
     require_file,
     to_unix_seconds,
@@ -145,7 +146,7 @@ def load_tabular(cfg: TabularConfig) -> RawData:
                     f"{path}: row {row + 1}: timestamp {values.iloc[row]!r} is neither seconds nor a date"
                 )
             numbers = to_unix_seconds(dates)
-        interactions["timestamp"] = numbers.astype("int64")
+        interactions["timestamp"] = as_int64(numbers, f"timestamp column {cfg.timestamp_column!r}", path)
     if cfg.split_column is not None:
         values = (
             require_column(frame, cfg.split_column, "split_column", path).astype(str).str.strip().str.lower()
