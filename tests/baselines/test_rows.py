@@ -40,7 +40,10 @@ def test_each_row_fixes_its_own_setting_and_keeps_the_rest_of_its_section():
     assert isinstance(row_config("pepler", configs), PEPLERConfig)
 
 
-def test_cell_key_holds_the_rows_section_but_not_where_it_runs():
+def test_cell_key_holds_the_rows_section_but_not_where_it_runs(monkeypatch):
+    # A cuda placement is validated against this machine's devices: pretend one GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     configs = BaselineConfigs()
     on_gpu = BaselineConfigs(pepler=dataclasses.replace(PEPLERConfig(), lm_device="cuda"))
     assert cell_key("pepler", configs, "smollm2") == cell_key("pepler", on_gpu, "smollm2")

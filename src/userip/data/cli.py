@@ -68,7 +68,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
         raise ConfigError("no source: give --source or `source:` in --config")
     options_cls = source_options_class(source)
     accepted = {f.name for f in dataclasses.fields(options_cls)}
-    options = dict(file_cfg.get("source_options") or {})
+    options = dict(_section(file_cfg, "source_options", args.config))
     for key, flag in SOURCE_FLAGS.items():
         value = getattr(args, key)
         if value is None:
@@ -76,7 +76,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
         if key not in accepted:
             raise ConfigError(f"{flag} does not apply to --source {source} (its options: {sorted(accepted)})")
         options[key] = value
-    prepare_dict = dict(file_cfg.get("prepare") or {})
+    prepare_dict = dict(_section(file_cfg, "prepare", args.config))
     if args.seed is not None:
         prepare_dict["seed"] = args.seed
         if "seed" in accepted:
@@ -95,6 +95,16 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], PrepareConfi
     options, prepare_dict = merged["source_options"], merged["prepare"]  # the source checks its options
     config = from_dict(PrepareConfig, prepare_dict, where="prepare")
     return source, options, config
+
+
+def _section(file_cfg: dict[str, Any], key: str, path: Any) -> dict[str, Any]:
+    """The mapping ``key`` of a prepare config (empty when absent); a list or value there is named."""
+    value = file_cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{path}: {key}: expected a mapping (key: value), got {type(value).__name__} {value!r}"
+        )
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -336,7 +336,7 @@ def as_int64(numbers: pd.Series, what: str, path: str | Path, first_row: int = 1
     if outside.any():
         row = int(np.flatnonzero(outside)[0])
         raise DataLoadError(
-            f"{path}: row {row + first_row}: {what} holds {values[row]!r}, outside the 64-bit integer range "
+            f"{path}: row {row + first_row}: {what} holds {values[row]}, outside the 64-bit integer range "
             f"[-2^63, 2^63)"
         )
     return numbers.astype("int64")
