@@ -15,7 +15,8 @@ TINY = {
         "train": {"num_epochs": 1, "batch_size": 16, "progress": False, "checkpoint_every": 0},
         "quantization": {"kmeans_init_samples": 32},
     },
-    "trainer": {"max_epochs": 1},
+    # A partial trainer section updates the run's tuned trainer (min_epochs 20): one epoch needs min_epochs 0.
+    "trainer": {"max_epochs": 1, "min_epochs": 0},
     "seeds": [0],
 }
 

@@ -63,7 +63,7 @@ def test_changed_trainer_retrains_ctr_but_keeps_the_bank(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     bank_mtimes = {p: p.stat().st_mtime_ns for p in (copy / "bank").rglob("*") if p.is_file()}
-    config = tiny_config(copy, trainer={"max_epochs": 2, "patience": 1})
+    config = tiny_config(copy, trainer={"max_epochs": 2, "min_epochs": 0, "patience": 1})
     run_pipeline(config)
     assert {p: p.stat().st_mtime_ns for p in bank_mtimes} == bank_mtimes
     for saved in (copy / "ctr").rglob("config.json"):

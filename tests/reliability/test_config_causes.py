@@ -24,7 +24,7 @@ from userip.cli import build_parser, main
 from userip.pipeline.experiment import ExperimentConfig
 from userip.pipeline.run import PipelineConfig
 from userip.profile.stage import ProfileStageConfig
-from userip.utils.config import from_dict, load_yaml, to_dict
+from userip.utils.config import ConfigError, from_dict, load_yaml, to_dict
 
 ERROR_EXIT = 2
 
@@ -272,8 +272,6 @@ def test_bad_setting_is_a_named_error_before_any_work(
 
 
 def test_a_cuda_index_beyond_this_machine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from userip.utils.config import ConfigError
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert _run_config("--set", "trainer.device=cuda:1").trainer.device == "cuda:1"
@@ -281,3 +279,25 @@ def test_a_cuda_index_beyond_this_machine_is_named(monkeypatch: pytest.MonkeyPat
         _run_config("--set", "trainer.device=cuda:2")
     with pytest.raises(ConfigError, match=r"lm.table_device is 'cuda:5'"):
         _run_config("--set", "profile.lm.table_device=cuda:5")
+
+
+def test_a_run_recorded_on_cuda_opens_on_a_cpu_machine(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device rule refuses a CUDA device this machine lacks in what the user asks for; a finished run's
+    record (made on a GPU machine, explained on a laptop) says where it ran, and opens on the CPU."""
+    from userip.profile.stage import read_stage_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = run_copy / "profile" / "stage_config.json"
+    stage = json.loads(path.read_text())
+    stage["config"]["lm"].update(device="cuda", table_device="cuda:0")
+    path.write_text(json.dumps(stage))
+    caplog.set_level(logging.WARNING)
+    _, config = read_stage_config(run_copy)
+    assert (config.lm.device, config.lm.table_device) == ("cpu", "cpu")
+    assert "lm.device is 'cuda' but CUDA is not available" in caplog.text
+    stage["config"]["lm"]["device"] = "tpu"  # not a device at all: still refused, named
+    path.write_text(json.dumps(stage))
+    with pytest.raises(ConfigError, match=r"lm.device must be 'cpu' or 'cuda\[:N\]', got 'tpu'"):
+        read_stage_config(run_copy)

@@ -84,7 +84,9 @@ class TrainerConfig:
         )
         if not isinstance(self.min_epochs, int) or not 0 <= self.min_epochs <= self.max_epochs:
             raise ConfigError(
-                f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r}"
+                f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r} "
+                f"with max_epochs {self.max_epochs!r} (a trainer section updates its defaults: lowering "
+                "max_epochs may need min_epochs too)"
             )
 
 

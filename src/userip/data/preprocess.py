@@ -377,9 +377,9 @@ def _check_both_labels(
     only = int(classes[0]) if len(classes) else None
     if thresholded:
         raise DataLoadError(
-            f"{source}: prepare.label_threshold={cfg.label_threshold} makes every label {only} (ratings range "
-            f"{np.nanmin(ratings):g}..{np.nanmax(ratings):g}; label = rating > label_threshold): choose a "
-            "threshold inside the ratings' range"
+            f"{source}: prepare.label_threshold={cfg.label_threshold} makes every label {only} (ratings "
+            f"range {np.nanmin(ratings):g}..{np.nanmax(ratings):g}; label = rating > label_threshold): "
+            "choose a threshold inside the ratings' range"
         )
     raise DataLoadError(
         f"{source}: every interaction has label {only}; a CTR data set needs both 0 and 1 labels"
