@@ -27,6 +27,7 @@ from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields
 from userip.utils.logging import get_logger
+from userip.utils.threads import dense_flops_per_row, set_intra_op_threads
 
 log = get_logger(__name__)
 
@@ -69,7 +70,8 @@ class TrainerConfig:
     warm_start: bool = False
     seed: int = 0
     device: str = "cpu"
-    num_threads: int | None = None  # torch.set_num_threads (process-wide) when set
+    # torch.set_num_threads (process-wide); None: userip.utils.threads picks it from the model's size
+    num_threads: int | None = None
     progress: bool = False  # tqdm bar per epoch; library calls stay silent by default
 
     def __post_init__(self) -> None:
@@ -151,8 +153,11 @@ class Trainer:
     ) -> None:
         self.config = config or TrainerConfig()
         self.device = torch.device(self.config.device)
-        if self.config.num_threads is not None:
-            torch.set_num_threads(self.config.num_threads)
+        set_intra_op_threads(
+            self.config.num_threads,
+            dense_flops_per_row(model) * self.config.batch_size,
+            "CTR training",
+        )
         self.model = model.to(self.device)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("model has no trainable parameters")
