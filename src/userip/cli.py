@@ -20,6 +20,8 @@ import sys
 import zlib
 from pathlib import Path
 
+from userip.utils.threads import THREADS_ENV, prefer_passive_wait
+
 EXIT_ERROR = 2
 
 # What bad inputs and damaged artifacts raise: the project's named errors are ValueError subclasses
@@ -54,6 +56,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="userip", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads",
+        dest="process_threads",  # not `threads`: `userip train --threads` (the trainer's own) would shadow it
+        type=_positive_int,
+        default=None,
+        help=f"intra-op CPU threads for every stage (also {THREADS_ENV}); default: from each stage's work "
+        "size and the CPUs this process may use (userip.utils.threads)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -65,9 +75,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    prefer_passive_wait()  # before any stage imports torch
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=command)
     args = parser.parse_args(argv)
+    if args.process_threads is not None:
+        # read by every stage, and inherited by the subprocesses it starts (torchrun ranks)
+        os.environ[THREADS_ENV] = str(args.process_threads)
     try:
         check_folder_args(args)
         module = importlib.import_module(COMMANDS[args.command][0])
@@ -79,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         _log_to_file(message)
         return EXIT_ERROR
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
 
 
 def is_input_error(e: BaseException) -> bool:

@@ -213,3 +213,28 @@ def test_one_rank_ddp_trainer_reproduces_the_single_process_trainer(one_rank_gro
     groups = parameter_groups(wrapped.ddp, weight_decay=0.1, embedding_weight_decay=0.01)
     by_decay = {g["weight_decay"]: g["params"] for g in groups}
     assert [id(p) for p in by_decay[0.01]] == [id(p) for p in wrapped.model.embedding_parameters()]
+
+
+def test_sparse_embeddings_all_reduce_as_sparse_and_match_the_single_process_run(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """``sparse_embeddings``: DDP all-reduces the tables' sparse gradients (only the rows in the batches);
+    the 2 ranks must still train the single-process run's model (same batches, averaged gradients)."""
+    run = tmp_path / "run"
+    for name in ("data", "bank"):
+        shutil.copytree(run_dir / name, run / name)
+    trainer = {**TRAINER, "max_epochs": 3, "sparse_embeddings": True}
+    model = {**SMALL_DCN, "hidden_units": [8]}
+    (run / "model.yaml").write_text(yaml.safe_dump({"model": model, "trainer": trainer}))
+    proc = _torchrun(_train_args(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_json(run / "ctr" / "dcn+profiles" / "metrics.json")
+    single = train_ctr(
+        run, "dcn", with_profiles=True, model_config=model, config=TrainerConfig(**trainer), save=False
+    )
+    np.testing.assert_allclose(
+        [r["train_loss"] for r in metrics["history"]],
+        [r.train_loss for r in single.fit.history],
+        rtol=LOSS_RTOL,
+    )
+    assert abs(metrics["test"]["auc"] - single.test["auc"]) <= AUC_TOLERANCE, (metrics["test"], single.test)

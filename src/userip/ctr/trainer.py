@@ -27,6 +27,7 @@ from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields
 from userip.utils.logging import get_logger
+from userip.utils.threads import dense_flops_per_row, set_intra_op_threads
 
 log = get_logger(__name__)
 
@@ -67,9 +68,16 @@ class TrainerConfig:
     # seed, then extend it (userip.ctr.extend): the extra fields start at zero, the base model's weights stay
     # fixed and the start is validation epoch 0, so the extra fields cannot lower validation AUC.
     warm_start: bool = False
+    # Embedding tables with sparse gradients (nn.Embedding(sparse=True)) stepped by torch.optim.SparseAdam: a
+    # step touches, and under DistributedDataParallel all-reduces, only the rows in its batch instead of
+    # every row of every table (64 MB per step at 1M users x 16 dims). SparseAdam is lazy Adam (rows absent
+    # from a batch keep their moments and do not move), so results differ from dense Adam's; it has no weight
+    # decay, so embedding_weight_decay must be 0. For tables too large to step densely; off by default.
+    sparse_embeddings: bool = False
     seed: int = 0
     device: str = "cpu"
-    num_threads: int | None = None  # torch.set_num_threads (process-wide) when set
+    # torch.set_num_threads (process-wide); None: userip.utils.threads picks it from the model's size
+    num_threads: int | None = None
     progress: bool = False  # tqdm bar per epoch; library calls stay silent by default
 
     def __post_init__(self) -> None:
@@ -87,6 +95,11 @@ class TrainerConfig:
                 f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r} "
                 f"with max_epochs {self.max_epochs!r} (a trainer section updates its defaults: lowering "
                 "max_epochs may need min_epochs too)"
+            )
+        if self.sparse_embeddings and self.embedding_weight_decay > 0:
+            raise ConfigError(
+                "TrainerConfig.sparse_embeddings: SparseAdam has no weight decay; set "
+                f"embedding_weight_decay to 0 (got {self.embedding_weight_decay})"
             )
 
 
@@ -131,6 +144,49 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+class Optimizers:
+    """Several optimizers stepped as one: dense Adam beside SparseAdam (no torch optimizer takes both kinds
+    of gradient)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer | Optimizers:
+    """Adam over ``parameter_groups``; with ``sparse_embeddings``, the model's ``nn.Embedding`` tables switch
+    to sparse gradients and go to ``SparseAdam`` (same lr), everything else stays with Adam.
+
+    Call before wrapping the model in ``DistributedDataParallel``: DDP reads each table's ``sparse`` flag when
+    it is built, to all-reduce those gradients as sparse tensors.
+    """
+    groups = parameter_groups(model, config.weight_decay, config.embedding_weight_decay)
+    if not config.sparse_embeddings:
+        return torch.optim.Adam(groups, lr=config.lr)
+    tables = {id(p) for p in groups[0]["params"]} if len(groups) == 2 else set()
+    sparse = []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and id(module.weight) in tables and module.weight.requires_grad:
+            module.sparse = True
+            sparse.append(module.weight)
+    if not sparse:
+        raise ConfigError("TrainerConfig.sparse_embeddings: the model has no trainable nn.Embedding table")
+    sparse_ids = {id(p) for p in sparse}
+    dense = [{**g, "params": [p for p in g["params"] if id(p) not in sparse_ids]} for g in groups]
+    dense = [g for g in dense if g["params"]]
+    optimizers = [torch.optim.SparseAdam(sparse, lr=config.lr)]
+    if dense:
+        optimizers.append(torch.optim.Adam(dense, lr=config.lr))
+    return Optimizers(*optimizers)
+
+
 class Trainer:
     """Fits one model; ``fit`` leaves the model holding its best weights and in eval mode.
 
@@ -148,15 +204,15 @@ class Trainer:
     ) -> None:
         self.config = config or TrainerConfig()
         self.device = torch.device(self.config.device)
-        if self.config.num_threads is not None:
-            torch.set_num_threads(self.config.num_threads)
+        set_intra_op_threads(
+            self.config.num_threads,
+            dense_flops_per_row(model) * self.config.batch_size,
+            "CTR training",
+        )
         self.model = model.to(self.device)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("model has no trainable parameters")
-        self.optimizer = torch.optim.Adam(
-            parameter_groups(self.model, self.config.weight_decay, self.config.embedding_weight_decay),
-            lr=self.config.lr,
-        )
+        self.optimizer = build_optimizer(self.model, self.config)
         params = dict(self.model.named_parameters())
         unknown = sorted(set(fixed_masks or {}) - set(params))
         if unknown:

@@ -31,6 +31,7 @@ from userip.prompts import (
     collate,
 )
 from userip.utils.config import ConfigError
+from userip.utils.threads import set_intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ def pretrain_model(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
+    mean_length = float(np.mean([len(e) for e in [*prompt_examples, *plain_examples]]))
+    flops_per_step = 6.0 * sum(p.numel() for p in model.parameters()) * mean_length * config.batch_size
+    set_intra_op_threads(None, flops_per_step, "offline LM pre-training")
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.98)

@@ -34,6 +34,7 @@ from userip.prompts import ExampleSet, collate
 from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from userip.utils.config import ConfigError, check_fields, to_dict
 from userip.utils.io import atomic_write_json, read_json
+from userip.utils.threads import set_intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,10 @@ class ProfileTrainer:
         total = self.steps_per_epoch * config.num_epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.state = TrainState()
+        # A step is about 6 FLOPs per LM parameter per token (forward + backward through the frozen LM).
+        lm_params = sum(p.numel() for p in model.lm.parameters())
+        tokens_per_step = float(np.mean(self.lengths)) * config.batch_size
+        set_intra_op_threads(None, 6.0 * lm_params * tokens_per_step, "profile stage")
 
     # ------------------------------------------------------------------ training
     def train(self, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
