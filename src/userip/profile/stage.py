@@ -327,6 +327,9 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
         "new users: %d to fit, %d already known (skipped), %d rows on unknown items dropped",
         len(new.raw_user_ids), len(new.skipped_known), new.dropped_interactions,
     )  # fmt: skip
+    if not new.raw_user_ids:  # every user already has IDs (a rerun): the bank stays as it is
+        log.info("new users: nothing to fit; bank %s unchanged", bank.version)
+        return bank
     lm_cfg = config.lm
     lm_path = stage_lm_path(run_dir, stage, dataset)
     lm = load_causal_lm(lm_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
