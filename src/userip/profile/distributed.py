@@ -11,7 +11,8 @@ What each rank holds and does:
 * **The shared codebooks + surrogate** (``JointObjective``) wrapped in ``DistributedDataParallel``: their
   gradients are all-reduced (averaged) in backward, so the identical AdamW steps keep them identical.
   What DDP does not cover is done here: k-means initialisation runs on samples all-gathered from every
-  rank (same data, same generator on every rank -> same centroids), and after each step the codebooks and
+  rank (same data, same generator on every rank -> same centroids; the samples held so far are quantizer
+  state, so a checkpoint carries them), and after each step the codebooks and
   their dead-code counters are broadcast from rank 0, because dead-code revival edits the codebook in
   forward from the local batch (rank 0's revival wins).
 * **Same steps everywhere**: every rank cuts its shard into the same number of micro-batches per epoch

@@ -6,6 +6,10 @@ as its ``--lm`` value and a path relative to the run when the LM lives in it), `
 bank, the trained codebooks + surrogate it was written with, ``report.json`` with code usage and, on synthetic
 data, profile recovery NMI/ARI) and ``RUN/lm/`` (the offline LM when ``lm.name_or_path`` is ``offline`` or
 ``random``).
+
+Before training, ``RUN/profile/checkpoints/stage.json`` records which stage the checkpoints there belong to
+(``plan_resume`` / ``bind_checkpoints``): a rerun of ``userip run`` continues an interrupted stage of the same
+config and never continues another one's.
 """
 
 from __future__ import annotations
