@@ -17,7 +17,8 @@ Why initialisation and revival matter here: with the paper's tiny weights (beta 
 only moves by its optimizer's step size, and a code that wins no profile gets no gradient at all. Two
 mechanisms keep a small codebook (3-4 codes) from collapsing onto one code during training:
 
-* ``init="kmeans"`` (default): the first training batches' profiles are buffered; once ``kmeans_init_samples``
+* ``init="kmeans"`` (default): the first training batches' profiles are held in the buffer ``init_samples``
+  (state dict, so a checkpoint taken before the init carries them); once ``kmeans_init_samples``
   vectors are held, the codebook is set to their k-means++ / Lloyd centroids. Until then ``forward`` passes
   ``z`` through unchanged with zero loss (the codebook has nothing meaningful to say yet).
   ``init_from(points)`` does the same at once from a given set (e.g. every user's current profile).
