@@ -1,20 +1,20 @@
 """Kill -9 at random moments of ``userip run``, rerun the same command, compare with an uninterrupted run.
 
 1. Reference: ``userip run`` once, uninterrupted, in a fresh run folder (its wall time T).
-2. ``--kills`` times: ``userip run`` in a fresh folder, SIGKILLed after a random delay drawn uniformly from
-   (S, T) (``--seed``; S: the reference's time to create its run folder, i.e. Python's start and imports), so
-   kills land in prepare, the offline LM, the profile stage, the bank write or CTR training; then the same
-   command again, to the end.
+2. ``--kills`` times: ``userip run`` in a fresh folder, SIGKILLed a random delay after it created its run
+   folder (after Python's start and imports), drawn uniformly from (0, T - S) (``--seed``; S: the reference's
+   start-up time), so kills land in prepare, the offline LM, the profile stage, the bank write or CTR
+   training; then the same command again, to the end.
 3. Each rerun's artifacts must equal the reference's bit for bit: soft tokens, bank codes and codebooks, every
    CTR model's test metrics (``ctr/*/metrics.json``) and ``results/results.csv``.
 
     python bench/bench_resume.py                 # the synthetic default (several minutes per run)
     python bench/bench_resume.py --tiny          # 60 users, 2 profile epochs, 1 CTR seed (seconds per run)
 
-Ends with ``RESULT kills=... equal=... mismatched=... killed_early=... finished_before_kill=... ref_wall_s=...
-wall_s=...`` (``killed_early``: kills before the run had written anything; ``finished_before_kill``: runs that
-ended before their kill moment, not counted as kills, after which moments are drawn from a shorter span;
-``mismatched`` must be 0).
+Ends with ``RESULT kills=... equal=... mismatched=... stages=... finished_before_kill=... ref_wall_s=...
+wall_s=...`` (``stages``: how many kills came in each stage, by what the run had written; ``start``: the run
+folder only; ``finished_before_kill``: runs that ended before their kill moment, not counted as kills, after
+which moments are drawn from a shorter span; ``mismatched`` must be 0).
 """
 
 from __future__ import annotations
@@ -77,10 +77,14 @@ def _run(run_dir: Path, config: Path | None) -> tuple[float, float]:
 
 
 def _killed_run(run_dir: Path, config: Path | None, delay: float) -> bool:
-    """Start ``userip run`` and SIGKILL it after ``delay`` s; False when it had finished before."""
+    """Start ``userip run`` and SIGKILL it ``delay`` s after it created its run folder (start-up and imports
+    take from a few seconds to half a minute on a loaded machine, and a kill there tests nothing of ours);
+    False when it had finished before."""
     proc = subprocess.Popen(
         _command(run_dir, config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    while not run_dir.exists() and proc.poll() is None:
+        time.sleep(0.02)
     try:
         proc.wait(timeout=delay)
         return False
@@ -99,7 +103,7 @@ def _stage_reached(run_dir: Path) -> str:
         ("offline_lm", run_dir / "lm"),
         ("prepare", run_dir / "data"),
     ]
-    return next((name for name, path in marks if path.exists()), "nothing")
+    return next((name for name, path in marks if path.exists()), "start")
 
 
 def differences(run: Path, ref: Path) -> list[str]:
@@ -142,27 +146,28 @@ def main() -> None:
         ref_wall, ref_start = _run(root / "ref", config)
         print(f"reference: {ref_wall:.1f} s ({ref_start:.1f} s to start)", flush=True)
         rng = random.Random(args.seed)
-        kills = equal = mismatched = early = missed = 0
-        horizon = ref_wall  # kill moments are drawn from (0, horizon)
+        kills = equal = mismatched = missed = 0
+        stages: dict[str, int] = {}
+        horizon = ref_wall - ref_start  # kill moments: (0, horizon) after the run folder appeared
         while kills < args.kills and missed < 3 * args.kills:
             run_dir = root / f"kill-{kills}-{missed}"
-            delay = rng.uniform(min(ref_start, 0.5 * horizon), horizon)
-            started = time.perf_counter()
+            delay = rng.uniform(0.0, horizon)
             if not _killed_run(run_dir, config, delay):  # a lighter load than the reference's: draw again
                 missed += 1
-                horizon = 0.95 * (time.perf_counter() - started)
+                horizon = 0.9 * delay
                 print(f"finished before the kill at {delay:.1f} s; horizon now {horizon:.1f} s", flush=True)
                 continue
             stage = _stage_reached(run_dir)
-            early += stage == "nothing"
+            stages[stage] = stages.get(stage, 0) + 1
             rerun, _ = _run(run_dir, config)
             diff = differences(run_dir, root / "ref")
             kills, equal, mismatched = kills + 1, equal + (not diff), mismatched + bool(diff)
             verdict = "equal" if not diff else "DIFFERENT: " + ", ".join(diff)
             print(f"kill {kills}: at {delay:.1f} s ({stage}); rerun {rerun:.1f} s; {verdict}", flush=True)
     print(
-        f"RESULT kills={kills} equal={equal} mismatched={mismatched} killed_early={early} "
-        f"finished_before_kill={missed} ref_wall_s={ref_wall:.1f} wall_s={time.perf_counter() - start:.0f}"
+        f"RESULT kills={kills} equal={equal} mismatched={mismatched} "
+        f"stages={','.join(f'{k}:{v}' for k, v in sorted(stages.items()))} finished_before_kill={missed} "
+        f"ref_wall_s={ref_wall:.1f} wall_s={time.perf_counter() - start:.0f}"
     )
 
 
