@@ -13,10 +13,13 @@ debugging.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"userip {args.command}: error: {describe_error(e)}"
         print(message, file=sys.stderr)
         _log_to_file(message)
+        _tell_launcher(message)
         return EXIT_ERROR
 
 
@@ -116,6 +120,20 @@ def _log_to_file(message: str) -> None:
     files = [h for h in logging.getLogger("userip").handlers if isinstance(h, logging.FileHandler)]
     if files:
         files[-1].handle(logging.LogRecord("userip", logging.ERROR, __file__, 0, message, None, None))
+
+
+def _tell_launcher(message: str) -> None:
+    """Under torchrun, the error line in the rank's error file too: torchrun still exits 1 with its failure
+    summary (it cannot pass a worker's exit code on), but that summary then names this error ("traceback :
+    userip ...: error: ...") instead of pointing at a traceback. ``TORCHELASTIC_ERROR_FILE`` is set by
+    torchrun for each worker; the format is the one its ``ErrorHandler.record_exception`` writes, with the
+    error line where that puts the traceback (torchrun shows that field)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        # On failure the launcher's summary falls back to its generic line; the error is printed above.
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
 
 
 def check_folder_args(args: argparse.Namespace) -> None:

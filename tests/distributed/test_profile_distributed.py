@@ -138,6 +138,35 @@ def test_resume_with_another_number_of_ranks_is_refused(runs: dict[str, Path], t
     )  # fmt: skip
     assert proc.returncode != 0
     assert "DistributedError" in proc.stderr and "same number of ranks" in proc.stderr
+    assert "traceback : userip profile: error: DistributedError" in proc.stderr  # torchrun's summary
+
+
+def test_rank_mismatch_is_the_named_error_on_every_rank_before_any_work(tmp_path: Path) -> None:
+    """2 ranks resume a stage checkpointed by 3: each rank stops with the one-line named error and exit code 2
+    before loading the LM. torchrun itself exits 1 on any failed worker (it cannot pass the code on) and stops
+    the other workers once one failed; its failure summary shows the named error where it would show a
+    traceback (``userip.cli`` writes it to the worker's ``TORCHELASTIC_ERROR_FILE``)."""
+    from userip.data.schema import Dataset
+    from userip.profile.stage import ProfileStageConfig, bind_checkpoints, checkpoint_identity
+
+    run = tmp_path / "run"
+    assert userip_main(["prepare", "--source", "synthetic", "--num-users", "30", "--num-items", "12",
+                        "--out", str(run)]) == 0  # fmt: skip
+    config_file = tmp_path / "profile.yaml"
+    config_file.write_text(yaml.safe_dump(CONFIG))
+    config = ProfileStageConfig.from_dict(CONFIG)
+    bind_checkpoints(run, checkpoint_identity(config, Dataset.load(run / "data"), 3), resume=False)
+    proc = _torchrun(_profile_args(run, config_file, "--resume"))
+    assert proc.returncode == 1  # torchrun's own code for any failed worker
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("userip profile: error: ")]
+    assert lines and len(set(lines)) == 1  # one line per rank that got to report, the same on each
+    assert "DistributedError" in lines[0] and "3 torch.distributed rank(s)" in lines[0]
+    assert "this run is on 2 torch.distributed rank(s)" in lines[0]
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert "exitcode  : 2" in root_cause  # the first worker to end exited with the CLI's error code
+    assert "traceback : userip profile: error: DistributedError" in root_cause
+    assert proc.stderr.count("Traceback (most recent call last)") <= 1  # torchrun's own; none from a worker
+    assert not (run / "lm").exists()  # stopped before the offline LM was built
 
 
 def test_shard_bounds_balance_examples_and_cover_every_user() -> None:

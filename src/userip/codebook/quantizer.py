@@ -17,7 +17,8 @@ Why initialisation and revival matter here: with the paper's tiny weights (beta 
 only moves by its optimizer's step size, and a code that wins no profile gets no gradient at all. Two
 mechanisms keep a small codebook (3-4 codes) from collapsing onto one code during training:
 
-* ``init="kmeans"`` (default): the first training batches' profiles are buffered; once ``kmeans_init_samples``
+* ``init="kmeans"`` (default): the first training batches' profiles are held in the buffer ``init_samples``
+  (state dict, so a checkpoint taken before the init carries them); once ``kmeans_init_samples``
   vectors are held, the codebook is set to their k-means++ / Lloyd centroids. Until then ``forward`` passes
   ``z`` through unchanged with zero loss (the codebook has nothing meaningful to say yet).
   ``init_from(points)`` does the same at once from a given set (e.g. every user's current profile).
@@ -127,7 +128,12 @@ class ProfileQuantizer(nn.Module):
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))  # (K,)
         # b_k of k* = argmin ||z - e_k||^2 - b_k; zeros = plain eq. 6 (set by ``fit_balance``)
         self.register_buffer("code_bias", torch.zeros(codebook_size, dtype=torch.float32))  # (K,)
-        self._init_buffer: list[torch.Tensor] = []  # profiles seen before k-means init (not checkpointed)
+        # Profiles seen before the k-means init (N, D): state like the codebook, so a checkpoint taken while
+        # the init is pending resumes with the same samples (and the same centroids) as an uninterrupted run.
+        self.register_buffer("init_samples", torch.zeros(0, dim, dtype=torch.float32))
+        # False: forward leaves the collection to the caller (the distributed trainer feeds every rank's
+        # vectors to ``collect_for_init``).
+        self.init_from_forward = True
 
     # ------------------------------------------------------------------ the contract
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -157,8 +163,8 @@ class ProfileQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D) -> quantized (B, D) (straight-through), code_ids (B,), loss (scalar, eq. 5)."""
         self._check_input(z)
-        if self.training and not bool(self.initialized):
-            self._collect_for_init(z)
+        if self.training and self.init_from_forward and not bool(self.initialized):
+            self.collect_for_init(z)
         if not bool(self.initialized):  # k-means init pending: identity, no loss
             return z, self.nearest(z), z.new_zeros(())
         code_ids = self.nearest(z)  # (B,)
@@ -189,11 +195,14 @@ class ProfileQuantizer(nn.Module):
         self.initialized.fill_(True)
         self.steps_unused.zero_()
         self.code_bias.zero_()  # offsets fitted to another codebook mean nothing for this one
-        self._init_buffer = []
+        self.init_samples = self.init_samples.new_zeros(0, self.dim)
 
-    def _collect_for_init(self, z: torch.Tensor) -> None:
-        self._init_buffer.append(z.detach().float().cpu())
-        held = torch.cat(self._init_buffer)
+    @torch.no_grad()
+    def collect_for_init(self, z: torch.Tensor) -> None:
+        """Hold ``z`` (B, D) for the pending k-means init; initialise once ``kmeans_init_samples`` are
+        held."""
+        held = torch.cat([self.init_samples, z.detach().float().to(self.init_samples.device)])
+        self.init_samples = held
         if held.shape[0] >= self.kmeans_init_samples:
             self.init_from(held)
 
@@ -275,6 +284,10 @@ class ProfileQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints and saved objectives from before ``code_bias`` existed assigned plain eq. 6: zeros.
         state_dict.setdefault(prefix + "code_bias", torch.zeros_like(self.code_bias))
+        # Pending k-means samples: any number of rows (none in files from before they were saved).
+        samples = state_dict.setdefault(prefix + "init_samples", self.init_samples.new_zeros(0, self.dim))
+        if isinstance(samples, torch.Tensor) and samples.dim() == 2 and samples.shape[1] == self.dim:
+            self.init_samples = self.init_samples.new_empty(samples.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

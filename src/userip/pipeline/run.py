@@ -29,7 +29,7 @@ from userip.data.preprocess import PrepareConfig
 from userip.data.schema import MANIFEST, Dataset
 from userip.evaluation.tables import compare_with_base, markdown_table
 from userip.feature_bank import FeatureBank
-from userip.profile.stage import ProfileStageConfig, run_profile_stage
+from userip.profile.stage import RESUME_IF_SAME, ProfileStageConfig, run_profile_stage
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, atomic_write_text, read_json
 from userip.utils.logging import setup_logging
@@ -110,8 +110,8 @@ def stage_profile(
             return bank, read_json(bank_manifest)
         except Exception as e:  # a stale or broken bank is rebuilt, not trusted
             log.warning("profile: existing bank unusable (%s); rebuilding", e)
-    resume = same_config and layout.checkpoints.exists()
-    result = run_profile_stage(run_dir, config.profile, resume=resume)
+    # An interrupted stage continues from its checkpoints; those of another config are discarded.
+    result = run_profile_stage(run_dir, config.profile, resume=RESUME_IF_SAME)
     return result.bank, result.report
 
 

@@ -11,7 +11,8 @@ What each rank holds and does:
 * **The shared codebooks + surrogate** (``JointObjective``) wrapped in ``DistributedDataParallel``: their
   gradients are all-reduced (averaged) in backward, so the identical AdamW steps keep them identical.
   What DDP does not cover is done here: k-means initialisation runs on samples all-gathered from every
-  rank (same data, same generator on every rank -> same centroids), and after each step the codebooks and
+  rank (same data, same generator on every rank -> same centroids; the samples held so far are quantizer
+  state, so a checkpoint carries them), and after each step the codebooks and
   their dead-code counters are broadcast from rank 0, because dead-code revival edits the codebook in
   forward from the local batch (rank 0's revival wins).
 * **Same steps everywhere**: every rank cuts its shard into the same number of micro-batches per epoch
@@ -35,7 +36,6 @@ import dataclasses
 import logging
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +153,10 @@ class ShardObjective(nn.Module):
     def __init__(self, objective: JointObjective, offset: int, ctx: DistContext) -> None:
         super().__init__()
         self.offset, self.ctx = offset, ctx
-        quantizers = list(objective.quantizer.quantizers)
-        self._init_samples = [q.kmeans_init_samples for q in quantizers]
-        for q in quantizers:
-            # A quantizer would initialise itself from this rank's batches alone; the threshold moves here,
-            # where the samples of every rank are gathered first.
-            q.kmeans_init_samples = sys.maxsize
-        self._held: list[list[torch.Tensor]] = [[] for _ in quantizers]
+        for q in objective.quantizer.quantizers:
+            # A quantizer would initialise itself from this rank's batches alone; _kmeans_init feeds it the
+            # samples of every rank instead (held in its checkpointed ``init_samples``).
+            q.init_from_forward = False
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # find_unused_parameters: the codebooks get no gradient while their k-means init is pending.
         # broadcast_buffers=False: quantizer buffers are synchronised after each step (sync_quantizers).
@@ -188,11 +185,7 @@ class ShardObjective(nn.Module):
             return
         gathered = all_gather_rows(profile_embeds.detach().float(), self.ctx).cpu()  # (sum B_r, P, D)
         for p in pending:
-            self._held[p].append(gathered[:, p])
-            held = torch.cat(self._held[p])
-            if held.shape[0] >= self._init_samples[p]:
-                quantizers[p].init_from(held)  # identical input and generator on every rank
-                self._held[p] = []
+            quantizers[p].collect_for_init(gathered[:, p])  # identical input and generator on every rank
 
     @torch.no_grad()
     def sync_quantizers(self) -> None:
@@ -318,7 +311,10 @@ def run_profile_stage_distributed(
         ProfileStageConfig,
         ProfileStageResult,
         _profile_config,
+        bind_checkpoints,
+        checkpoint_identity,
         finish_stage,
+        plan_resume,
         resolve_stage_lm,
     )
     from userip.prompts import build_examples
@@ -330,9 +326,14 @@ def run_profile_stage_distributed(
     layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
     ctx = ctx or init_distributed(config.lm.device)
+    dataset = Dataset.load(layout.data)
+    # Before any work, on every rank: a resume with another number of ranks is the same named error on each.
+    identity = checkpoint_identity(config, dataset, ctx.world_size)
+    resume = plan_resume(run_dir, identity, resume)
+    if ctx.is_main:
+        bind_checkpoints(run_dir, identity, resume)
     if ctx.device.type == "cuda":  # one GPU per rank
         config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, device=str(ctx.device)))
-    dataset = Dataset.load(layout.data)
     # The offline LM is pre-trained (and cached in RUN/lm) once, by rank 0; the others then find it.
     if ctx.is_main:
         lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)

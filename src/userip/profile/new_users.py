@@ -42,7 +42,7 @@ class NewUsers:
     interactions all in ``train`` (prompts, soft-token table and sampler are sized by N, not by everyone).
     """
 
-    dataset: Dataset
+    dataset: Dataset | None  # None: nobody left to fit (every user of the file already has IDs)
     raw_user_ids: list[str]  # raw_user_ids[i] is user i of ``dataset``
     skipped_known: list[str]  # raw ids the dataset or bank already has: left as they are
     dropped_interactions: int  # rows whose item is not in the dataset
@@ -75,7 +75,9 @@ def new_users_from_frame(
     ``review``. A missing ``label`` is ``rating > 3`` (the paper's rule). Items must be the dataset's (matched
     on ``raw_item_id``; others are dropped and counted). Users that already have a profile are skipped: with a
     bank, those whose codes are known (a dataset user without a profile, e.g. one with no training rows, is
-    fitted); without one, every dataset user.
+    fitted); without one, every dataset user. Every user skipped leaves nobody to fit (``raw_user_ids``
+    empty): a rerun of a file already added (e.g. after a kill that came after the bank write) changes
+    nothing.
     """
     if frame.empty:
         raise ValueError(
@@ -103,10 +105,10 @@ def new_users_from_frame(
     dropped = int(item_ids.isna().sum())
     frame = frame[item_ids.notna().to_numpy()].assign(item_id=item_ids.dropna().astype(np.int64).to_numpy())
     raw_new = list(dict.fromkeys(frame["raw_user_id"]))  # first-appearance order
+    if not raw_new and not skipped:
+        raise ValueError(f"{where}: no new user with an interaction on a known item")
     if not raw_new:
-        raise ValueError(
-            f"{where}: no new user with an interaction on a known item ({len(skipped)} known skipped)"
-        )
+        return NewUsers(None, [], skipped, dropped)
     uid_of = IdIndex(raw_new).row_of  # the new users' own ids, in first-appearance order
     rating = frame["rating"].astype(np.float32) if "rating" in frame else pd.Series(np.nan, index=frame.index)
     label = frame["label"].astype(np.int8) if "label" in frame else (rating > 3.0).astype(np.int8)
@@ -130,6 +132,8 @@ def new_users_from_frame(
 
 def frozen_aux_for(objective: JointObjective, new: NewUsers) -> JointObjective:
     """The trained objective over the new users' interactions, frozen (eval mode, no parameter gradients)."""
+    if new.dataset is None:
+        raise ValueError("no new user to fit: every user given already has IDs in the bank")
     user_features = None
     if objective.user_features is not None:  # vocabularies are fixed: new users get the unknown id 0
         user_features = np.zeros((new.dataset.num_users, objective.user_features.shape[1]), dtype=np.int64)
@@ -163,6 +167,7 @@ def infer_new_users(
             "adding users to a without_vq bank is not supported (its IDs come from k-means)"
         )
     aux = frozen_aux_for(objective, new)
+    assert new.dataset is not None  # frozen_aux_for refuses None
     profile_embeds = fit_profiles(new.dataset, new.user_ids, aux)  # (N, P, D)
     if tuple(profile_embeds.shape[:2]) != (len(new.raw_user_ids), len(bank.profile_names)):
         raise ValueError(

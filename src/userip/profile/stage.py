@@ -6,14 +6,20 @@ as its ``--lm`` value and a path relative to the run when the LM lives in it), `
 bank, the trained codebooks + surrogate it was written with, ``report.json`` with code usage and, on synthetic
 data, profile recovery NMI/ARI) and ``RUN/lm/`` (the offline LM when ``lm.name_or_path`` is ``offline`` or
 ``random``).
+
+Before training, ``RUN/profile/checkpoints/stage.json`` records which stage the checkpoints there belong to
+(``plan_resume`` / ``bind_checkpoints``): a rerun of ``userip run`` continues an interrupted stage of the same
+config and never continues another one's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +37,7 @@ from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, ru
 from userip.profile.trainer import TrainConfig, TrainResult
 from userip.prompts import PromptConfig
 from userip.utils.config import ConfigError, check_device, from_dict, to_dict
+from userip.utils.distributed import DistributedError
 from userip.utils.io import atomic_write_json, read_json, resolve_in_run, run_relative
 from userip.utils.run_layout import STAGE_CONFIG_FILE as STAGE_CONFIG_FILE  # re-exported
 from userip.utils.run_layout import RunLayout
@@ -75,6 +82,17 @@ class ProfileStageConfig:
         return from_dict(cls, data or {}, where)
 
 
+# RUN/profile/checkpoints/<this>: which stage (config, data, number of ranks) the checkpoints there belong to,
+# written before the first training step, so an interrupted stage can be told apart from another one.
+CHECKPOINT_OWNER_FILE = "stage.json"
+# ``run_profile_stage(resume=RESUME_IF_SAME)`` (``userip run`` / ``experiment``): continue from the
+# checkpoints when they belong to this very stage, else start fresh.
+RESUME_IF_SAME = "if_same"
+Resume = bool | Literal["if_same"]
+# Train settings that change no number (a rerun may differ in them and still continue the same stage).
+_NOT_IDENTITY = ("progress", "log_every")
+
+
 @dataclasses.dataclass
 class ProfileStageResult:
     bank: FeatureBank
@@ -108,13 +126,80 @@ def all_profile_embeds(prepared: ProfileSetup) -> torch.Tensor:
         return prepared.model.profile_embeds(torch.arange(prepared.dataset.num_users)).float().cpu()
 
 
+def checkpoint_identity(
+    config: ProfileStageConfig, dataset: Dataset, world_size: int | None = None
+) -> dict[str, Any]:
+    """What checkpoints of the profile stage depend on: its config (less ``_NOT_IDENTITY``), the data and the
+    number of torch.distributed ranks (None: one process, the single-process checkpoint format), as plain
+    JSON."""
+    stage_config = to_dict(config)
+    for key in _NOT_IDENTITY:
+        stage_config["train"].pop(key, None)
+    identity = {"config": stage_config, "dataset_hash": dataset.content_hash, "world_size": world_size}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def plan_resume(run_dir: str | Path, identity: dict[str, Any], resume: Resume) -> bool:
+    """Whether training continues from ``RUN/profile/checkpoints`` (read-only; every rank may call it).
+
+    ``resume=True`` (``--resume``): yes; checkpoints recorded for another number of ranks or another data
+    set are refused with a named error (the trainer checks the batch and update settings).
+    ``RESUME_IF_SAME``: only when the checkpoints were written for this very ``identity``. False: no.
+    """
+    if resume is False:
+        return False
+    record = RunLayout(run_dir).checkpoints / CHECKPOINT_OWNER_FILE
+    try:
+        written = read_json(record) if record.exists() else None
+    except (ValueError, OSError):  # unreadable: not this stage's
+        written = None
+    if resume is True:
+        if isinstance(written, dict):
+            if written.get("world_size") != identity["world_size"]:
+                raise DistributedError(
+                    f"{record}: the checkpoints are of a run on {_ranks(written.get('world_size'))}; this "
+                    f"run is on {_ranks(identity['world_size'])}: resume with the same number of ranks "
+                    "or start a fresh run (without --resume)"
+                )
+            if written.get("dataset_hash") != identity["dataset_hash"]:
+                raise ConfigError(
+                    f"{record}: the checkpoints were trained on another data set "
+                    f"({written.get('dataset_hash')!r}, RUN/data is {identity['dataset_hash']!r}); start a "
+                    "fresh run (without --resume)"
+                )
+        return True
+    same = written == identity
+    log.info("profile: %s", "continuing from the checkpoints of this stage" if same else "starting fresh")
+    return same
+
+
+def _ranks(world_size: Any) -> str:
+    return "one process (no torchrun)" if world_size is None else f"{world_size} torch.distributed rank(s)"
+
+
+def bind_checkpoints(run_dir: str | Path, identity: dict[str, Any], resume: bool) -> None:
+    """Record ``identity`` as the owner of ``RUN/profile/checkpoints`` before training; a fresh start
+    (``resume`` False) first removes every checkpoint there, so a later resume never continues another
+    stage's steps. One process (rank 0) calls it."""
+    folder = RunLayout(run_dir).checkpoints
+    record = folder / CHECKPOINT_OWNER_FILE
+    if not resume:
+        record.unlink(missing_ok=True)  # first: a half-cleared folder never claims to be this stage's
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, identity)
+
+
 def run_profile_stage(
-    run_dir: str | Path, config: ProfileStageConfig | None = None, resume: bool = False
+    run_dir: str | Path, config: ProfileStageConfig | None = None, resume: Resume = False
 ) -> ProfileStageResult:
-    """Algorithm 1 on ``RUN/data``, then the feature bank. ``resume`` continues from the last checkpoint."""
+    """Algorithm 1 on ``RUN/data``, then the feature bank. ``resume``: see ``plan_resume``."""
     run_dir = Path(run_dir)
     config = config or ProfileStageConfig()
     dataset = Dataset.load(RunLayout(run_dir).data)
+    identity = checkpoint_identity(config, dataset)
+    resume = plan_resume(run_dir, identity, resume)
+    bind_checkpoints(run_dir, identity, resume)
     lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
     profile_config = _profile_config(config, lm_path)
     prepared = setup(run_dir, profile_config)
@@ -266,6 +351,9 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
         "new users: %d to fit, %d already known (skipped), %d rows on unknown items dropped",
         len(new.raw_user_ids), len(new.skipped_known), new.dropped_interactions,
     )  # fmt: skip
+    if not new.raw_user_ids:  # every user already has IDs (a rerun): the bank stays as it is
+        log.info("new users: nothing to fit; bank %s unchanged", bank.version)
+        return bank
     lm_cfg = config.lm
     lm_path = stage_lm_path(run_dir, stage, dataset)
     lm = load_causal_lm(lm_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
