@@ -55,9 +55,21 @@ def logloss(labels: ArrayLike, probs: ArrayLike, eps: float = DEFAULT_EPS) -> fl
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
-def ctr_metrics(labels: ArrayLike, probs: ArrayLike) -> dict[str, float]:
-    """``{"auc", "logloss"}`` of one split's predictions: what every table and checkpoint choice reads."""
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+def ctr_metrics(
+    labels: ArrayLike, probs: ArrayLike, calibrated_probs: ArrayLike | None = None
+) -> dict[str, float]:
+    """``{"auc", "logloss"}`` of one split's predictions: what every table and checkpoint choice reads.
+
+    With ``calibrated_probs`` (the same scores after a calibration, a monotone map: AUC stays the raw
+    scores'), ``logloss`` is theirs and the raw probabilities' is added as ``logloss_raw``.
+    """
+    if calibrated_probs is None:
+        return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+    return {
+        "auc": auc(labels, probs),
+        "logloss": logloss(labels, calibrated_probs),
+        "logloss_raw": logloss(labels, probs),
+    }
 
 
 def rela_impr_auc(auc_value: float, base_auc: float) -> float:
