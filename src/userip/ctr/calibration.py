@@ -63,6 +63,13 @@ class Calibration:
         """Calibrated click probabilities (float32, like every scorer's output)."""
         return _sigmoid(self.logits(logits)).astype(np.float32)
 
+    def sigmoid(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities of a logit tensor, for serving: two scalar operations, none for the
+        identity (the same float32 arithmetic as ``torch.sigmoid(scale * logits + bias)``)."""
+        if self.is_identity:
+            return torch.sigmoid(logits)
+        return torch.sigmoid(logits.mul(self.scale).add_(self.bias))
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {
             SCALE_KEY: torch.tensor(self.scale, dtype=torch.float64),
@@ -111,7 +118,7 @@ def fit_platt(logits: ArrayLike, labels: ArrayLike) -> Calibration:
     features = np.stack([x, np.ones_like(x)], axis=1)
     params = _newton(features, y, np.array([1.0, 0.0]))
     if params[0] <= 0:  # a backwards ranking on validation: never reverse the model's order
-        log.warning(
+        log.info(
             "calibration: fitted scale %.4g <= 0 (validation AUC < 0.5?); fitting the bias only", params[0]
         )
         bias = _newton(features[:, 1:], y, np.array([0.0]), offset=x)[0]

@@ -101,15 +101,11 @@ class TrainerConfig:
                 "checkpoint_auc_tolerance",
             ),
             fractions=("user_id_dropout",),
+            choices={"calibration": CALIBRATION_METHODS},
         )
         if not isinstance(self.min_epochs, int) or not 0 <= self.min_epochs <= self.max_epochs:
             raise ConfigError(
                 f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r}"
-            )
-        if self.calibration not in CALIBRATION_METHODS:
-            raise ConfigError(
-                f"TrainerConfig.calibration must be one of {list(CALIBRATION_METHODS)}, "
-                f"got {self.calibration!r}"
             )
         try:
             torch.device(self.device)

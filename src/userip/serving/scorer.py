@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from userip.ctr.calibration import Calibration
+from userip.ctr.calibration import IDENTITY, Calibration
 from userip.ctr.encoding import FeatureEncoder
 from userip.ctr.features import ITEM_FIELD, UNKNOWN_INDEX, USER_FIELD, FeatureMap, FieldSource
 from userip.data.ids import IdIndex
@@ -126,16 +126,8 @@ class Scorer:
         calibration: Calibration | None = None,
     ) -> None:
         self.model = model.eval()
-        self.calibration = calibration
-        # (scale, bias) applied to the logit; None for no calibration or the identity (nothing to do)
-        self._affine = (
-            None
-            if calibration is None or calibration.is_identity
-            else (
-                float(calibration.scale),
-                float(calibration.bias),
-            )
-        )
+        self.calibration = calibration  # None: a model saved without one, served uncalibrated
+        self._calibration = calibration or IDENTITY
         self.feature_map = feature_map
         self.model_name = model_name
         self.info = dict(info or {})
@@ -278,9 +270,7 @@ class Scorer:
             return np.empty(0, dtype=np.float32)
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(x_ids))
-            if self._affine is not None:
-                logits = logits.mul(self._affine[0]).add_(self._affine[1])
-            return torch.sigmoid(logits).to(torch.float32).numpy()
+            return self._calibration.sigmoid(logits).to(torch.float32).numpy()
 
     # ------------------------------------------------------------------ hot reload
 
