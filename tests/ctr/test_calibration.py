@@ -14,6 +14,7 @@ from userip.ctr.calibration import (
     probs_to_logits,
     split_calibration,
 )
+from userip.ctr.trainer import CheckpointChoice
 from userip.evaluation import auc, logloss
 from userip.utils.artifacts import CorruptArtifactError
 
@@ -89,3 +90,25 @@ def test_stored_with_the_weights_and_checked_on_load():
     bad = {**state, "calibration.scale": torch.tensor(-1.0, dtype=torch.float64)}
     with pytest.raises(CorruptArtifactError, match="scale must be > 0"):
         split_calibration(bad, "m.safetensors")
+
+
+def test_checkpoint_rule_on_a_synthetic_epoch_sequence():
+    model = torch.nn.Linear(1, 1)
+    choice = CheckpointChoice(tolerance=0.001)
+    # (AUC, calibrated Logloss) per epoch
+    epochs = {1: (0.80, 0.50), 2: (0.85, 0.48), 3: (0.8495, 0.45), 4: (0.86, 0.47), 5: (0.8595, 0.46)}
+    changes = []
+    for epoch, (auc_value, ll) in epochs.items():
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # the weights of that epoch
+        changes.append(choice.offer(epoch, auc_value, ll, Calibration(1.0 / epoch, 0.0), model))
+    # Epoch 3 wins on Logloss while within 0.001 of epoch 2, then leaves the window when epoch 4 raises the
+    # best AUC to 0.86; among 4 and 5 (within 0.001), 5 has the lower Logloss.
+    assert changes == [True, True, True, True, True]
+    assert choice.chosen == 5 and set(choice.kept) == {4, 5}
+    assert float(choice.kept[5].state["weight"]) == 5.0 and choice.kept[5].calibration.scale == 0.2
+    # Tolerance 0: the best AUC alone.
+    strict = CheckpointChoice(tolerance=0.0)
+    for epoch, (auc_value, ll) in epochs.items():
+        strict.offer(epoch, auc_value, ll, IDENTITY, model)
+    assert strict.chosen == 4

@@ -424,8 +424,7 @@ def validate_model(
 def calibrated_metrics(labels: np.ndarray, logits: np.ndarray, calibration: Calibration) -> dict[str, float]:
     """``{"auc", "logloss", "logloss_raw"}`` of logits: AUC and raw Logloss of ``sigmoid(logits)``, Logloss
     of the calibrated probabilities."""
-    raw = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return ctr_metrics(labels, raw.astype(np.float32), calibration.probs(logits))
+    return ctr_metrics(labels, IDENTITY.probs(logits), calibration.probs(logits))
 
 
 def predict_logits(
