@@ -10,7 +10,8 @@ The design note's fair protocol (/work/shared/design/llm-baselines.md, KAR secti
   (SmolLM2's width) through the hybrid-expert adaptor (2 shared + 6 specific experts per tower), timed
   twice: with the adaptor online (the Table 6 analogue) and with its outputs cached per user and item
   (``userip.baselines.kar.cache_adaptor``; numerically the same scores);
-* weights are random (timing does not depend on them), fp32, ``eval()`` + ``inference_mode``;
+* weights are random (timing does not depend on them), fp32, ``eval()`` + ``inference_mode``; every score is
+  calibrated as ``userip serve`` returns it (``Calibration.sigmoid``: scale and bias on the logit);
 * each instance is a (user, item) pair held in memory as tensors on the device; every lookup happens
   inside the timed region: the profile codes ``codes[user]`` (+ 1, the CTR index rule) for UserIP, the
   knowledge rows ``U[user]``, ``I[item]`` for KAR;
@@ -49,6 +50,7 @@ from userip.baselines.kar import (
     KARModel,
     cache_adaptor,
 )
+from userip.ctr.calibration import Calibration
 from userip.ctr.features import FeatureMap, Field, FieldSource
 from userip.ctr.models import build_model
 from userip.feature_bank.base import ctr_field_index
@@ -58,6 +60,7 @@ CODEBOOK_SIZES = (4, 3)  # hobby, background: the paper's defaults
 INSTANCES = 10_000
 PAPER = {"dcn": 0.93, "kar_dcn": 4.78, "userip_dcn": 1.21}
 DCN = {"embedding_dim": 8, "num_cross_layers": 3, "hidden_units": (16, 16)}
+CALIBRATION = Calibration(scale=0.8, bias=-0.2)  # a fitted Platt calibration's cost (values do not matter)
 
 
 def base_fields() -> tuple[Field, ...]:
@@ -96,14 +99,14 @@ def build_scorers(device: torch.device, seed: int = 0) -> dict[str, Callable[[to
 
     # Dataset ids -> CTR field ids: + 1 (0 is the unknown index), as the encoder maps every known id.
     def plain(pairs: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(dcn(pairs + 1))
+        return CALIBRATION.sigmoid(dcn(pairs + 1))
 
     def with_profiles(pairs: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(userip(torch.cat([pairs + 1, field_codes[pairs[:, 0]]], dim=1)))
+        return CALIBRATION.sigmoid(userip(torch.cat([pairs + 1, field_codes[pairs[:, 0]]], dim=1)))
 
     def with_knowledge(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         # KAR's knowledge tables are indexed by dataset id + 1 too (row 0: unknown).
-        return lambda pairs: torch.sigmoid(model(torch.cat([pairs + 1, pairs + 1], dim=1)))
+        return lambda pairs: CALIBRATION.sigmoid(model(torch.cat([pairs + 1, pairs + 1], dim=1)))
 
     return {
         "dcn": plain,

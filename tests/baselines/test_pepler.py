@@ -22,6 +22,7 @@ from userip.baselines.pepler import (
 )
 from userip.ctr.recipe import CTRResult
 from userip.data.schema import Dataset
+from userip.evaluation import logloss
 from userip.utils.artifacts import load_tensors
 from userip.utils.config import ConfigError
 
@@ -199,7 +200,11 @@ def test_trains_end_to_end_and_writes_outputs(movie_dataset, tiny_lm, single_thr
         logits = result.model.score(
             torch.tensor(test["user_id"].to_numpy()), torch.tensor(test["item_id"].to_numpy())
         )
-    np.testing.assert_allclose(result.test_probs, torch.sigmoid(logits).numpy(), rtol=1e-6)
+    # Calibrated on validation (userip.ctr.calibration) like every CTR row; the raw Logloss is kept.
+    calibration = result.fit.calibration
+    np.testing.assert_allclose(result.test_probs, calibration.probs(logits.numpy()), rtol=1e-6)
+    raw = torch.sigmoid(logits).numpy()
+    assert result.test["logloss_raw"] == pytest.approx(logloss(result.test_labels, raw), abs=1e-6)
     assert len(result.data["test"]) == len(test)
 
     # The frozen LM is bit-identical after training.

@@ -24,6 +24,7 @@ from userip.baselines.rella import (
     semantic_item_embeddings,
     train_rella,
 )
+from userip.ctr.calibration import probs_to_logits
 from userip.data.schema import Dataset
 from userip.utils.config import ConfigError, from_dict
 
@@ -395,14 +396,18 @@ def test_lora_training_selects_on_validation_and_leaves_the_base_lm(dataset, lm,
     assert len(fit.history) == 3 and all(r.train_loss is not None for r in fit.history)
     assert fit.best_epoch == 1 + int(np.argmax(aucs)) and fit.best_valid_auc == max(aucs)
     best = fit.history[fit.best_epoch - 1]
-    assert result.valid == {"auc": best.valid_auc, "logloss": best.valid_logloss}
+    # Calibrated on validation like every CTR row: AUC unchanged, the raw Logloss kept, the NLL no higher.
+    assert result.valid["auc"] == best.valid_auc and result.valid["logloss_raw"] == best.valid_logloss
+    assert result.valid["logloss"] <= best.valid_logloss + 1e-9
     valid_batches, test_batches, n_valid = valid_and_test_batches(result, dataset, lm, tmp_path)
     assert len(result.valid_rows) == min(FAST["max_valid_rows"], n_valid)
     valid_labels = dataset.split("valid")["label"].to_numpy()[result.valid_rows]
     from userip.evaluation.metrics import auc
 
     assert auc(valid_labels, result.model.predict(valid_batches)) == pytest.approx(best.valid_auc, abs=1e-6)
-    np.testing.assert_allclose(result.model.predict(test_batches), result.test_probs, atol=1e-6)
+    raw_test = result.model.predict(test_batches)
+    calibrated = result.fit.calibration.probs(probs_to_logits(raw_test))
+    np.testing.assert_allclose(calibrated, result.test_probs, atol=1e-6)
     assert_base_unchanged(lm, before)
 
     # the CTRResult contract

@@ -10,13 +10,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from userip.cli import main as cli_main
+from userip.ctr.calibration import split_calibration
 from userip.ctr.data import BankMismatchError, SplitTensors
 from userip.ctr.features import FeatureMap, Field
 from userip.ctr.models import build_model
 from userip.ctr.recipe import train_ctr
 from userip.ctr.trainer import Trainer, TrainerConfig, parameter_groups, predict_probs
 from userip.data.schema import Dataset
-from userip.evaluation import auc
+from userip.evaluation import auc, logloss
 from userip.utils.config import ConfigError, from_dict
 
 NUM_USERS, NUM_ITEMS = 40, 20
@@ -144,14 +145,28 @@ def test_learns_planted_signal_and_restores_best(tmp_path):
     trainer = Trainer(model, TrainerConfig(**FAST, seed=3))
     fit = trainer.fit(train, valid, checkpoint_path=tmp_path / "best.safetensors")
     aucs = [r.valid_auc for r in fit.history]
-    assert fit.best_epoch == int(np.argmax(aucs)) + 1
-    assert fit.best_valid_auc == max(aucs) > 0.8  # Bayes AUC of the planted rule is 0.9
-    # The model holds the best epoch's weights, and so does the checkpoint.
-    assert trainer.evaluate(valid)["auc"] == pytest.approx(max(aucs), abs=1e-12)
+    # The checkpoint rule: lowest calibrated valid Logloss among epochs within the tolerance of the best AUC.
+    window = [r for r in fit.history if r.valid_auc >= max(aucs) - trainer.config.checkpoint_auc_tolerance]
+    chosen = min(window, key=lambda r: r.valid_logloss)
+    assert fit.best_epoch == chosen.epoch
+    assert fit.best_valid_auc == chosen.valid_auc > 0.8  # Bayes AUC of the planted rule is 0.9
+    # The model holds the chosen epoch's weights and calibration, and so does the checkpoint.
+    again = trainer.evaluate(valid)
+    assert again["auc"] == pytest.approx(chosen.valid_auc, abs=1e-12)
+    assert again["logloss"] == pytest.approx(chosen.valid_logloss, abs=1e-9)
+    assert again["logloss_raw"] == pytest.approx(chosen.valid_logloss_raw, abs=1e-9)
+    assert again["logloss"] <= again["logloss_raw"] + 1e-9  # Platt's fit can only lower the valid NLL
     saved = load_file(str(tmp_path / "best.safetensors"))
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(saved[name], tensor)
+    assert float(saved["calibration.scale"]) == fit.calibration.scale == trainer.calibration.scale
+    assert float(saved["calibration.bias"]) == fit.calibration.bias
     assert not model.training
+
+    # Tolerance 0: the best-AUC epoch, as a pure-AUC rule would choose.
+    model = build_model("dcn", feature_map(), **SMALL_DCN)
+    strict = Trainer(model, TrainerConfig(**FAST, seed=3, checkpoint_auc_tolerance=0.0)).fit(train, valid)
+    assert strict.best_epoch == int(np.argmax([r.valid_auc for r in strict.history])) + 1
 
 
 def test_early_stopping_on_noise():
@@ -233,8 +248,14 @@ def test_train_ctr_writes_artifacts_that_reproduce_predictions(run_dir):
     # Reload from the artifacts alone and reproduce the test probabilities.
     fm = FeatureMap.from_dict(json.loads((out / "feature_map.json").read_text()))
     fresh = build_model(config["model"], fm, **config["model_config"])
-    fresh.load_state_dict(load_file(str(out / "model.safetensors")))
-    np.testing.assert_allclose(predict_probs(fresh, result.data["test"].x_ids), result.test_probs, atol=1e-6)
+    calibration, state = split_calibration(load_file(str(out / "model.safetensors")))
+    assert calibration == result.fit.calibration and metrics["calibration"] == dataclasses.asdict(calibration)
+    fresh.load_state_dict(state)
+    probs = predict_probs(fresh, result.data["test"].x_ids, calibration=calibration)
+    np.testing.assert_allclose(probs, result.test_probs, atol=1e-6)
+    assert result.test["logloss"] == pytest.approx(logloss(result.test_labels, result.test_probs))
+    raw = predict_probs(fresh, result.data["test"].x_ids)
+    assert result.test["logloss_raw"] == pytest.approx(logloss(result.test_labels, raw), abs=1e-6)
 
 
 def test_train_ctr_with_profiles_and_bank_checks(run_dir):

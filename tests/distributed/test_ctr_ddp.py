@@ -9,6 +9,7 @@ single-process trainer's numbers bit for bit, and a batch size the ranks cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from tests.ctr.test_trainer import SMALL_DCN, feature_map, planted_dataset, planted_split
 
 from userip.cli import main as userip_main
+from userip.ctr.calibration import split_calibration
 from userip.ctr.data import build_ctr_data
 from userip.ctr.distributed import DistributedTrainer, shard_rows
 from userip.ctr.features import FeatureMap
@@ -97,8 +99,9 @@ def test_two_gloo_ranks_write_single_process_artifacts_and_match_its_auc(
     assert len(metrics["history"]) >= 3 and all(r["train_loss"] > 0 for r in metrics["history"])
 
     # The saved weights alone (keys without DDP's `module.`) reproduce the reported test AUC.
-    state = load_file(str(out / "model.safetensors"))
+    calibration, state = split_calibration(load_file(str(out / "model.safetensors")))
     assert not any(k.startswith("module.") for k in state)
+    assert calibration is not None and metrics["calibration"] == dataclasses.asdict(calibration)
     model = build_model(config["model"], FeatureMap.from_dict(read_json(out / "feature_map.json")),
                         **config["model_config"])  # fmt: skip
     model.load_state_dict(state)

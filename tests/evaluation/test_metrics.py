@@ -12,6 +12,7 @@ from userip.evaluation import (
     rela_impr_auc,
     rela_impr_logloss,
 )
+from userip.evaluation.metrics import choose_simplest_within_noise
 
 
 def mann_whitney_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -131,3 +132,62 @@ def test_paired_test_degenerate_cases():
         paired_test([0.7], [0.6])
     with pytest.raises(ValueError, match="one score per seed"):
         paired_test([0.7, 0.8], [0.6])
+
+
+# ---------------------------------------------------------------- choose_simplest_within_noise
+def _paired_t(a, b) -> float:
+    """scipy's paired t statistic of a - b (the independent computation of gap / SE)."""
+    return float(stats.ttest_rel(a, b).statistic)
+
+
+def test_simplest_within_noise_keeps_a_tie_and_takes_a_clear_gain():
+    simple = [0.700, 0.702, 0.699, 0.701]
+    noisy_gain = [0.703, 0.701, 0.702, 0.700]  # +0.001 on average, with spread
+    clear_gain = [0.720, 0.723, 0.719, 0.722]
+    t_noisy = _paired_t(noisy_gain, simple)
+    assert 0 < t_noisy < 2  # scipy: not clearly above noise
+
+    choice = choose_simplest_within_noise([simple, noisy_gain], threshold=2.0)
+    assert choice.best == 1 and choice.chosen == 0
+    assert choice.gaps[0] / choice.gap_ses[0] == pytest.approx(t_noisy, rel=1e-9)
+    assert choice.within_noise == (True, True)
+
+    choice = choose_simplest_within_noise([simple, noisy_gain, clear_gain], threshold=2.0)
+    assert _paired_t(clear_gain, simple) > 2 and _paired_t(clear_gain, noisy_gain) > 2
+    assert choice.best == choice.chosen == 2 and choice.within_noise == (False, False, True)
+    # Threshold 0: the best mean wins outright (the old rule); a huge threshold keeps the simplest.
+    assert choose_simplest_within_noise([simple, noisy_gain], threshold=0.0).chosen == 1
+    assert choose_simplest_within_noise([simple, clear_gain], threshold=1e6).chosen == 0
+
+
+def test_simplest_within_noise_against_scipy_on_random_grids():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        num_candidates, num_seeds = rng.integers(2, 6), rng.integers(3, 7)
+        scores = (
+            0.7
+            + rng.normal(0, 0.003, (num_candidates, num_seeds))
+            + rng.normal(0, 0.003, (num_candidates, 1))
+        )
+        threshold = float(rng.choice([1.0, 2.0]))
+        choice = choose_simplest_within_noise(scores, threshold)
+        best = int(np.argmax(scores.mean(axis=1)))
+        assert choice.best == best
+        within = [c == best or _paired_t(scores[best], scores[c]) <= threshold for c in range(num_candidates)]
+        assert list(choice.within_noise) == within
+        assert choice.chosen == within.index(True)
+
+
+def test_simplest_within_noise_edge_cases():
+    # A candidate missing a seed (pruned) cannot be chosen, even with the best scores it has.
+    choice = choose_simplest_within_noise([[0.70, 0.70, 0.70], [0.80, np.nan, np.nan], [0.71, 0.72, 0.71]])
+    assert choice.best == 2 and choice.within_noise[1] is False and np.isnan(choice.means[1])
+    # Equal scores: the simplest; a constant positive gain (no spread) is a clear gain.
+    assert choose_simplest_within_noise([[0.7, 0.7, 0.7], [0.7, 0.7, 0.7]]).chosen == 0
+    assert choose_simplest_within_noise([[0.7, 0.7, 0.7], [0.71, 0.71, 0.71]]).chosen == 1
+    # One seed: no error estimate, only ties are within noise.
+    assert choose_simplest_within_noise([[0.70], [0.7001]]).chosen == 1
+    with pytest.raises(ValueError, match="every seed"):
+        choose_simplest_within_noise([[np.nan, 0.7]])
+    with pytest.raises(ValueError, match="threshold"):
+        choose_simplest_within_noise([[0.7, 0.7]], threshold=-1)

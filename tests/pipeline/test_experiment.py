@@ -30,7 +30,7 @@ def tiny_experiment(tiny_run, tmp_path_factory):
         "baselines": ["lr", "dcn"],
         "hobby_sizes": [4, 6],
         "requantize_epochs": 2,
-        "trainer_search": {"grid": {"lr": [1e-3, 3e-2]}, "seeds": [0]},
+        "trainer_search": {"grid": {"lr": [1e-3, 3e-2]}, "seeds": [0, 1, 2]},
     }
     config = from_dict(ExperimentConfig, data, "tiny experiment")
     return config, run_experiment(config)
@@ -52,27 +52,33 @@ def test_tables_plots_and_numbers(tiny_experiment):
     assert np.isclose(table2.loc["UserIP-DCN", "auc_mean"], ours["auc"].mean())
     expected_p = paired_test(ours["auc"].to_numpy(), base["auc"].to_numpy()).t_pvalue
     assert table2.loc["UserIP-DCN", "p (paired t vs DCN, AUC)"] == f"{expected_p:.3g}"
+    # Logloss is calibrated on validation; the raw one is kept in the cells and beside it in the tables.
+    assert results["logloss_raw"].notna().all() and (results["logloss"] != results["logloss_raw"]).any()
+    assert np.isclose(
+        table2.loc["UserIP-DCN", "logloss_raw_mean"], ours["logloss_raw"].mean()
+    ) and np.isclose(table2.loc["UserIP-DCN", "logloss_mean"], ours["logloss"].mean())
     # Best cell bold, second best underlined, in each metric column.
     assert md.count("**") >= 4 and "<u>" in md
 
 
-def test_trainer_search_picks_best_valid_auc_and_uses_it(tiny_experiment):
+def test_trainer_search_keeps_the_simplest_within_noise_and_uses_it(tiny_experiment):
     config, out = tiny_experiment
     search = pd.read_csv(config.output_dir / "trainer_search.csv")
     # 4 rows (LR, DCN, UserIP-DCN, w/o VQ; hobby6 reuses UserIP-DCN's choice) x 2 candidates.
     assert len(search) == 4 * 2 and set(search.lr) == {1e-3, 3e-2}
-    for (model, variant), group in search.groupby(["model", "variant"]):
-        chosen = group[group.chosen]
-        assert len(chosen) == 1
-        assert chosen.valid_auc_mean.iloc[0] == group.valid_auc_mean.max()
-        # The seeds ran with the chosen lr: the seed-0 cell is the winning search cell itself.
-        results = pd.read_csv(config.output_dir / "results.csv")
-        final = results[(results.model == model) & (results.variant == variant) & (results.seed == 0)]
-        assert np.isclose(final.valid_auc.iloc[0], chosen.valid_auc_mean.iloc[0])
+    threshold = config.trainer_search.se_threshold
+    for _, group in search.groupby(["model", "variant"], sort=False):
+        assert group.chosen.sum() == 1
+        best = group[group.seeds_run == 3].valid_auc_mean.idxmax()
+        assert group.gap_to_best[best] == 0
+        within = (group.seeds_run == 3) & (group.gap_to_best <= threshold * group.gap_se)
+        assert list(group.within_noise) == list(within)
+        assert group.index[group.chosen][0] == group.index[within][0]  # the simplest within noise
     assert "Trainer settings chosen on validation AUC" in out["markdown"]
     assert len(out["tables"]["trainer_search"]) == 4
-    # Winning search cells are the seed-0 final cells: 10 final + 8 search - 4 shared files.
-    assert len(list((config.output_dir / "cells").glob("*.json"))) == 10 + 8 - 4
+    # The chosen candidate's search cells of seeds 0 and 1 are the final cells of those seeds.
+    cells = len(list((config.output_dir / "cells").glob("*.json")))
+    assert cells == 10 + search.seeds_run.sum() - 4 * 2
 
 
 def test_rerun_skips_finished_cells(tiny_experiment):
@@ -94,6 +100,10 @@ def test_rerun_skips_finished_cells(tiny_experiment):
         ({"trainer_search": {"grid": {"momentum": [0.9]}}}, "momentum"),
         ({"trainer_search": {"grid": {"lr": []}}}, "trainer_search.grid.lr"),
         ({"trainer_search": {"grid": {"lr": [-1.0]}}}, "TrainerConfig.lr must be a finite number > 0"),
+        ({"trainer_search": {"grid": {"lr": [1e-3]}, "seeds": [0, 1]}}, "at least 3 distinct seeds"),
+        ({"trainer_search": {"se_threshold": -1}}, "trainer_search.se_threshold"),
+        ({"trainer_search": {"prune_margin": -0.1}}, "trainer_search.prune_margin"),
+        ({"trainer": {"calibration": "isotonic"}}, "calibration"),
     ],
 )
 def test_bad_config_fails_naming_the_key(data, match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,16 @@ def test_scores_equal_the_trained_model_on_the_training_encoding(run_dir: Path, 
     features = ("gender",) if model == "gender" else ()
     bank = FeatureBank.load(run_dir / "bank") if "dcn+" in model or model == "gender" else None
     x = build_ctr_data(ds, bank, features)["test"].x_ids
+    # Scores are calibrated with the Platt fit recorded at training time (metrics.json), not raw sigmoids.
+    recorded = json.loads((run_dir / "ctr" / model / "metrics.json").read_text())["calibration"]
+    assert recorded != {"scale": 1.0, "bias": 0.0}
     with torch.inference_mode():
-        expected = torch.sigmoid(scorer.model(x)).numpy()
+        logits = scorer.model(x).double().numpy()
+    expected = 1.0 / (1.0 + np.exp(-(recorded["scale"] * logits + recorded["bias"])))
     result = scorer.score(users, items)
-    np.testing.assert_array_equal(result.probs, expected)
+    np.testing.assert_allclose(result.probs, expected, rtol=0, atol=1e-6)
+    assert np.abs(result.probs - 1.0 / (1.0 + np.exp(-logits))).max() > 1e-3  # not the raw probabilities
+    assert scorer.describe()["calibration"] == recorded
     assert result.probs.dtype == np.float32
     assert (result.bank_version is None) == (model == "dcn")
 

@@ -598,7 +598,13 @@ def train_kar(
         data=data,
         model=trainer.model,
         output_dir=out,
-        **score_test(trainer.model, data["test"], trainer_config.eval_batch_size, trainer.device),
+        **score_test(
+            trainer.model,
+            data["test"],
+            trainer_config.eval_batch_size,
+            trainer.device,
+            trainer.calibration,
+        ),
         offline_cost=knowledge.cost,
         knowledge=knowledge,
     )

@@ -64,7 +64,7 @@ from userip.ctr.data import CTRData, SplitTensors
 from userip.ctr.encoding import FeatureEncoder, Vocabulary
 from userip.ctr.features import ITEM_FIELD, USER_FIELD, FeatureMap, Field, FieldSource
 from userip.ctr.recipe import CTRResult, score_test
-from userip.ctr.trainer import DEFAULT_EVAL_BATCH, EpochRecord, FitResult, predict_probs
+from userip.ctr.trainer import DEFAULT_EVAL_BATCH, EpochRecord, FitResult, predict_probs, validate_model
 from userip.data.schema import SPLITS, Dataset
 from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
@@ -577,8 +577,15 @@ def train_pepler(
                 p.copy_(best_state[name])
     del best_state, optimizer
     model.eval()
+    # Calibrated on validation like every CTR row (userip.ctr.calibration); the choice stays PEPLER's own.
+    valid_metrics, calibration = (
+        validate_model(model, valid, batch_size=config.eval_batch_size, device=device)
+        if valid is not None
+        else (None, None)
+    )
     fit = FitResult(best_epoch, None if valid is None else best_auc, stopped_early, history)
-    valid_metrics = _evaluate(model, valid, config.eval_batch_size, device) if valid is not None else None
+    if calibration is not None:
+        fit.calibration = calibration
 
     result = PEPLERResult(
         model_name=MODEL_NAME,
@@ -589,7 +596,7 @@ def train_pepler(
         data=data,
         model=model,
         output_dir=out,
-        **score_test(model, data["test"], config.eval_batch_size, device),
+        **score_test(model, data["test"], config.eval_batch_size, device, calibration),
         offline_cost=cost,
         text_source=targets.source,
         epoch_losses=epoch_losses,

@@ -62,6 +62,7 @@ from userip.baselines.llm_text import (
     encode_cached,
     load_text_lm,
 )
+from userip.ctr.calibration import IDENTITY, fit_platt, probs_to_logits
 from userip.ctr.data import build_ctr_data
 from userip.ctr.recipe import CTRResult
 from userip.ctr.trainer import EpochRecord, FitResult
@@ -683,17 +684,19 @@ def train_rella(
         return probs, seconds
 
     valid_metrics: dict[str, float] | None = None
+    valid_probs: np.ndarray | None = None
     torch.manual_seed(seed)  # the adapter's initialisation (at attach) and LoRA dropout
     with model.attach():
         if config.zero_shot:
             fit = FitResult(0, None, False, [EpochRecord(0, None, 0.0, 0.0)])
             if len(valid_rows):
-                valid_metrics = ctr_metrics(valid_labels, score(valid_batches)[0])
+                valid_probs = score(valid_batches)[0]
+                valid_metrics = ctr_metrics(valid_labels, valid_probs)
                 fit.history[0].valid_auc = valid_metrics["auc"]
                 fit.history[0].valid_logloss = valid_metrics["logloss"]
                 fit.best_valid_auc = valid_metrics["auc"]
         else:
-            fit, valid_metrics = _fine_tune(
+            fit, valid_metrics, valid_probs = _fine_tune(
                 model, builder, train_rows, valid_batches, valid_labels, config, seed, cost, score, say
             )
         test_probs, test_seconds = score(test_batches)
@@ -702,14 +705,23 @@ def train_rella(
             atomic_write_json(out / ADAPTER_CONFIG_FILE, _lora_config_dict(model.lora_config))
     model.eval()
     test_labels = labels_all[test_rows]
+    # Calibrated on validation like every CTR row (userip.ctr.calibration), from the LM's probabilities.
+    calibration = IDENTITY
+    if valid_probs is not None:
+        calibration = fit_platt(probs_to_logits(valid_probs), valid_labels)
+        valid_metrics = ctr_metrics(
+            valid_labels, valid_probs, calibration.probs(probs_to_logits(valid_probs))
+        )
+        fit.calibration = calibration
+    calibrated_test = calibration.probs(probs_to_logits(test_probs))
     result = ReLLaResult(
         model_name=name,
         with_profiles=False,
         seed=seed,
         valid=valid_metrics,
-        test=ctr_metrics(test_labels, test_probs),
+        test=ctr_metrics(test_labels, test_probs, calibrated_test),
         test_labels=test_labels,
-        test_probs=test_probs.astype(np.float32),
+        test_probs=calibrated_test,
         fit=fit,
         data=build_ctr_data(dataset, None),
         model=model,
@@ -754,9 +766,9 @@ def _fine_tune(
     cost: OfflineCost,
     score: Any,
     say: Any,
-) -> tuple[FitResult, dict[str, float] | None]:
+) -> tuple[FitResult, dict[str, float] | None, np.ndarray | None]:
     """LoRA training inside ``model.attach()``; leaves the best epoch's adapter loaded and in
-    ``model.adapter``. Returns the fit record and the chosen epoch's valid metrics."""
+    ``model.adapter``. Returns the fit record, the chosen epoch's valid metrics and valid probabilities."""
     from peft import set_peft_model_state_dict
 
     lm = model.lm
@@ -778,7 +790,7 @@ def _fine_tune(
     generator = torch.Generator().manual_seed(seed)
     has_valid = valid_batches.num_rows > 0
     history: list[EpochRecord] = []
-    best_auc, best_epoch, best_state, best_metrics = -math.inf, 0, None, None
+    best_auc, best_epoch, best_state, best_metrics, best_probs = -math.inf, 0, None, None, None
     bad_epochs, stopped_early = 0, False
     for epoch in range(1, config.max_epochs + 1):
         start = time.perf_counter()
@@ -795,13 +807,20 @@ def _fine_tune(
             best_epoch, best_state = epoch, model.adapter_state()
             say("ReLLa epoch %d: train loss %.5f", epoch, train_loss)
             continue
-        metrics = ctr_metrics(valid_labels, score(valid_batches)[0])
+        probs = score(valid_batches)[0]
+        metrics = ctr_metrics(valid_labels, probs)
         record.valid_auc, record.valid_logloss = metrics["auc"], metrics["logloss"]
         improved = metrics["auc"] > best_auc
         mark = " *" if improved else ""
         say("ReLLa epoch %d: train loss %.5f, valid %s%s", epoch, train_loss, metrics, mark)
         if improved:
-            best_auc, best_epoch, best_metrics, bad_epochs = metrics["auc"], epoch, metrics, 0
+            best_auc, best_epoch, best_metrics, best_probs, bad_epochs = (
+                metrics["auc"],
+                epoch,
+                metrics,
+                probs,
+                0,
+            )
             best_state = model.adapter_state()
         else:
             bad_epochs += 1
@@ -813,4 +832,4 @@ def _fine_tune(
     model.adapter = best_state
     lm.model.eval()
     fit = FitResult(best_epoch, best_auc if has_valid else None, stopped_early, history)
-    return fit, best_metrics
+    return fit, best_metrics, best_probs

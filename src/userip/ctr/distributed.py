@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from userip.ctr.calibration import Calibration
 from userip.ctr.data import SplitTensors
 from userip.ctr.recipe import CTRResult, train_ctr
 from userip.ctr.trainer import Trainer, TrainerConfig
@@ -100,24 +102,38 @@ class DistributedTrainer(Trainer):
         return total / rows
 
     def evaluate(self, split: SplitTensors) -> dict[str, float]:
-        # Rank 0 alone, with the single-process batching: a sharded evaluation could change a row's float
-        # result (BLAS blocking depends on the batch), and the metrics must be the single-process ones.
-        values = torch.full((2,), math.nan, dtype=torch.float64)
+        return self._on_rank0(lambda: (super(DistributedTrainer, self).evaluate(split), None))[0]
+
+    def validate(self, split: SplitTensors) -> tuple[dict[str, float], Calibration]:
+        metrics, calibration = self._on_rank0(lambda: super(DistributedTrainer, self).validate(split))
+        assert calibration is not None
+        return metrics, calibration
+
+    def _on_rank0(
+        self, compute: Callable[[], tuple[dict[str, float], Calibration | None]]
+    ) -> tuple[dict[str, float], Calibration | None]:
+        """Rank 0 alone evaluates, with the single-process batching, and broadcasts: a sharded evaluation
+        could change a row's float result (BLAS blocking depends on the batch), the metrics must be the
+        single-process ones, and every rank must take the same early-stopping and checkpoint decisions."""
+        keys = ("auc", "logloss", "logloss_raw", "calibration.scale", "calibration.bias")
+        values = torch.full((len(keys),), math.nan, dtype=torch.float64)
         error: BaseException | None = None
         if self.ctx.is_main:
             try:
-                metrics = super().evaluate(split)
-                values = torch.tensor([metrics["auc"], metrics["logloss"]], dtype=torch.float64)
+                metrics, calibration = compute()
+                cal = [math.nan, math.nan] if calibration is None else [calibration.scale, calibration.bias]
+                values = torch.tensor([metrics[k] for k in keys[:3]] + cal, dtype=torch.float64)
             except (ValueError, FloatingPointError) as e:  # e.g. a one-class split: tell the others first
                 error = e
         values = values.to(self.ctx.comm_device)
         dist.broadcast(values, src=0)
         if error is not None:
             raise error
-        auc_value, logloss_value = values.cpu().tolist()
-        if math.isnan(auc_value):
+        got = dict(zip(keys, values.cpu().tolist()))
+        if math.isnan(got["auc"]):
             raise DistributedError("rank 0 could not evaluate the split (see its log)")
-        return {"auc": auc_value, "logloss": logloss_value}
+        scale, bias = got.pop("calibration.scale"), got.pop("calibration.bias")
+        return got, None if math.isnan(scale) else Calibration(scale, bias)
 
 
 def train_ctr_distributed(

@@ -2,10 +2,11 @@
 
 ``train_ctr`` is a library call: it prints nothing (logging goes to the ``userip`` logger, silent unless a
 handler is configured; ``TrainerConfig.progress`` turns the tqdm bar on) and returns a ``CTRResult`` holding
-valid/test AUC and Logloss plus the test probabilities, so an experiment runner can call it per seed and pair
+valid/test AUC and Logloss (calibrated on validation, ``userip.ctr.calibration``; the raw Logloss beside
+it) plus the calibrated test probabilities, so an experiment runner can call it per seed and pair
 the results. Given a run directory it reads ``RUN/data`` (and ``RUN/bank`` with profiles) and writes
-``RUN/ctr/<model>[+profiles]/``: ``model.safetensors``, ``feature_map.json``, ``encoder.json``,
-``config.json`` and, last, ``metrics.json`` (its presence marks a complete run).
+``RUN/ctr/<model>[+profiles]/``: ``model.safetensors`` (weights and calibration), ``feature_map.json``,
+``encoder.json``, ``config.json`` and, last, ``metrics.json`` (its presence marks a complete run).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from userip.ctr.calibration import IDENTITY, Calibration
 from userip.ctr.data import CTRData, ProfileBank, SplitTensors, build_ctr_data, freeze_field_rows
 from userip.ctr.extend import extend_model
 from userip.ctr.models import build_model, model_arguments
-from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, predict_probs
+from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, calibrated_metrics, predict_logits
 from userip.data.schema import Dataset
-from userip.evaluation.metrics import ctr_metrics
 from userip.utils.config import to_dict
 from userip.utils.io import atomic_write_json
 from userip.utils.logging import get_logger
@@ -51,10 +52,10 @@ class CTRResult:
     model_name: str
     with_profiles: bool
     seed: int
-    valid: dict[str, float] | None  # {"auc", "logloss"}; None when the dataset has no valid split
-    test: dict[str, float]
+    valid: dict[str, float] | None  # {"auc", "logloss", "logloss_raw"}; None without a valid split
+    test: dict[str, float]  # {"auc", "logloss" (calibrated), "logloss_raw"}
     test_labels: np.ndarray  # (N_test,) float32
-    test_probs: np.ndarray  # (N_test,) float32, aligned with the dataset's test rows in order
+    test_probs: np.ndarray  # (N_test,) float32 calibrated, aligned with the dataset's test rows in order
     fit: FitResult
     data: CTRData
     model: nn.Module  # trained, holding its best weights, in eval mode
@@ -70,6 +71,7 @@ class CTRResult:
             "valid": self.valid,
             "test": self.test,
             "best_epoch": self.fit.best_epoch,
+            "calibration": dataclasses.asdict(self.fit.calibration),
             "stopped_early": self.fit.stopped_early,
             "num_rows": {name: len(split) for name, split in self.data.splits.items()},
             "fields": self.data.feature_map.names,
@@ -78,15 +80,24 @@ class CTRResult:
         }
 
 
-def score_test(model: nn.Module, split: SplitTensors, batch_size: int, device: Any) -> dict[str, Any]:
-    """``CTRResult``'s test fields for ``model`` on ``split``: ``test`` (AUC, Logloss), ``test_labels``,
-    ``test_probs`` and ``test_inference_samples_per_s`` (the scoring pass, timed)."""
+def score_test(
+    model: nn.Module,
+    split: SplitTensors,
+    batch_size: int,
+    device: Any,
+    calibration: Calibration | None = None,
+) -> dict[str, Any]:
+    """``CTRResult``'s test fields for ``model`` on ``split`` under ``calibration`` (fitted on validation;
+    None: uncalibrated): ``test`` (AUC, calibrated and raw Logloss), ``test_labels``, ``test_probs``
+    (calibrated) and ``test_inference_samples_per_s`` (the scoring pass, timed)."""
+    calibration = calibration or IDENTITY
     start = time.perf_counter()
-    probs = predict_probs(model, split.x_ids, batch_size, device)
+    logits = predict_logits(model, split.x_ids, batch_size, device)
+    probs = calibration.probs(logits)
     samples_per_s = len(split) / max(time.perf_counter() - start, 1e-9)
     labels = split.labels.numpy()
     return {
-        "test": ctr_metrics(labels, probs),
+        "test": calibrated_metrics(labels, logits, calibration),
         "test_labels": labels,
         "test_probs": probs,
         "test_inference_samples_per_s": samples_per_s,
@@ -214,11 +225,13 @@ def train_ctr(
         data=data,
         model=trainer.model,
         output_dir=out,
-        **score_test(trainer.model, data["test"], config.eval_batch_size, trainer.device),
+        **score_test(
+            trainer.model, data["test"], config.eval_batch_size, trainer.device, trainer.calibration
+        ),
     )
     log.info("%s: valid %s, test %s", output_name(model_name, with_profiles), valid_metrics, result.test)
 
-    # ---- save (the checkpoint already holds the best weights; metrics last)
+    # ---- save (the checkpoint already holds the chosen weights and calibration; metrics last)
     if out is not None:
         atomic_write_json(out / FEATURE_MAP_FILE, data.feature_map.to_dict())
         data.encoder.save(out / ENCODER_FILE)

@@ -55,9 +55,21 @@ def logloss(labels: ArrayLike, probs: ArrayLike, eps: float = DEFAULT_EPS) -> fl
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
-def ctr_metrics(labels: ArrayLike, probs: ArrayLike) -> dict[str, float]:
-    """``{"auc", "logloss"}`` of one split's predictions: what every table and checkpoint choice reads."""
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+def ctr_metrics(
+    labels: ArrayLike, probs: ArrayLike, calibrated_probs: ArrayLike | None = None
+) -> dict[str, float]:
+    """``{"auc", "logloss"}`` of one split's predictions: what every table and checkpoint choice reads.
+
+    With ``calibrated_probs`` (the same scores after a calibration, a monotone map: AUC stays the raw
+    scores'), ``logloss`` is theirs and the raw probabilities' is added as ``logloss_raw``.
+    """
+    if calibrated_probs is None:
+        return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+    return {
+        "auc": auc(labels, probs),
+        "logloss": logloss(labels, calibrated_probs),
+        "logloss_raw": logloss(labels, probs),
+    }
 
 
 def rela_impr_auc(auc_value: float, base_auc: float) -> float:
@@ -127,3 +139,57 @@ def paired_test(
         w = stats.wilcoxon(a, b)
         w_stat, w_p = float(w.statistic), float(w.pvalue)
     return PairedTestResult(a.size, mean_diff, t_stat, t_p, w_stat, w_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseAwareChoice:
+    """``choose_simplest_within_noise``'s decision and its evidence, one entry per candidate."""
+
+    chosen: int  # index of the chosen candidate
+    best: int  # index of the candidate with the highest mean score
+    means: tuple[float, ...]  # mean score over seeds (NaN when not every seed ran)
+    gaps: tuple[float, ...]  # mean paired difference best - candidate (0 for the best)
+    gap_ses: tuple[float, ...]  # standard error of that paired difference (std ddof=1 / sqrt(seeds))
+    within_noise: tuple[bool, ...]  # complete and gap <= threshold * gap_se
+
+
+def choose_simplest_within_noise(
+    scores: Sequence[Sequence[float]] | ArrayLike, threshold: float = 2.0
+) -> NoiseAwareChoice:
+    """The simplest candidate whose validation score is not clearly below the best one's.
+
+    ``scores[c][s]``: candidate ``c``'s score (higher is better) on seed ``s``, the same seeds for every
+    candidate, candidates ordered simplest first; NaN marks a cell that was not run (a pruned candidate),
+    which makes that candidate ineligible. The best candidate has the highest mean over seeds (ties: the
+    simpler). A candidate is within noise of it when the mean of the paired differences best - candidate is
+    at most ``threshold`` standard errors of those differences, i.e. the paired t statistic of the best
+    against it is at most ``threshold``; with one seed there is no error estimate and only ties are within
+    noise. The choice is the first (simplest) candidate within noise: a richer setting wins only when its
+    gain over every simpler one is above noise.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty (candidates, seeds) array, got shape {s.shape}")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+    complete = ~np.isnan(s).any(axis=1)
+    if not complete.any():
+        raise ValueError("no candidate has a score on every seed")
+    means = s.mean(axis=1)  # NaN for an incomplete candidate
+    best = int(np.flatnonzero(means == np.nanmax(means))[0])
+    diffs = s[best] - s
+    gaps = diffs.mean(axis=1)
+    num_seeds = s.shape[1]
+    ses = diffs.std(axis=1, ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else np.zeros(len(s))
+    # A difference that is constant up to float rounding has no spread: compare the gap with 0 alone.
+    ses = np.where(ses < 1e-12 * np.maximum(1.0, np.abs(gaps)), 0.0, ses)
+    within = complete & (gaps <= threshold * ses)
+    chosen = int(np.flatnonzero(within)[0])
+    return NoiseAwareChoice(
+        chosen,
+        best,
+        tuple(float(m) for m in means),
+        tuple(float(g) for g in gaps),
+        tuple(float(e) for e in ses),
+        tuple(bool(w) for w in within),
+    )

@@ -7,8 +7,10 @@
     Figure 6  the same for the background codebook size 3 .. 81
 
 With ``trainer_search`` set, each row of the tables (a CTR model with or without profile IDs) first gets its
-own trainer settings, chosen on validation AUC over a small grid (the test split is never consulted); the
-seeds then run with the chosen settings.
+own trainer settings, chosen on validation AUC over a small grid and at least 3 seeds, keeping the simplest
+setting unless a richer one is better beyond noise (``TrainerSearchConfig``; the test split is never
+consulted); the seeds then run with the chosen settings. Every row's Logloss is calibrated on validation
+(``userip.ctr.calibration``); the raw one is kept as ``logloss_raw``.
 
 Every (table, model, variant, seed) cell is a JSON file under ``OUT/cells/``; a rerun skips finished cells, so
 an interrupted experiment resumes where it stopped. Soft tokens are inferred once (``userip profile``); the
@@ -42,6 +44,7 @@ from userip.data.prepare import prepare
 from userip.data.protocols import apply_protocol, known_rows_of
 from userip.data.schema import MANIFEST, Dataset
 from userip.evaluation.controls import bag_of_items_bank
+from userip.evaluation.metrics import choose_simplest_within_noise
 from userip.feature_bank import UNKNOWN_CODE, FeatureBank
 from userip.pipeline.experiment_config import (
     CONTROLS,
@@ -155,7 +158,10 @@ class Experiment:
                 log.info("prepare: reusing %s", data_dir)
                 return Dataset.load(data_dir)
             log.info("prepare: %s was written for other settings; rebuilding", data_dir)
-        protocol = apply_protocol(prepare(cfg.source, cfg.source_options, cfg.prepare), cfg.protocol)
+        with tqdm(total=3, desc=f"prepare {cfg.source}", unit="phase") as bar:
+            prepared = prepare(cfg.source, cfg.source_options, cfg.prepare, progress=bar)
+            protocol = apply_protocol(prepared, cfg.protocol)
+            bar.update()
         dataset = protocol.dataset
         dataset.config["experiment"] = wanted
         new_users = RunLayout(self.run_dir).protocol / NEW_USERS_FILE
@@ -298,29 +304,75 @@ class Experiment:
         return self.chosen.get((cell.model, self.search_variant(cell)), self.config.trainer)
 
     def select_trainers(self) -> None:
-        """Run the search cells and keep, per row, the candidate with the best mean validation AUC."""
+        """Run the search cells and keep, per row, the simplest candidate whose validation AUC is within
+        noise of the best (``TrainerSearchConfig``); candidates hopeless after the first seed are dropped."""
         pairs = self.search_cells()
         if not pairs:
             return
-        keys = list(self.config.trainer_search.grid)
-        records = []
-        for cell, trainer in tqdm(pairs, desc="trainer search", unit="cell"):
-            record = self.run_cell(cell, trainer)
-            if record["valid_auc"] is None:
-                raise ValueError("trainer_search needs a validation split; this dataset has none")
-            records.append({**record, **{k: getattr(trainer, k) for k in keys}})
-        search = pd.DataFrame(records)
-        ranked = (
-            search.groupby(["model", "variant", *keys], sort=False)["valid_auc"]
-            .agg(valid_auc_mean="mean", valid_auc_std="std")
-            .reset_index()
-        )
-        # idxmax keeps the first maximum: ties go to the earlier grid candidate.
-        best = ranked.loc[ranked.groupby(["model", "variant"], sort=False)["valid_auc_mean"].idxmax()]
-        for row in best.itertuples(index=False):
-            chosen = {k: _plain(getattr(row, k)) for k in keys}
-            self.chosen[(row.model, row.variant)] = dataclasses.replace(self.config.trainer, **chosen)
-        ranked["chosen"] = ranked.index.isin(best.index)
+        search = self.config.trainer_search
+        keys = list(search.grid)
+        candidates = search.candidates(self.config.trainer)
+        rows = list(dict.fromkeys((c.model, c.variant) for c, _ in pairs))
+        # scores[row][candidate, seed]: validation AUC; NaN for a cell not run (a pruned candidate)
+        scores = {row: np.full((len(candidates), len(search.seeds)), np.nan) for row in rows}
+        pruned: dict[tuple[str, str], set[int]] = {row: set() for row in rows}
+        with tqdm(total=len(pairs), desc="trainer search", unit="cell") as bar:
+            for s, seed in enumerate(search.seeds):
+                for row in rows:
+                    for c, trainer in enumerate(candidates):
+                        if c in pruned[row]:
+                            continue
+                        record = self.run_cell(Cell("search", row[0], row[1], seed), trainer)
+                        if record["valid_auc"] is None:
+                            raise ValueError("trainer_search needs a validation split; this dataset has none")
+                        scores[row][c, s] = record["valid_auc"]
+                        bar.update()
+                    if s == 0 and search.prune_margin is not None:
+                        first = scores[row][:, 0]
+                        pruned[row] = {
+                            c
+                            for c in range(1, len(candidates))
+                            if first[c] < first.max() - search.prune_margin
+                        }
+                        if pruned[row]:
+                            log.info(
+                                "trainer search %s: dropped %d of %d candidates after seed %d",
+                                row_name(*row),
+                                len(pruned[row]),
+                                len(candidates),
+                                seed,
+                            )
+                            bar.total -= len(pruned[row]) * (len(search.seeds) - 1)
+                            bar.refresh()
+        table = []
+        for row in rows:
+            choice = choose_simplest_within_noise(scores[row], search.se_threshold)
+            self.chosen[row] = candidates[choice.chosen]
+            for c, trainer in enumerate(candidates):
+                ran = scores[row][c][~np.isnan(scores[row][c])]
+                table.append(
+                    {
+                        "model": row[0],
+                        "variant": row[1],
+                        **{k: getattr(trainer, k) for k in keys},
+                        "valid_auc_mean": float(ran.mean()),
+                        "valid_auc_std": float(ran.std(ddof=1)) if len(ran) > 1 else float("nan"),
+                        "seeds_run": len(ran),
+                        "gap_to_best": choice.gaps[c],
+                        "gap_se": choice.gap_ses[c],
+                        "within_noise": choice.within_noise[c],
+                        "pruned": c in pruned[row],
+                        "chosen": c == choice.chosen,
+                    }
+                )
+            log.info(
+                "trainer search %s: chose candidate %d of %d (best by mean: %d)",
+                row_name(*row),
+                choice.chosen + 1,
+                len(candidates),
+                choice.best + 1,
+            )
+        ranked = pd.DataFrame(table)
         atomic_write_text(self.out / "trainer_search.csv", ranked.to_csv(index=False))
         self.search_results = ranked
 
@@ -469,19 +521,16 @@ def _write_cell(
         "variant": variant,
         "seed": seed,
         "auc": result.test["auc"],
-        "logloss": result.test["logloss"],
+        "logloss": result.test["logloss"],  # calibrated on validation (userip.ctr.calibration)
+        "logloss_raw": result.test.get("logloss_raw"),
         "valid_auc": (result.valid or {}).get("auc"),
         "valid_logloss": (result.valid or {}).get("logloss"),
+        "valid_logloss_raw": (result.valid or {}).get("logloss_raw"),
         "best_epoch": result.fit.best_epoch,
         "seconds": seconds,
     }
     atomic_write_json(path, record)
     return record
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalar -> Python scalar (a TrainerConfig field must stay JSON- and validation-friendly)."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def run_experiment(

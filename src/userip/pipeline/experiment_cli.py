@@ -1,12 +1,20 @@
-"""``userip experiment --config FILE``: the paper's tables and figures over seeds (resumable)."""
+"""``userip experiment --config FILE``: the paper's tables and figures over seeds (resumable).
+
+Like ``userip run``: the terminal gets a progress bar per stage (prepare, profile when its config asks for
+one, trainer search, experiment cells), warnings, errors and the tables; every INFO record (each CTR epoch,
+each cell) is in ``OUT/experiment.log``. ``--verbose`` prints those on the terminal too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
 from userip.utils.config import add_set_argument, from_dict, read_config
+
+LOG_FILE = "experiment.log"  # under the experiment's output folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compute nothing: write the tables from the cells that exist (rows short of seeds say so)",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print every INFO record (each CTR epoch, each cell) on the terminal too; OUT/experiment.log "
+        "always has them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +54,13 @@ def run(args: argparse.Namespace) -> int:
     }
     config = from_dict(ExperimentConfig, read_config(args.config, flags, args.set), str(args.config))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    setup_logging(config.output_dir / "experiment.log")
+    log_file = config.output_dir / LOG_FILE
+    setup_logging(log_file, console_level=logging.INFO if args.verbose else logging.WARNING)
+    print(f"userip experiment: output under {config.output_dir}, details in {log_file}", flush=True)
     start = time.perf_counter()
     out = run_experiment(config, rows, args.finished_only)
+    print()
     print(out["markdown"])
     print(f"done in {time.perf_counter() - start:.0f} s; tables, CSV/JSON and plots in {config.output_dir}")
+    print(f"  log: {log_file}")
     return 0

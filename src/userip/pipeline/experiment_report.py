@@ -84,7 +84,8 @@ def write_tables(
     md = [f"# {cfg.name}: results", ""]
     md.append(
         f"Dataset `{run_dir}` ({_stats_line(dataset)}); seeds {cfg.seeds}; "
-        f"mean ± std of test metrics; **best**, <u>second best</u>."
+        f"mean ± std of test metrics; **best**, <u>second best</u>. Logloss is calibrated on validation "
+        "(Platt scaling of the logit, the same for every row); `logloss_raw_mean`: before calibration."
     )
     out: dict[str, Any] = {"tables": {}}
 
@@ -94,6 +95,16 @@ def write_tables(
         else:
             summary = summarize_over_seeds(rows, by=["name"], metrics=["auc", "logloss"])
             summary = summary.drop(columns=["num_seeds"]).rename(columns={"name": "model"})
+        if "logloss_raw" in rows and rows["logloss_raw"].notna().any():
+            # Logloss columns are calibrated on validation; the uncalibrated mean stays beside them.
+            raw = rows.groupby("name")["logloss_raw"].mean()
+            summary.insert(
+                list(summary.columns).index("logloss_std") + 1
+                if "logloss_std" in summary
+                else len(summary.columns),
+                "logloss_raw_mean",
+                [raw.get(name, float("nan")) for name in summary["model"]],
+            )
         seeds = rows.groupby("name")["seed"].nunique()
         if (seeds != len(cfg.seeds)).any():  # finished_only: say which rows have fewer seeds
             summary.insert(1, "seeds", [int(seeds[name]) for name in summary["model"]])
@@ -112,20 +123,23 @@ def write_tables(
             [row_name(main, v) for v in ours],
         )
     if search_results is not None:
-        chosen = search_results[search_results["chosen"]].drop(columns=["chosen"])
+        chosen = search_results[search_results["chosen"]].drop(columns=["chosen", "within_noise", "pruned"])
         chosen = chosen.assign(model=[row_name(m, v) for m, v in zip(chosen.model, chosen.variant)]).drop(
             columns=["variant"]
         )
         # Grid values as written (1e-05, not 0.0000); the AUC columns keep the tables' 4 decimals.
         chosen = chosen.astype({k: str for k in cfg.trainer_search.grid})
-        grid = ", ".join(f"{k} {v}" for k, v in cfg.trainer_search.grid.items())
+        search = cfg.trainer_search
+        grid = ", ".join(f"{k} {v}" for k, v in search.grid.items())
         md.extend(
             [
                 "",
                 "## Trainer settings chosen on validation AUC",
                 "",
-                f"Grid: {grid}; mean validation AUC over seeds {cfg.trainer_search.seeds}; every "
-                "candidate's score is in `trainer_search.csv`. Codebook-size sweeps use "
+                f"Grid (simplest first): {grid}; validation AUC over seeds {search.seeds}. Each row keeps "
+                f"the simplest candidate within {search.se_threshold:g} paired standard errors of the best "
+                "(`gap_to_best`, `gap_se`: the chosen one's); every candidate's score is in "
+                "`trainer_search.csv`. Codebook-size sweeps use "
                 f"UserIP-{main.upper()}'s choice.",
                 "",
                 markdown_table(chosen).rstrip("\n"),

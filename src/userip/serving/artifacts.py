@@ -2,8 +2,9 @@
 
 Read exactly as ``userip.ctr.recipe`` writes it: ``config.json`` (model name and arguments, user features,
 dataset hash), ``feature_map.json``, ``encoder.json`` (vocabularies over the dataset's contiguous IDs),
-``model.safetensors`` (weights only: nothing is unpickled; checked for its recorded content hash when it has
-one, for finiteness and for the model's exact shapes), and ``metrics.json``, whose presence marks a complete
+``model.safetensors`` (weights and the validation calibration, ``userip.ctr.calibration``: nothing is
+unpickled; checked for its recorded content hash when it has one, for finiteness and for the model's exact
+shapes), and ``metrics.json``, whose presence marks a complete
 run. ``config.json``'s ``bank`` section (version, codebook hash) pairs the model with its bank (see
 ``Scorer._check_pairing``). Raw IDs come from the run's dataset tables (``RUN/data/users.parquet``,
 ``items.parquet``), read once at load; the dataset's manifest hash must equal the one the model was trained
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from userip.ctr.calibration import split_calibration
 from userip.ctr.encoding import FeatureEncoder
 from userip.ctr.features import USER_FIELD, FeatureMap, FieldSource
 from userip.ctr.models import build_model
@@ -83,6 +85,9 @@ def load_model(model_dir: Path) -> tuple[Any, FeatureMap, FeatureEncoder, dict[s
         required=expected,
         shapes={k: tuple(v.shape) for k, v in expected.items()},
     )
+    # The calibration travels in the same hashed file; None: a model saved without one (older runs).
+    calibration, state = split_calibration(state, str(weights))
+    config["calibration"] = calibration
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # tensors the model does not have
@@ -138,6 +143,7 @@ def load_run(
         "trained_with_bank": trained_bank.get("version"),
         "trained_codebook_hash": trained_bank.get("codebook_hash"),
     }
+    calibration = config.get("calibration")
     return scorer_cls(
         net,
         feature_map,
@@ -148,6 +154,7 @@ def load_run(
         user_features=user_features,
         model_name=name,
         info=info,
+        calibration=calibration,
     )
 
 

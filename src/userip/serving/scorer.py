@@ -4,7 +4,9 @@
 stringified), maps them with the vocabularies saved at training time (``userip.data.ids.IdIndex``: unseen ->
 index 0), reads the users' profile codes from the feature bank (unknown user -> code -1 -> field index 0, the
 reserved ID), builds one ``x_ids`` (B, F) array and runs the model once under ``torch.inference_mode``; the
-sigmoid is applied outside the model. The hot path is dict lookups and numpy fancy indexing: tables are
+calibration fitted on validation at training time (``userip.ctr.calibration``: ``scale * logit + bias``, two
+scalar operations) and the sigmoid are applied outside the model, so returned scores are calibrated. The
+hot path is dict lookups and numpy fancy indexing: tables are
 precomputed at load.
 
 Hot reload: the bank and its version live in one immutable ``BankSnapshot`` held by a single attribute. A
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from userip.ctr.calibration import IDENTITY, Calibration
 from userip.ctr.encoding import FeatureEncoder
 from userip.ctr.features import ITEM_FIELD, UNKNOWN_INDEX, USER_FIELD, FeatureMap, FieldSource
 from userip.data.ids import IdIndex
@@ -120,8 +123,11 @@ class Scorer:
         user_features: Mapping[str, np.ndarray] | None = None,
         model_name: str = "model",
         info: Mapping[str, Any] | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self.model = model.eval()
+        self.calibration = calibration  # None: a model saved without one, served uncalibrated
+        self._calibration = calibration or IDENTITY
         self.feature_map = feature_map
         self.model_name = model_name
         self.info = dict(info or {})
@@ -264,7 +270,7 @@ class Scorer:
             return np.empty(0, dtype=np.float32)
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(x_ids))
-            return torch.sigmoid(logits).to(torch.float32).numpy()
+            return self._calibration.sigmoid(logits).to(torch.float32).numpy()
 
     # ------------------------------------------------------------------ hot reload
 
@@ -380,6 +386,7 @@ class Scorer:
             "bank_source": None if snap is None else snap.source,
             "bank_loaded_at": None if snap is None else snap.loaded_at,
             "last_reload_error": self.last_reload_error,
+            "calibration": None if self.calibration is None else dataclasses.asdict(self.calibration),
             **{k: v for k, v in self.info.items() if k not in ("dataset_hash",)},
         }
 
