@@ -49,7 +49,11 @@ class PromptBatch:
     labels: torch.Tensor  # (B, L) int64, IGNORE_INDEX except target tokens
     soft_slot_ids: torch.Tensor  # (B, L) int64, flattened slot index where the soft table is spliced, else -1
     token_kinds: torch.Tensor  # (B, L) int8 TokenKind
-    user_ids: torch.Tensor  # (B,) int64
+    user_ids: torch.Tensor  # (B,) int64, on the host (the soft table's gather moves it where the table is)
+    # Host-side facts counted from the collated arrays: reading them never waits on the device.
+    num_tokens: int  # non-padding tokens
+    num_target_tokens: int  # labelled tokens
+    first_target: int  # first position that holds a label in any row (L when none does)
 
     def to(self, device: torch.device | str, mask_dtype: torch.dtype | None = None) -> PromptBatch:
         mask = self.attention_mask
@@ -64,15 +68,10 @@ class PromptBatch:
             soft_slot_ids=self.soft_slot_ids.to(device, non_blocking=True),
             token_kinds=self.token_kinds.to(device, non_blocking=True),
             user_ids=self.user_ids,  # stays with the soft table
+            num_tokens=self.num_tokens,
+            num_target_tokens=self.num_target_tokens,
+            first_target=self.first_target,
         )
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.token_kinds != TokenKind.PAD).sum())
-
-    @property
-    def num_target_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def build_attention_mask(
@@ -112,19 +111,28 @@ def collate(
     template_sees_soft_tokens: bool = True,
     mask_dtype: torch.dtype = torch.float32,
     pad_to_multiple_of: int = 1,
+    device: torch.device | str | None = None,
 ) -> PromptBatch:
-    """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple helps tensor-core shapes on
-    GPU)."""
+    """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple gives a few fixed shapes, which
+    GPU kernels and their autotuning caches like).
+
+    ``device``: where the tensors are built. The token arrays travel there in one non-blocking copy and the
+    (B, 1, L, L) mask and the positions are computed there, so a GPU step neither moves the L^2 mask over
+    PCIe nor waits for the device; the counts (``num_tokens``...) come from the host arrays.
+    """
     if not examples:
         raise ValueError("collate: empty list of examples")
     B = len(examples)
     L = max(len(e) for e in examples)
     L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = np.full((B, L), pad_token_id, dtype=np.int64)
-    kinds = np.zeros((B, L), dtype=np.int8)  # TokenKind.PAD == 0
-    prof = np.full((B, L), -1, dtype=np.int8)
-    slots = np.full((B, L), -1, dtype=np.int64)
-    labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
+    # One (5, B, L) int64 host array: input ids, kinds, profile index, slots, labels.
+    packed = np.empty((5, B, L), dtype=np.int64)
+    input_ids, kinds, prof, slots, labels = packed
+    input_ids.fill(pad_token_id)
+    kinds.fill(TokenKind.PAD)
+    prof.fill(-1)
+    slots.fill(-1)
+    labels.fill(IGNORE_INDEX)
     for b, e in enumerate(examples):
         n = len(e)
         input_ids[b, :n] = e.input_ids
@@ -132,18 +140,23 @@ def collate(
         prof[b, :n] = e.profile_index
         slots[b, :n] = e.soft_slot_ids
         labels[b, :n] = e.labels
-    kinds_t = torch.from_numpy(kinds)
+    labelled = (labels != IGNORE_INDEX).any(0)  # (L,)
+    host = torch.from_numpy(packed)
+    on_device = host if device is None else host.to(device, non_blocking=True)
+    ids_t, kinds_t, prof_t, slots_t, labels_t = on_device
+    kinds_t = kinds_t.to(torch.int8)
     not_pad = kinds_t != TokenKind.PAD
     # Right padding: real tokens are 0..n-1; padding gets position 0 (never attended, value irrelevant).
     position_ids = (not_pad.long().cumsum(1) - 1).clamp_(min=0) * not_pad
     return PromptBatch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=build_attention_mask(
-            kinds_t, torch.from_numpy(prof), template_sees_soft_tokens, mask_dtype
-        ),
+        input_ids=ids_t,
+        attention_mask=build_attention_mask(kinds_t, prof_t, template_sees_soft_tokens, mask_dtype),
         position_ids=position_ids,
-        labels=torch.from_numpy(labels),
-        soft_slot_ids=torch.from_numpy(slots),
+        labels=labels_t,
+        soft_slot_ids=slots_t,
         token_kinds=kinds_t,
         user_ids=torch.tensor([e.user_id for e in examples], dtype=torch.int64),
+        num_tokens=int((kinds != TokenKind.PAD).sum()),
+        num_target_tokens=int((labels != IGNORE_INDEX).sum()),
+        first_target=int(labelled.argmax()) if labelled.any() else L,
     )
