@@ -125,14 +125,16 @@ def collate(
     B = len(examples)
     L = max(len(e) for e in examples)
     L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
-    # One (5, B, L) int64 host array: input ids, kinds, profile index, slots, labels.
-    packed = np.empty((5, B, L), dtype=np.int64)
-    input_ids, kinds, prof, slots, labels = packed
+    # Two host arrays, one copy each: (3, B, L) int64 ids, slots, labels; (2, B, L) int8 kinds, profiles.
+    wide = np.empty((3, B, L), dtype=np.int64)
+    narrow = np.empty((2, B, L), dtype=np.int8)
+    input_ids, slots, labels = wide
+    kinds, prof = narrow
     input_ids.fill(pad_token_id)
-    kinds.fill(TokenKind.PAD)
-    prof.fill(-1)
     slots.fill(-1)
     labels.fill(IGNORE_INDEX)
+    kinds.fill(TokenKind.PAD)
+    prof.fill(-1)
     for b, e in enumerate(examples):
         n = len(e)
         input_ids[b, :n] = e.input_ids
@@ -140,11 +142,14 @@ def collate(
         prof[b, :n] = e.profile_index
         slots[b, :n] = e.soft_slot_ids
         labels[b, :n] = e.labels
-    labelled = (labels != IGNORE_INDEX).any(0)  # (L,)
-    host = torch.from_numpy(packed)
-    on_device = host if device is None else host.to(device, non_blocking=True)
-    ids_t, kinds_t, prof_t, slots_t, labels_t = on_device
-    kinds_t = kinds_t.to(torch.int8)
+    is_target = labels != IGNORE_INDEX  # (B, L)
+    labelled = is_target.any(0)  # (L,)
+    first_target = int(labelled.argmax())  # 0 when no position is labelled: then L below
+    wide_t, narrow_t = torch.from_numpy(wide), torch.from_numpy(narrow)
+    if device is not None:
+        wide_t, narrow_t = wide_t.to(device, non_blocking=True), narrow_t.to(device, non_blocking=True)
+    ids_t, slots_t, labels_t = wide_t.unbind()
+    kinds_t, prof_t = narrow_t.unbind()
     not_pad = kinds_t != TokenKind.PAD
     # Right padding: real tokens are 0..n-1; padding gets position 0 (never attended, value irrelevant).
     position_ids = (not_pad.long().cumsum(1) - 1).clamp_(min=0) * not_pad
@@ -156,7 +161,7 @@ def collate(
         soft_slot_ids=slots_t,
         token_kinds=kinds_t,
         user_ids=torch.tensor([e.user_id for e in examples], dtype=torch.int64),
-        num_tokens=int((kinds != TokenKind.PAD).sum()),
-        num_target_tokens=int((labels != IGNORE_INDEX).sum()),
-        first_target=int(labelled.argmax()) if labelled.any() else L,
+        num_tokens=sum(len(e) for e in examples),  # an example holds no padding
+        num_target_tokens=int(is_target.sum()),
+        first_target=first_target if labelled[first_target] else L,
     )
