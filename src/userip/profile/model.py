@@ -172,14 +172,15 @@ class ProfileModel(nn.Module):
         """Recompute each decoder layer in the backward pass instead of keeping its activations.
 
         Memory math for a Llama-2-7B shape (32 layers, D 4096, MLP 11008, vocab 32000) in bf16 at batch
-        64 x 256 (T = 16,384 tokens): the weights take 13.5 GB. Without checkpointing, autograd keeps per
-        layer and token about 10 D + 4 MLP values that the input-gradient backward needs (norm inputs and
-        outputs, q/k/v, attention output, gate/up/act/product; the fp32 upcasts of the norms add more):
-        ~170 kB per token per layer, x 32 layers x T = ~89 GB: it does not fit in 80 GB. With
-        checkpointing only each layer's input is kept (D values: 8 kB per token per layer, x 32 x T =
-        4.3 GB) plus one layer's activations during its recompute (~2.8 GB) and the logits of the target
-        positions (T x 32,000 in bf16 plus their fp32 upcast and gradient: ~6 GB), ~27 GB in all. The cost
-        is one more forward per step (6 P T instead of 4 P T FLOPs). Frozen weights are never gradients.
+        64 x 256 (T = 16,384 tokens): the weights take 13.5 GB. Without checkpointing autograd keeps, per
+        layer and token, what the input-gradient backward needs (norm inputs and their fp32 upcasts, q/k/v,
+        attention output, gate/up/act/product): measured (bench/bench_activation_memory.py) at the 7B's ratio,
+        16.1 D bf16 values (132 kB), ~2 D of them attention probabilities that the GPU's memory-efficient
+        attention does not keep: ~115 kB x 32 layers x T = 60 GB, + 13.5 GB weights + ~6 GB for the target
+        logits (bf16, fp32 upcast and gradient) = ~80 GB: no room on an 80 GB card. With checkpointing only
+        each layer's input stays (D values, 8 kB per token and layer: 4.3 GB) plus one layer's activations
+        during its recompute (~1.9 GB) and the logits: ~26 GB in all. The cost is one more forward per step
+        (6 P T instead of 4 P T FLOPs). Frozen weights never get gradients.
         Results do not change (``tests/profile/test_step_device.py`` checks loss and gradients).
         """
         self.activation_checkpointing = enabled
