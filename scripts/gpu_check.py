@@ -14,7 +14,8 @@ per part (``RESULT part=X status=ok|failed|skipped ...``):
 ``--device cpu --tiny`` runs the same chain in seconds on tiny shapes (CI: tests/scripts/test_gpu_check.py);
 parts that need CUDA print ``status=skipped reason=no_cuda``. The commands for a lent GPU (two calls: the GGUF
 travels in two parts) are in docs/gpu.md. Each part's full output goes to ``--log-dir`` (default: $OUT when
-set, else runs/gpu_check). Exit code: 0 when no part failed, 1 otherwise.
+set, else runs/gpu_check; one file per run, so that $OUT brings them all back), the run directories to
+``--work-dir``. Exit code: 0 when no part failed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +66,7 @@ class Checker:
         self.start = time.monotonic()
         self.log_dir: Path = args.log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        args.work_dir.mkdir(parents=True, exist_ok=True)
         self.cuda = args.device.startswith("cuda") and cuda_available(args.python)
         self.failed = False
         paths = [str(ROOT / "src"), str(CARRY / "site"), str(SITE), os.environ.get("PYTHONPATH", "")]
@@ -159,11 +162,11 @@ class Checker:
             print(f"RESULT part=b status=ok run={name} {found[-1][len('RESULT ') :]}", flush=True)
 
     def part_c(self) -> None:
-        out = self.log_dir / "profile_stage"
+        out = self.args.work_dir / "profile_stage"
         shutil.rmtree(out, ignore_errors=True)  # the bench times a fresh stage
         command = [self.args.python, "bench/bench_profile_cpu.py", "--reference-steps", "3"]
         if self.args.tiny:
-            config = self.log_dir / "tiny_experiment.yaml"
+            config = self.args.work_dir / "tiny_experiment.yaml"
             config.write_text(TINY_EXPERIMENT.format(run_dir=out))
             command += ["--config", str(config), "--set", f"profile.lm.device={self.args.device}"]
         elif not self.cuda:
@@ -220,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable)
     default_logs = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "runs" / "gpu_check"
     parser.add_argument("--log-dir", type=Path, default=default_logs)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "userip_gpu_check",
+        help="run directories (kept out of --log-dir: $OUT brings back at most 8 files)",
+    )
     args = parser.parse_args(argv)
     if bad := set(args.parts) - set(PARTS):
         parser.error(f"--parts: unknown {sorted(bad)}; accepted: a, b, c, d")

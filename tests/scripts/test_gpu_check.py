@@ -26,7 +26,10 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
 
 
 def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
-    done = _run(["scripts/gpu_check.py", "--device", "cpu", "--tiny", "--log-dir", str(tmp_path)])
+    logs, work = tmp_path / "logs", tmp_path / "work"
+    done = _run(
+        ["scripts/gpu_check.py", "--device", "cpu", "--tiny", "--log-dir", str(logs), "--work-dir", str(work)]
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     results = {
         line.split()[1]: dict(item.split("=", 1) for item in line.split()[1:])
@@ -41,12 +44,14 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
     stage = results["part=c"]
     assert stage["status"] == "ok" and float(stage["tokens_per_s"]) > 0 and float(stage["train_s"]) > 0
     assert results["part=d"]["status"] == "skipped"
-    assert (tmp_path / "part-b-tiny.log").is_file() and (tmp_path / "profile_stage" / "bank").is_dir()
+    assert sorted(p.name for p in logs.iterdir()) == ["part-b-tiny.log", "part-c-profile_stage.log"]
+    assert (work / "profile_stage" / "bank").is_dir()
     assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_gpu_check_skips_cuda_parts_with_a_clear_line_when_cuda_is_missing(tmp_path):
-    done = _run(["scripts/gpu_check.py", "--device", "cuda", "--parts", "ab", "--log-dir", str(tmp_path)])
+    args = ["--device", "cuda", "--parts", "ab", "--log-dir", str(tmp_path), "--work-dir", str(tmp_path)]
+    done = _run(["scripts/gpu_check.py", *args])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "CUDA is not available here" in done.stdout
     assert "RESULT part=a status=skipped reason=no_cuda" in done.stdout
