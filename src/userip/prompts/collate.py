@@ -116,7 +116,7 @@ def collate(
     """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple gives a few fixed shapes, which
     GPU kernels and their autotuning caches like).
 
-    ``device``: where the tensors are built. The token arrays travel there in one non-blocking copy and the
+    ``device``: where the tensors are built. The token arrays travel there in two non-blocking copies and the
     (B, 1, L, L) mask and the positions are computed there, so a GPU step neither moves the L^2 mask over
     PCIe nor waits for the device; the counts (``num_tokens``...) come from the host arrays.
     """
