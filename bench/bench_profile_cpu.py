@@ -80,7 +80,7 @@ def main() -> int:
     device = f"{profile.lm.device} ({cpu}, {torch.get_num_threads()} threads)"
     budget = args.budget_min * 60
     print(
-        f"RESULT wall_s={wall:.0f} train_s={report['lm_seconds']:.1f} budget_s={budget:.0f} "
+        f"RESULT wall_s={wall:.0f} train_s={report['lm_seconds']:.3f} budget_s={budget:.0f} "
         f"within_budget={int(wall <= budget)} "
         f"tokens_per_s={tok_s:.0f} fp32_tokens_per_s={fp32_tok_s:.0f} "
         f"speedup_vs_fp32={tok_s / fp32_tok_s:.2f} "
