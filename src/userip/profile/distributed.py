@@ -53,7 +53,7 @@ from userip.profile.model import (
     SoftTokenTable,
     init_token_ids,
 )
-from userip.profile.trainer import ProfileTrainer, TrainConfig
+from userip.profile.trainer import ProfileTrainer, TrainConfig, micro_batch_mean
 from userip.prompts import ExampleSet, PromptBuilder
 from userip.utils.artifacts import CorruptArtifactError, save_tensors
 from userip.utils.distributed import (
@@ -235,9 +235,11 @@ class ShardTrainer(ProfileTrainer):
         super().__init__(model, examples, local, aux, self.root, batches_per_epoch)
 
     def _step(self, group: list[np.ndarray]) -> tuple[float, int, dict[str, float]]:
-        loss, tokens, metrics = super()._step(group)
+        losses, tokens, metrics = super()._step(group)
         if isinstance(self.aux, ShardObjective) and self.aux_optimizer is not None:
             self.aux.sync_quantizers()
+        # The all-reduce waits for the step anyway: read this rank's loss here.
+        loss = micro_batch_mean(torch.as_tensor(losses).cpu().tolist())
         loss_sum, token_sum = all_reduce_sum([loss, float(tokens)], self.ctx)
         return loss_sum / self.ctx.world_size, int(token_sum), metrics
 
@@ -343,7 +345,9 @@ def run_profile_stage_distributed(
     profile_config = _profile_config(config, lm_path)
     lm_cfg = profile_config.lm
     seed_everything(config.train.seed)
-    lm = load_causal_lm(lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
+    lm = load_causal_lm(
+        lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn(), tf32=lm_cfg.tf32
+    )
     builder = PromptBuilder(load_tokenizer(lm_cfg.name_or_path), config.prompt)
     examples = build_examples(dataset, builder)
     if len(examples) == 0:
@@ -354,7 +358,14 @@ def run_profile_stage_distributed(
     embeddings = lm.get_input_embeddings().weight
     value_words = resolve_value_words(config.soft_tokens, config.prompt, dataset.hints)
     table = shard_soft_token_table(
-        lo, hi, embeddings, builder, config.soft_tokens, value_words, config.train.seed, lm_cfg.table_device
+        lo,
+        hi,
+        embeddings,
+        builder,
+        config.soft_tokens,
+        value_words,
+        config.train.seed,
+        lm_cfg.resolved_table_device(hi - lo, config.prompt.num_slots, embeddings.shape[1]),
     )
     model = ProfileModel(lm, table, config.prompt)
     objective = build_aux(dataset, config.prompt.profiles, embeddings.shape[1], config.quantization)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from userip.data.preprocess import PROFILE_HINT_COLUMNS, UNKNOWN_PRICE_LEVEL
 from userip.prompts import IGNORE_INDEX, PromptBatch, PromptBuilder, PromptConfig
@@ -162,6 +166,31 @@ class ProfileModel(nn.Module):
         self.lm = lm
         self.table = table
         self.prompt_config = prompt_config
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+        Memory math for a Llama-2-7B shape (32 layers, D 4096, MLP 11008, vocab 32000) in bf16 at batch
+        64 x 256 (T = 16,384 tokens): the weights take 13.5 GB. Without checkpointing autograd keeps, per
+        layer and token, what the input-gradient backward needs (norm inputs and their fp32 upcasts, q/k/v,
+        attention output, gate/up/act/product): measured (bench/bench_activation_memory.py) at the 7B's ratio,
+        16.1 D bf16 values (132 kB), ~2 D of them attention probabilities that the GPU's memory-efficient
+        attention does not keep: ~115 kB x 32 layers x T = 60 GB, + 13.5 GB weights + ~6 GB for the target
+        logits (bf16, fp32 upcast and gradient) = ~80 GB: no room on an 80 GB card. With checkpointing only
+        each layer's input stays (D values, 8 kB per token and layer: 4.3 GB) plus one layer's activations
+        during its recompute (~1.9 GB) and the logits: ~26 GB in all. The cost is one more forward per step
+        (6 P T instead of 4 P T FLOPs). Frozen weights never get gradients.
+        Results do not change (``tests/profile/test_step_device.py`` checks loss and gradients).
+        """
+        self.activation_checkpointing = enabled
+        for module in self.lm.modules():
+            if not isinstance(module, GradientCheckpointingLayer):
+                continue
+            if enabled and "forward" not in vars(module):
+                module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
+            elif not enabled and "forward" in vars(module):
+                del module.forward
 
     @property
     def lm_device(self) -> torch.device:
@@ -173,7 +202,8 @@ class ProfileModel(nn.Module):
 
     def gather_rows(self, user_ids: torch.Tensor) -> torch.Tensor:
         """(B, S, D) fp32 soft tokens of ``user_ids``, moved to the LM's device (no grad)."""
-        return self.table.weight[user_ids.to(self.table.weight.device)].to(self.lm_device, non_blocking=True)
+        rows = self.table.weight[user_ids.to(self.table.weight.device, non_blocking=True)]
+        return rows.to(self.lm_device, non_blocking=True)
 
     def embed_inputs(self, batch: PromptBatch, soft_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) input embeddings in the LM dtype with the soft tokens spliced into their slots."""
@@ -198,11 +228,11 @@ class ProfileModel(nn.Module):
         """
         input_embeds = self.embed_inputs(batch, soft_embeds)
         labels = batch.labels  # (B, L)
-        has_label = (labels != IGNORE_INDEX).any(0)  # (L,)
-        if not bool(has_label.any()):
+        # Host-side counts from collate: no device-to-host read (a GPU step never waits here).
+        if batch.num_target_tokens == 0:
             raise ValueError("batch has no target tokens")
         # Only positions that predict a target token need logits: skip the template prefix (vocab matmul).
-        first_target = int(has_label.nonzero()[0])
+        first_target = batch.first_target
         L = labels.shape[1]
         keep = L - first_target + 1
         out = self.lm(
@@ -234,6 +264,17 @@ class ProfileModel(nn.Module):
         """(B, P, D) fp32 profile vectors of ``user_ids`` from the table (on the table's device)."""
         rows = self.table.weight[user_ids.to(self.table.weight.device)]
         return self.profile_embeds_from(rows)
+
+
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``forward(*args, **kwargs)``, its activations recomputed in the backward pass (when grad is on).
+
+    Not transformers' own switch: that one works in training mode only, which would turn dropout on in the
+    frozen LM. ``preserve_rng_state=False``: an eval-mode layer draws no random numbers (and saving the CUDA
+    RNG state each call costs time)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def profile_means(soft_embeds: torch.Tensor, prompt_config: PromptConfig) -> torch.Tensor:

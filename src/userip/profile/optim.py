@@ -35,7 +35,9 @@ class RowAdam:
     def step(self, row_ids: torch.Tensor, grads: torch.Tensor) -> None:
         """``row_ids`` (R,) unique; ``grads`` (R, ...) their gradients (any device)."""
         device = self.table.device
-        row_ids = row_ids.to(device)
+        # non_blocking: a host index goes to the GPU without waiting for the device; a GPU gradient going to a
+        # CPU table must be complete before it is read, so that copy blocks.
+        row_ids = row_ids.to(device, non_blocking=True)
         grads = grads.to(device, torch.float32)
         beta1, beta2 = self.betas
         steps = self.row_steps[row_ids] + 1  # (R,)

@@ -66,7 +66,9 @@ def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
     seed_everything(config.train.seed)
     dataset = Dataset.load(RunLayout(run_dir).data)
     lm_cfg = config.lm
-    lm = load_causal_lm(lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
+    lm = load_causal_lm(
+        lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn(), tf32=lm_cfg.tf32
+    )
     tokenizer = load_tokenizer(lm_cfg.name_or_path)
     builder = PromptBuilder(tokenizer, config.prompt)
     examples = build_examples(dataset, builder)
@@ -79,7 +81,7 @@ def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
         config.soft_tokens,
         value_words,
         config.train.seed,
-        lm_cfg.table_device,
+        lm_cfg.resolved_table_device(dataset.num_users, config.prompt.num_slots, embeddings.shape[1]),
     )
     log.info(
         "%d examples for %d users (%d skipped); LM %s (%s, %s); %d soft tokens of dim %d per user",

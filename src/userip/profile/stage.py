@@ -356,7 +356,7 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
         return bank
     lm_cfg = config.lm
     lm_path = stage_lm_path(run_dir, stage, dataset)
-    lm = load_causal_lm(lm_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn())
+    lm = load_causal_lm(lm_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn(), tf32=lm_cfg.tf32)
     tokenizer = load_tokenizer(lm_path)
     hidden = lm.get_input_embeddings().weight.shape[1]
     # The objective the current bank version was written with: trained codebooks and surrogate.

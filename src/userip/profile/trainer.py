@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from userip.utils.threads import set_intra_op_threads
 log = logging.getLogger(__name__)
 
 CHECKPOINT_JSON = "checkpoint.json"
+AUTO_CUDA_PAD_MULTIPLE = 64  # ``pad_to_multiple_of: 0`` on CUDA
 # Keys that fix the batch order and update rule: a resumed run must use the same values to match.
 _RESUME_KEYS = (
     "batch_size",
@@ -66,7 +68,14 @@ class TrainConfig:
     bucket_by_length: bool = True
     bucket_window: int = 32  # batches whose examples are length-sorted together
     train_aux: bool = True  # False: aux frozen (e.g. fitting new users against a trained codebook)
-    pad_to_multiple_of: int = 1
+    # Pad each batch's length to a multiple of this: a few fixed shapes instead of one per length (GPU
+    # kernels and their caches are per shape; a GPT-2 shape in bf16 on an H100 ran 6.6k tokens/s unpadded,
+    # 65k at 64, 87k at 256). 0: automatic, AUTO_CUDA_PAD_MULTIPLE on CUDA and 1 (no padding) on CPU.
+    pad_to_multiple_of: int = 0
+    # Recompute each decoder layer in the backward pass (``ProfileModel.set_activation_checkpointing``): a 7B
+    # LM at batch 64 x 256 then fits in 80 GB, at the cost of one more forward per step.
+    activation_checkpointing: bool = False
+    # Steps between two reads of the loss (the device is waited for only then: a GPU step never syncs).
     log_every: int = 20
     progress: bool = True
     # Stop after an epoch whose mean LM loss improved on the previous epoch's by less than this fraction
@@ -82,10 +91,10 @@ class TrainConfig:
                 "grad_accum_steps",
                 "num_epochs",
                 "bucket_window",
-                "pad_to_multiple_of",
                 "log_every",
             ),
-            counts=("max_steps", "checkpoint_every"),
+            counts=("max_steps", "checkpoint_every", "pad_to_multiple_of"),
+            flags=("activation_checkpointing",),
             positive_numbers=("lr", "aux_lr"),
             nonnegative_numbers=("weight_decay", "aux_weight_decay"),
             fractions=("min_epoch_improvement",),
@@ -182,6 +191,13 @@ class ProfileTrainer:
         lm_params = sum(p.numel() for p in model.lm.parameters())
         tokens_per_step = float(np.mean(self.lengths)) * config.batch_size
         set_intra_op_threads(None, 6.0 * lm_params * tokens_per_step, "profile stage")
+        self.pad_to_multiple_of = config.pad_to_multiple_of or (
+            AUTO_CUDA_PAD_MULTIPLE if model.lm_device.type == "cuda" else 1
+        )
+        model.set_activation_checkpointing(config.activation_checkpointing)
+        # Step losses not read yet (device tensors, or floats from a subclass): ``_read_losses``.
+        self._unread_losses: list[torch.Tensor | float] = []
+        self._ema: float | None = None
 
     # ------------------------------------------------------------------ training
     def train(self, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
@@ -193,7 +209,7 @@ class ProfileTrainer:
         if self.aux is not None:
             self.aux.train(cfg.train_aux)
         start_time, start_tokens = time.perf_counter(), self.state.tokens
-        aux_metrics: dict[str, float] = {}
+        step_metrics: dict[str, Any] = {}  # the last step's aux metrics, as aux returned them
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -201,7 +217,6 @@ class ProfileTrainer:
             disable=not cfg.progress,
             dynamic_ncols=True,
         )
-        ema = None
         try:
             while self.state.step < self.total_steps and not self.state.stopped_early:
                 if stop_after_steps is not None and self.state.step >= stop_after_steps:
@@ -220,21 +235,26 @@ class ProfileTrainer:
                 if not group:  # epoch finished
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
+                    self._read_losses()
                     self.state.stopped_early = self._loss_flattened()
                     continue
-                lm_loss, tokens, aux_metrics = self._step(group)
+                step_losses, tokens, step_metrics = self._step(group)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
                 self.state.tokens += tokens
-                self.state.loss_history.append(lm_loss)
-                ema = lm_loss if ema is None else 0.9 * ema + 0.1 * lm_loss
-                elapsed = time.perf_counter() - start_time
-                tok_s = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
+                self._unread_losses.append(step_losses)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{ema:.4f}", tok_s=f"{tok_s:.0f}", **{k: f"{v:.4g}" for k, v in aux_metrics.items()}
-                )
                 if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
+                    self._read_losses()  # the only wait on the device between checkpoints
+                    ema = self._ema
+                    aux_metrics = _floats(step_metrics)
+                    elapsed = time.perf_counter() - start_time
+                    tok_s = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
+                    bar.set_postfix(
+                        loss=f"{ema:.4f}",
+                        tok_s=f"{tok_s:.0f}",
+                        **{k: f"{v:.4g}" for k, v in aux_metrics.items()},
+                    )
                     extra = " ".join(f"{k}={v:.4g}" for k, v in aux_metrics.items())
                     log.info(
                         "step %d/%d epoch %d lm_loss %.4f tokens/s %.0f %s",
@@ -253,6 +273,7 @@ class ProfileTrainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+        self._read_losses()
         finished = self.state.step >= self.total_steps or self.state.stopped_early
         if finished and self.checkpoint_dir is not None:
             self.save_checkpoint()
@@ -261,8 +282,24 @@ class ProfileTrainer:
             self.state.tokens - start_tokens,
             time.perf_counter() - start_time,
             list(self.state.loss_history),
-            aux_metrics,
+            _floats(step_metrics),
         )
+
+    def _read_losses(self) -> None:
+        """Move the unread step losses into ``state.loss_history`` (one device-to-host copy for all of them)
+        and advance the progress EMA. A step's LM loss is the mean of its micro-batches' losses, summed in
+        Python doubles in micro-batch order (as a per-step ``.item()`` would have)."""
+        if not self._unread_losses:
+            return
+        pending, self._unread_losses = self._unread_losses, []
+        tensors = [x for x in pending if isinstance(x, torch.Tensor)]
+        values = iter(torch.cat(tensors).cpu().tolist()) if tensors else iter(())
+        for x in pending:
+            loss = (
+                micro_batch_mean([next(values) for _ in range(len(x))]) if isinstance(x, torch.Tensor) else x
+            )
+            self.state.loss_history.append(loss)
+            self._ema = loss if self._ema is None else 0.9 * self._ema + 0.1 * loss
 
     def _loss_flattened(self) -> bool:
         """The stopping rule, at an epoch's end: did its mean LM loss improve on the previous epoch's by
@@ -279,45 +316,58 @@ class ProfileTrainer:
             return True
         return False
 
-    def _step(self, group: list[np.ndarray]) -> tuple[float, int, dict[str, float]]:
-        model, cfg = self.model, self.config
-        device, dtype = model.lm_device, model.lm_dtype
+    def _step(self, group: list[np.ndarray]) -> tuple[torch.Tensor | float, int, dict[str, Any]]:
+        """One optimizer step over ``group``'s micro-batches; never waits on the device (no ``.item()``, no
+        device-to-host copy, no branch on a tensor's value: ``tests/profile/test_step_device.py``).
+
+        Host-side bookkeeping (which rows, where each example's row is) is numpy; the batches are built on
+        the LM's device (``collate(device=)``). Returns (the micro-batches' LM losses (n,), left on the
+        device until ``_read_losses``; real tokens; the aux objective's metrics as it returned them).
+        """
+        model, examples = self.model, self.examples
+        device = model.lm_device
         batches = [
             collate(
-                [self.examples[int(i)] for i in idx],
-                self.examples.builder.pad_token_id,
+                [examples[int(i)] for i in idx],
+                examples.builder.pad_token_id,
                 model.prompt_config.template_sees_soft_tokens,
-                dtype,
-                cfg.pad_to_multiple_of,
+                model.lm_dtype,
+                self.pad_to_multiple_of,
+                device,
             )
             for idx in group
         ]
+        batch_users = [examples.user_ids[idx] for idx in group]
         # One leaf for every row of the step: gradients of repeated users (review mode, accumulation) add up.
-        row_ids = torch.unique(torch.cat([b.user_ids for b in batches]))  # sorted (R,)
-        rows = model.gather_rows(row_ids).requires_grad_(True)  # (R, S, D) fp32 on the LM device
-        total_loss, total_tokens, aux_metrics = 0.0, 0, {}
-        for batch in batches:
-            inverse = torch.searchsorted(row_ids, batch.user_ids).to(device)
-            nll, num_targets = model(batch.to(device), rows[inverse])
+        row_ids, inverse = np.unique(np.concatenate(batch_users), return_inverse=True)  # sorted (R,)
+        rows = model.gather_rows(torch.from_numpy(row_ids)).requires_grad_(True)  # (R, S, D) fp32, LM device
+        inverse_on_device = _to_device(inverse, device)
+        losses, aux_metrics, start = [], {}, 0
+        for batch, users in zip(batches, batch_users):
+            rows_of_batch = rows[inverse_on_device[start : start + len(users)]]
+            start += len(users)
+            nll, num_targets = model(batch, rows_of_batch)
             loss = nll / num_targets.clamp(min=1)
-            total_loss += loss.item() / len(batches)
+            losses.append(loss.detach())
             if self.aux is not None:
-                users = torch.unique(batch.user_ids)
-                embeds = model.profile_embeds_from(rows[torch.searchsorted(row_ids, users).to(device)])
-                aux_loss, aux_metrics = self.aux(users.to(device), embeds)
+                unique_users = np.unique(users)
+                embeds = model.profile_embeds_from(
+                    rows[_to_device(np.searchsorted(row_ids, unique_users), device)]
+                )
+                aux_loss, aux_metrics = self.aux(_to_device(unique_users, device), embeds)
                 loss = loss + aux_loss
             (loss / len(batches)).backward()
-            total_tokens += batch.num_tokens
-        self.optimizer.step(row_ids, rows.grad)
+        self.optimizer.step(torch.from_numpy(row_ids), rows.grad)
         if self.aux_optimizer is not None:
             self.aux_optimizer.step()
             self.aux_optimizer.zero_grad(set_to_none=True)
-        return total_loss, total_tokens, {k: float(v) for k, v in aux_metrics.items()}
+        return torch.stack(losses), sum(b.num_tokens for b in batches), aux_metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         if self.checkpoint_dir is None:
             raise ValueError("ProfileTrainer: no checkpoint_dir given")
+        self._read_losses()  # the recorded state holds every step's loss
         folder = self.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {"table": self.model.table.weight}
@@ -411,3 +461,21 @@ class ProfileTrainer:
         except TypeError as e:
             raise CorruptArtifactError(f"{record}: unreadable training state ({e})") from e
         return True
+
+
+def micro_batch_mean(losses: Sequence[float]) -> float:
+    """A step's LM loss: the mean of its micro-batches' losses, summed in Python doubles in their order."""
+    total = 0.0
+    for loss in losses:
+        total += loss / len(losses)
+    return total
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host int64 array on ``device`` without waiting for it (``non_blocking``: the host buffer is staged
+    at once, and the step's later kernels are ordered after the copy on the same stream)."""
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device, non_blocking=True)

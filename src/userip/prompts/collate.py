@@ -49,7 +49,11 @@ class PromptBatch:
     labels: torch.Tensor  # (B, L) int64, IGNORE_INDEX except target tokens
     soft_slot_ids: torch.Tensor  # (B, L) int64, flattened slot index where the soft table is spliced, else -1
     token_kinds: torch.Tensor  # (B, L) int8 TokenKind
-    user_ids: torch.Tensor  # (B,) int64
+    user_ids: torch.Tensor  # (B,) int64, on the host (the soft table's gather moves it where the table is)
+    # Host-side facts counted from the collated arrays: reading them never waits on the device.
+    num_tokens: int  # non-padding tokens
+    num_target_tokens: int  # labelled tokens
+    first_target: int  # first position that holds a label in any row (L when none does)
 
     def to(self, device: torch.device | str, mask_dtype: torch.dtype | None = None) -> PromptBatch:
         mask = self.attention_mask
@@ -64,15 +68,10 @@ class PromptBatch:
             soft_slot_ids=self.soft_slot_ids.to(device, non_blocking=True),
             token_kinds=self.token_kinds.to(device, non_blocking=True),
             user_ids=self.user_ids,  # stays with the soft table
+            num_tokens=self.num_tokens,
+            num_target_tokens=self.num_target_tokens,
+            first_target=self.first_target,
         )
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.token_kinds != TokenKind.PAD).sum())
-
-    @property
-    def num_target_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def build_attention_mask(
@@ -112,19 +111,30 @@ def collate(
     template_sees_soft_tokens: bool = True,
     mask_dtype: torch.dtype = torch.float32,
     pad_to_multiple_of: int = 1,
+    device: torch.device | str | None = None,
 ) -> PromptBatch:
-    """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple helps tensor-core shapes on
-    GPU)."""
+    """Right-pad ``examples`` into a ``PromptBatch`` (padding to a multiple gives a few fixed shapes, which
+    GPU kernels and their autotuning caches like).
+
+    ``device``: where the tensors are built. The token arrays travel there in two non-blocking copies and the
+    (B, 1, L, L) mask and the positions are computed there, so a GPU step neither moves the L^2 mask over
+    PCIe nor waits for the device; the counts (``num_tokens``...) come from the host arrays.
+    """
     if not examples:
         raise ValueError("collate: empty list of examples")
     B = len(examples)
     L = max(len(e) for e in examples)
     L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = np.full((B, L), pad_token_id, dtype=np.int64)
-    kinds = np.zeros((B, L), dtype=np.int8)  # TokenKind.PAD == 0
-    prof = np.full((B, L), -1, dtype=np.int8)
-    slots = np.full((B, L), -1, dtype=np.int64)
-    labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
+    # Two host arrays, one copy each: (3, B, L) int64 ids, slots, labels; (2, B, L) int8 kinds, profiles.
+    wide = np.empty((3, B, L), dtype=np.int64)
+    narrow = np.empty((2, B, L), dtype=np.int8)
+    input_ids, slots, labels = wide
+    kinds, prof = narrow
+    input_ids.fill(pad_token_id)
+    slots.fill(-1)
+    labels.fill(IGNORE_INDEX)
+    kinds.fill(TokenKind.PAD)
+    prof.fill(-1)
     for b, e in enumerate(examples):
         n = len(e)
         input_ids[b, :n] = e.input_ids
@@ -132,18 +142,26 @@ def collate(
         prof[b, :n] = e.profile_index
         slots[b, :n] = e.soft_slot_ids
         labels[b, :n] = e.labels
-    kinds_t = torch.from_numpy(kinds)
+    is_target = labels != IGNORE_INDEX  # (B, L)
+    labelled = is_target.any(0)  # (L,)
+    first_target = int(labelled.argmax())  # 0 when no position is labelled: then L below
+    wide_t, narrow_t = torch.from_numpy(wide), torch.from_numpy(narrow)
+    if device is not None:
+        wide_t, narrow_t = wide_t.to(device, non_blocking=True), narrow_t.to(device, non_blocking=True)
+    ids_t, slots_t, labels_t = wide_t.unbind()
+    kinds_t, prof_t = narrow_t.unbind()
     not_pad = kinds_t != TokenKind.PAD
     # Right padding: real tokens are 0..n-1; padding gets position 0 (never attended, value irrelevant).
     position_ids = (not_pad.long().cumsum(1) - 1).clamp_(min=0) * not_pad
     return PromptBatch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=build_attention_mask(
-            kinds_t, torch.from_numpy(prof), template_sees_soft_tokens, mask_dtype
-        ),
+        input_ids=ids_t,
+        attention_mask=build_attention_mask(kinds_t, prof_t, template_sees_soft_tokens, mask_dtype),
         position_ids=position_ids,
-        labels=torch.from_numpy(labels),
-        soft_slot_ids=torch.from_numpy(slots),
+        labels=labels_t,
+        soft_slot_ids=slots_t,
         token_kinds=kinds_t,
         user_ids=torch.tensor([e.user_id for e in examples], dtype=torch.int64),
+        num_tokens=sum(len(e) for e in examples),  # an example holds no padding
+        num_target_tokens=int(is_target.sum()),
+        first_target=first_target if labelled[first_target] else L,
     )
