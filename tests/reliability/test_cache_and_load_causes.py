@@ -25,7 +25,6 @@ from tests.reliability.reliability_helpers import snapshot
 
 from userip.cli import main
 from userip.feature_bank import FeatureBank
-from userip.utils.artifacts import CorruptArtifactError, check_record, reuse_cached
 from userip.utils.io import atomic_write_json
 
 ERROR_EXIT = 2
@@ -132,9 +131,17 @@ def test_run_prepares_again_when_the_prepare_settings_changed(pipeline_copy: Pat
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny ``userip experiment`` (Table 2 with DCN, Table 3's re-quantized bank), in ``root``."""
     root = tmp_path_factory.mktemp("experiment")
-    with _single_thread():
+    with _single_thread(), pytest.MonkeyPatch.context() as patch:
+        _skip_diagnostics(patch)
         assert main(["experiment", "--config", _experiment_yaml(root)]) == 0
     return root
+
+
+def _skip_diagnostics(patch: pytest.MonkeyPatch) -> None:
+    """The linear probes take most of a tiny experiment's time and no cell depends on them."""
+    import userip.pipeline.experiment
+
+    patch.setattr(userip.pipeline.experiment, "write_diagnostics", lambda *args, **kwargs: None)
 
 
 def _experiment_yaml(root: Path, requantize_epochs: int = 1) -> str:
@@ -147,7 +154,8 @@ def _experiment_yaml(root: Path, requantize_epochs: int = 1) -> str:
 
 
 @pytest.fixture
-def experiment_copy(experiment: Path, tmp_path: Path) -> Path:
+def experiment_copy(experiment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _skip_diagnostics(monkeypatch)
     for part in ("run", "out"):
         shutil.copytree(experiment / part, tmp_path / part, ignore=shutil.ignore_patterns("logs"))
     return tmp_path
@@ -189,6 +197,8 @@ def test_experiment_requantizes_again_when_its_epochs_changed(experiment_copy: P
 
 def test_reuse_rule_keys_and_validates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The one rule every cache goes through: reused only under the same key and when its check passes."""
+    from userip.utils.artifacts import CorruptArtifactError, check_record, reuse_cached
+
     path = tmp_path / "cell.json"
 
     def check(record: object, where: Path) -> None:
