@@ -4,11 +4,9 @@ Tensor files (checkpoints, soft tokens, objectives, CTR weights) are safetensors
 ``userip.sha256``, a SHA-256 over every tensor's name, dtype, shape and bytes, written by ``save_tensors``.
 ``load_tensors`` recomputes it, and also checks the names, shapes and finiteness the caller expects: a file
 that was truncated, overwritten or bit-flipped, or that holds NaN/inf, is a ``CorruptArtifactError`` naming
-the file and what was expected, raised before anything downstream sees the tensors. Files written before
-hashes existed (or by a writer that does not record one) still get the structural checks.
-
-Every file userip writes records its hash, so a tensor file without one was not written by userip (or had
-its metadata stripped): it is refused like a corrupt one, never loaded on structural checks alone.
+the file and what was expected, raised before anything downstream sees the tensors. Every file userip writes
+records its hash, so a tensor file without one was not written by userip (or had its metadata stripped): it
+is refused like a corrupt one, never loaded on structural checks alone.
 
 Folders (a cached LM) are verified with ``folder_hashes`` / ``verify_folder``: the SHA-256 of each file,
 recorded in the folder's manifest at write time; ``check_recorded_folder`` is the one check every loader of
