@@ -57,9 +57,9 @@ from userip.pipeline.run import PipelineConfig, stage_profile
 from userip.profile.requantize import requantize
 from userip.profile.stage import add_new_users, reopen_profile
 from userip.prompts.template import HistoryFeedback
-from userip.utils.artifacts import CACHE_KEY_FIELD, check_record, key_digest, reuse_cached
+from userip.utils.artifacts import CACHE_KEY_FIELD, canonical, check_record, key_digest, reuse_cached
 from userip.utils.config import ConfigError, to_dict
-from userip.utils.io import atomic_write_json, atomic_write_text, atomic_write_with, read_json
+from userip.utils.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_with, read_json
 from userip.utils.run_layout import RunLayout
 
 __all__ = [  # the config and report names live in experiment_config / experiment_report / profile.requantize
@@ -151,10 +151,12 @@ class Experiment:
         cfg = self.config
         data_dir = RunLayout(self.run_dir).data
         wanted = {"source_options": cfg.source_options, "prepare": to_dict(cfg.prepare)}
-        wanted["protocol"] = to_dict(cfg.protocol)
+        wanted |= {"protocol": to_dict(cfg.protocol), "source": cfg.source}
         if (data_dir / MANIFEST).exists():
-            written = Dataset.read_manifest(data_dir).get("config", {}).get("experiment")
-            if written == wanted:
+            manifest = Dataset.read_manifest(data_dir)
+            recorded = manifest.get("config") if isinstance(manifest, dict) else None
+            written = recorded.get("experiment") if isinstance(recorded, dict) else None
+            if written == canonical(wanted):
                 log.info("prepare: reusing %s", data_dir)
                 return Dataset.load(data_dir)
             log.info("prepare: %s was written for other settings; rebuilding", data_dir)
@@ -166,7 +168,8 @@ class Experiment:
         if protocol.new_users is not None:
             new_users.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_with(new_users, lambda tmp: protocol.new_users.to_parquet(tmp, index=False))
-        dataset.save(data_dir)  # manifest last: the new-users file is in place before the data vouches for it
+        with atomic_dir(data_dir) as staging:  # new-users file first: in place before the data vouches for it
+            dataset.save(staging)
         log.info("prepare: %s (%s protocol) -> %s", cfg.source, cfg.protocol.name.value, data_dir)
         return dataset
 
