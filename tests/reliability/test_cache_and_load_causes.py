@@ -325,3 +325,27 @@ def test_training_that_fails_midway_keeps_the_earlier_model(
     argv = ["train", "--model", "dcn", "--run-dir", str(run_copy), "--with-profiles", "--epochs", "1"]
     _fails_cleanly(argv, run_copy.parent, capsys, "scoring failed")
     assert not [p for p in (run_copy / "ctr").iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_a_converted_gguf_model_is_verified_before_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The GGUF conversion is a cache too: keyed by the GGUF's SHA-256, its files checked on every reuse."""
+    from userip.lm import gguf
+    from userip.utils.artifacts import folder_hashes
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF stand-in")
+    sha = gguf.file_sha256(source)
+    folder = tmp_path / "cache" / f"gguf-{sha[:16]}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    files = folder_hashes(folder)
+    atomic_write_json(folder / gguf.CONVERTED_MANIFEST, {"sha256": sha, "files": files})
+    converted: list[Path] = []
+    monkeypatch.setattr(gguf, "_convert", lambda path, out, digest: converted.append(out))
+    assert gguf.converted_folder(source, tmp_path / "cache") == folder and not converted  # verified: reused
+    (folder / "model.safetensors").write_bytes(b"weightz")
+    caplog.set_level(logging.WARNING)
+    assert gguf.converted_folder(source, tmp_path / "cache") == folder and converted == [folder]
+    assert "model.safetensors differs from its recorded SHA-256" in caplog.text

@@ -118,15 +118,17 @@ def _from_pretrained(name_or_path: str, attn_implementation: str) -> PreTrainedM
 
 
 def verify_lm_folder(path: Path) -> None:
-    """A folder userip wrote (the offline / random LM: it holds ``userip_lm.json`` with every file's
+    """A folder userip wrote (the offline / random LM, a converted GGUF: its manifest holds every file's
     SHA-256) is checked against those hashes before it is loaded, on every path that loads it (profile stage,
     ``--new-users``, ``explain``, the LLM baselines): a flipped, noised or truncated file is a
     ``CorruptArtifactError`` naming the file, never a silently different model. Other folders (a local
     Hugging Face model) record no hashes and are loaded as they are."""
-    from userip.lm.offline import LM_MANIFEST  # the cache module names its manifest
+    from userip.lm.gguf import CONVERTED_MANIFEST
+    from userip.lm.offline import LM_MANIFEST  # the cache modules name their manifests
 
-    if (path / LM_MANIFEST).is_file():
-        check_recorded_folder(path, LM_MANIFEST, "LM folder")
+    for manifest in (LM_MANIFEST, CONVERTED_MANIFEST):
+        if (path / manifest).is_file():
+            check_recorded_folder(path, manifest, "LM folder")
 
 
 def load_tokenizer(name_or_path: str | Path) -> Any:
