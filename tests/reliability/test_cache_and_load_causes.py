@@ -313,6 +313,19 @@ def test_training_against_another_datasets_bank_keeps_the_earlier_model(
     assert (run_copy / "ctr" / "dcn+profiles" / "metrics.json").is_file()
 
 
+def test_a_run_that_fails_keeps_its_earlier_config_and_results(
+    pipeline_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import userip.pipeline.run
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError("ctr stage failed")
+
+    monkeypatch.setattr(userip.pipeline.run, "stage_ctr", fail)
+    argv = ["run", "--config", _run_yaml(pipeline_copy), "--set", "seeds=[0,1]"]
+    _fails_cleanly(argv, pipeline_copy, capsys, "ctr stage failed")
+
+
 def test_training_that_fails_midway_keeps_the_earlier_model(
     run_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -204,9 +204,18 @@ def train_ctr(
     # and then in a staging folder that replaces ``out`` only when everything below succeeded.
     with atomic_dir(out) if out is not None else contextlib.nullcontext(None) as staging:
         result = _fit_and_save(
-            trainer_factory(model, config, fixed_masks), dataset, data, model_name, model_config, config,
-            with_profiles, user_features, bank, base is not None, staging,
-        )  # fmt: skip
+            trainer_factory(model, config, fixed_masks),
+            dataset,
+            data,
+            model_name,
+            model_config,
+            config,
+            with_profiles=with_profiles,
+            user_features=user_features,
+            bank=bank,
+            warm_started=base is not None,
+            out=staging,
+        )
     result.output_dir = out
     return result
 
@@ -261,6 +270,7 @@ def _fit_and_save(
     model_name: str,
     model_config: Mapping[str, Any],
     config: TrainerConfig,
+    *,
     with_profiles: bool,
     user_features: Sequence[str],
     bank: ProfileBank | None,

@@ -247,7 +247,6 @@ def run_pipeline(
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(RunLayout(run_dir).log_file, console_level=logging.INFO if verbose else logging.WARNING)
-    atomic_write_json(run_dir / "config.json", to_dict(config))
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -268,6 +267,8 @@ def run_pipeline(
     results_dir = RunLayout(run_dir).results
     atomic_write_text(results_dir / "summary.md", markdown)
     atomic_write_json(results_dir / "summary.json", summary)
+    # The run's config is written with its results: a run that fails changes neither.
+    atomic_write_json(run_dir / "config.json", to_dict(config))
     atomic_write_text(results_dir / "results.csv", results.to_csv(index=False))
     summary["markdown"] = markdown
     return summary
