@@ -12,13 +12,12 @@ seeds then run with the chosen settings.
 
 Every (table, model, variant, seed) cell is a JSON file under ``OUT/cells/`` holding the key it was computed
 under (trainer, model and profile configs, dataset and bank identity, the LLM baseline's section); a rerun
-reuses a cell only when that key is the one asked now and its metrics are valid (``utils.artifacts
-.reuse_cached``), so an interrupted experiment resumes where it stopped and a changed or damaged cell is
-recomputed. Soft tokens are inferred once (``userip profile``); the
-ablation and the codebook sweeps re-train only the quantization module (codebooks + surrogate, eq. 5) on
-those fixed profiles: with the paper's lambda = 0.001 the LM term dominates the soft tokens' updates anyway,
-and re-running the frozen LLM for each of ~10 codebook settings would multiply the cost for no change in
-method.
+reuses a cell only when that key is the one asked now and its metrics are valid (``reuse_cached`` in
+``userip.utils.artifacts``), so an interrupted experiment resumes where it stopped and a changed or damaged
+cell is recomputed. Soft tokens are inferred once (``userip profile``); the ablation and the codebook sweeps
+re-train only the quantization module (codebooks + surrogate, eq. 5) on those fixed profiles: with the
+paper's lambda = 0.001 the LM term dominates the soft tokens' updates anyway, and re-running the frozen LLM
+for each of ~10 codebook settings would multiply the cost for no change in method.
 
 This module runs the cells; the config is ``experiment_config``, the tables and diagnostics
 ``experiment_report``, the re-quantization ``userip.profile.requantize``.
