@@ -295,6 +295,21 @@ def test_new_users_refuse_a_garbage_profile_manifest(
     _fails_cleanly(_new_users(run_copy), run_copy.parent, capsys, "profile_manifest.json", field)
 
 
+@pytest.mark.parametrize(
+    ("manifest", "field"),
+    [
+        pytest.param("[1]", "expected a JSON object", id="a list"),
+        pytest.param("{}", "'format_version'", id="{}"),
+    ],
+)
+def test_train_refuses_a_garbage_data_manifest(
+    run_copy: Path, manifest: str, field: str, capsys: pytest.CaptureFixture
+) -> None:
+    (run_copy / "data" / "manifest.json").write_text(manifest)
+    argv = ["train", "--model", "dcn", "--run-dir", str(run_copy), "--epochs", "1"]
+    _fails_cleanly(argv, run_copy.parent, capsys, "data/manifest.json", field)
+
+
 # ------------------------------------------------------------------------------- 7. failed commands destroy
 def test_training_against_another_datasets_bank_keeps_the_earlier_model(
     run_copy: Path, capsys: pytest.CaptureFixture

@@ -152,8 +152,11 @@ class Experiment:
         wanted = {"source_options": cfg.source_options, "prepare": to_dict(cfg.prepare)}
         wanted |= {"protocol": to_dict(cfg.protocol), "source": cfg.source}
         if (data_dir / MANIFEST).exists():
-            manifest = Dataset.read_manifest(data_dir)
-            recorded = manifest.get("config") if isinstance(manifest, dict) else None
+            try:
+                recorded = Dataset.read_manifest(data_dir).get("config")
+            except (ValueError, OSError) as e:
+                log.warning("prepare: %s has an unusable manifest (%s)", data_dir, e)
+                recorded = None
             written = recorded.get("experiment") if isinstance(recorded, dict) else None
             if written == canonical(wanted):
                 log.info("prepare: reusing %s", data_dir)

@@ -83,11 +83,11 @@ def stage_prepare(config: PipelineConfig, run_dir: Path, progress: bool = False)
     """``RUN/data``, reused only when its manifest records this source, source options and prepare config."""
     data_dir = RunLayout(run_dir).data
     if (data_dir / MANIFEST).exists():
-        found, wanted = _data_key(Dataset.read_manifest(data_dir)), _data_key_of(config)
+        found, wanted = _data_key(data_dir), _data_key_of(config)
         if found == wanted:
             log.info("prepare: reusing %s", data_dir)
             return Dataset.load(run_dir)
-        differ = sorted(k for k in wanted if found[k] != wanted[k])
+        differ = sorted(k for k in wanted if found.get(k) != wanted[k])
         log.info("prepare: %s was made from other settings (%s differ); preparing again", data_dir, differ)
     from userip.data.prepare import prepare_to_run_dir
 
@@ -107,8 +107,13 @@ def _data_key_of(config: PipelineConfig) -> dict[str, Any]:
     )
 
 
-def _data_key(manifest: Any) -> dict[str, Any]:
-    manifest = manifest if isinstance(manifest, dict) else {}
+def _data_key(data_dir: Path) -> dict[str, Any]:
+    """What the dataset in ``data_dir`` was made from, as its manifest records it (empty when unreadable)."""
+    try:
+        manifest = Dataset.read_manifest(data_dir)
+    except (ValueError, OSError) as e:
+        log.warning("prepare: %s has an unusable manifest (%s)", data_dir, e)
+        return {}
     recorded = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
     return {
         "source": manifest.get("source"),
