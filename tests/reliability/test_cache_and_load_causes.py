@@ -127,6 +127,18 @@ def test_run_prepares_again_when_the_prepare_settings_changed(pipeline_copy: Pat
     assert manifest["config"]["prepare"]["label_threshold"] == 4.0
 
 
+@pytest.mark.parametrize("damaged", ["profile/stage_config.json", "bank/report.json", "data/manifest.json"])
+def test_run_rebuilds_a_stage_whose_record_is_garbage(
+    pipeline_copy: Path, damaged: str, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    (pipeline_copy / damaged).write_text("[1, 2]")
+    caplog.set_level(logging.INFO)
+    assert main(["run", "--config", _run_yaml(pipeline_copy)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert damaged.split("/")[-1] in caplog.text  # the log says which record was not trusted
+    assert json.loads((pipeline_copy / damaged).read_text()) != [1, 2]  # rebuilt
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny ``userip experiment`` (Table 2 with DCN, Table 3's re-quantized bank), in ``root``."""

@@ -30,7 +30,7 @@ from userip.data.schema import MANIFEST, Dataset
 from userip.evaluation.tables import compare_with_base, markdown_table
 from userip.feature_bank import FeatureBank
 from userip.profile.stage import ProfileStageConfig, run_profile_stage
-from userip.utils.artifacts import canonical, reuse_cached
+from userip.utils.artifacts import canonical, check_record, reuse_cached
 from userip.utils.config import ConfigError, from_dict, to_dict
 from userip.utils.io import atomic_write_json, atomic_write_text, read_json
 from userip.utils.logging import setup_logging
@@ -128,19 +128,35 @@ def stage_profile(
     layout = RunLayout(run_dir)
     bank_manifest = layout.bank_report
     stage_file = layout.stage_config
-    same_config = stage_file.exists() and read_json(stage_file)["config"] == to_dict(config.profile)
+    same_config = _recorded_profile_config(stage_file) == canonical(to_dict(config.profile))
     if bank_manifest.exists() and not same_config:
         log.info("profile: the stage config changed since %s was written; rebuilding", layout.bank)
     elif bank_manifest.exists():
         try:
             bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
+            report = read_json(bank_manifest)
+            check_record(report, bank_manifest, {"profiles": dict})
             log.info("profile: reusing bank %s", bank.version)
-            return bank, read_json(bank_manifest)
+            return bank, report
         except Exception as e:  # a stale or broken bank is rebuilt, not trusted
             log.warning("profile: existing bank unusable (%s); rebuilding", e)
     resume = same_config and layout.checkpoints.exists()
     result = run_profile_stage(run_dir, config.profile, resume=resume)
     return result.bank, result.report
+
+
+def _recorded_profile_config(stage_file: Path) -> Any:
+    """The profile config a finished stage recorded; None when there is none or the record is unusable (the
+    stage then runs again instead of trusting it)."""
+    if not stage_file.exists():
+        return None
+    try:
+        record = read_json(stage_file)
+        check_record(record, stage_file, {"config": dict})
+    except (ValueError, OSError) as e:
+        log.warning("profile: %s is unusable (%s)", stage_file, e)
+        return None
+    return record["config"]
 
 
 def stage_ctr(
