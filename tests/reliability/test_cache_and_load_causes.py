@@ -207,6 +207,28 @@ def test_experiment_requantizes_again_when_its_epochs_changed(experiment_copy: P
     assert len(list(version.glob("novq*"))) == 2
 
 
+def test_an_experiment_that_fails_keeps_its_earlier_outputs(
+    experiment_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import userip.pipeline.experiment
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError("cell failed")
+
+    monkeypatch.setattr(userip.pipeline.experiment, "train_ctr", fail)
+    config = Path(_experiment_yaml(experiment_copy))
+    config.write_text(config.read_text().replace("seeds: [0]", "seeds: [0, 1]"))  # cells to compute
+    before = snapshot(experiment_copy)
+    rc = main(["experiment", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert rc == ERROR_EXIT and "cell failed" in err and "Traceback" not in err
+    after = snapshot(experiment_copy)
+    for changed in ("out/experiment.log", "experiment.yaml"):  # the command's own log; its input
+        before.pop(changed, None)
+        after.pop(changed, None)
+    assert after == before
+
+
 def test_reuse_rule_keys_and_validates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The one rule every cache goes through: reused only under the same key and when its check passes."""
     from userip.utils.artifacts import CorruptArtifactError, check_record, reuse_cached

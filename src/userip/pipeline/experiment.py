@@ -121,7 +121,6 @@ class Experiment:
     def setup(self) -> None:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", to_dict(cfg))
         pipeline = PipelineConfig(
             run_dir=str(self.run_dir),
             source=cfg.source,
@@ -481,6 +480,8 @@ class Experiment:
         records = []
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):
             records.append(self.run_cell(cell, self.trainer_for(cell)))
+        # The config is written once its cells are: an experiment that fails leaves the earlier one in place.
+        atomic_write_json(self.out / "config.json", to_dict(self.config))
         if self.rows is not None:  # a share of the cells: the run without rows writes the tables
             return {
                 "cells": records,
