@@ -183,13 +183,15 @@ def _case_truncated_ctr_weights(run: Path) -> list[str]:
 
 def _case_nan_ctr_weights(run: Path) -> list[str]:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from userip.utils.artifacts import save_tensors
 
     path = run / "ctr" / "dcn+profiles" / "model.safetensors"
     state = load_file(str(path))
     name = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
     state[name] = torch.full_like(state[name], float("nan"))  # what /v1/score answered as invalid JSON
-    save_file(state, str(path))
+    save_tensors(path, state)  # a diverged model, hashed as written: the NaN check must refuse it
     return ["serve", "--run-dir", str(run), "--port", "0"]
 
 

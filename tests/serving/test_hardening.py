@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tests.serving.serving_helpers import make_bank, shifted_bank
 
 from userip.cli import main
@@ -29,7 +29,7 @@ from userip.serving.cli import read_admin_token
 from userip.serving.config import ServeConfig, is_loopback
 from userip.serving.http import uvicorn_config
 from userip.serving.scorer import BankReloadError, Scorer
-from userip.utils.artifacts import CorruptArtifactError
+from userip.utils.artifacts import CorruptArtifactError, save_tensors
 from userip.utils.config import ConfigError
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -283,7 +283,7 @@ def test_corrupt_or_non_finite_weights_are_refused(model_copy: Path) -> None:
     state = load_file(str(weights))
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = torch.full_like(state[name], float("nan"))
-    save_file(state, str(weights))
+    save_tensors(weights, state)  # hashed as written: the NaN check itself must refuse it
     with pytest.raises(CorruptArtifactError, match="NaN/inf"):
         Scorer.from_run_dir(model_copy, model="dcn")
     weights.write_bytes(weights.read_bytes()[:-50])

@@ -57,10 +57,10 @@ from userip.ctr.features import FeatureMap, Field, FieldSource
 from userip.ctr.layers import FieldEmbedding
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.recipe import CTRResult, score_test
-from userip.ctr.trainer import Trainer, TrainerConfig
+from userip.ctr.trainer import Trainer, TrainerConfig, save_state_dict
 from userip.data.schema import SPLITS, Dataset
 from userip.utils.config import ConfigError, check_fields, choice, to_dict
-from userip.utils.io import atomic_write_json, user_cache_dir
+from userip.utils.io import atomic_dir, atomic_write_json, user_cache_dir
 from userip.utils.logging import get_logger
 from userip.utils.seed import seed_everything
 
@@ -572,10 +572,7 @@ def train_kar(
     if not isinstance(lm, TextLM):
         raise TypeError(f"lm must be a TextLM or an --lm spec string, got {type(lm).__name__}")
     name = "kar" if config.mode is KnowledgeMode.GENERATION else "kar-nogen"
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # a stale metrics file must not vouch for this run
+    out = Path(output_dir) if output_dir is not None else None  # written only once everything succeeded
 
     knowledge = build_knowledge(dataset, lm, config, cache_dir, progress=progress)
     data = build_kar_data(dataset, user_features)
@@ -585,9 +582,7 @@ def train_kar(
     model = KARModel(data.feature_map, knowledge.user, knowledge.item, config, model_config)
     trainer = Trainer(model, trainer_config)
     valid = data.splits.get("valid")
-    fit = trainer.fit(
-        data["train"], valid, checkpoint_path=None if out is None else out / "model.safetensors"
-    )
+    fit = trainer.fit(data["train"], valid)  # the best weights are restored in memory, saved at the end
     valid_metrics = trainer.evaluate(valid) if valid is not None else None
     result = KARResult(
         model_name=name,
@@ -609,9 +604,15 @@ def train_kar(
         knowledge=knowledge,
     )
     log.info("%s: valid %s, test %s, offline %s", name, valid_metrics, result.test, knowledge.cost.to_dict())
-    if out is not None:
+    if out is None:
+        return result
+    # The folder replaces an earlier one only now (atomic_dir): a failed run leaves it byte-identical.
+    with atomic_dir(out) as folder:
+        save_state_dict(
+            trainer.model.state_dict(), folder / "model.safetensors", {"epoch": str(fit.best_epoch)}
+        )
         atomic_write_json(
-            out / "config.json",
+            folder / "config.json",
             {
                 "model": name,
                 "kar": to_dict(config),
@@ -623,5 +624,5 @@ def train_kar(
                 "cache_folder": None if knowledge.cache_folder is None else str(knowledge.cache_folder),
             },
         )
-        atomic_write_json(out / "metrics.json", result.metrics())
+        atomic_write_json(folder / "metrics.json", result.metrics())
     return result

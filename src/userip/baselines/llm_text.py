@@ -207,6 +207,14 @@ def cache_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _recorded_key(manifest: Path) -> Any:
+    recorded = read_json(manifest)
+    return recorded.get("key") if isinstance(recorded, dict) else None
+
+
+RECORD_FIELDS = ("id", "prompt", "answer")  # what a cached generation must hold to be reused
+
+
 class GenerationCache:
     """Generated answers in ``folder/generations.jsonl``: one ``{"id", "prompt", "answer", ...}`` record per
     line, appended and fsynced after every batch, so a killed run resumes where it stopped. A record is reused
@@ -220,7 +228,7 @@ class GenerationCache:
         record = {"format_version": CACHE_FORMAT_VERSION, "key": dict(key_fields)}
         if not manifest.exists():
             atomic_write_json(manifest, record)
-        elif read_json(manifest).get("key") != json.loads(json.dumps(record["key"], default=str)):
+        elif _recorded_key(manifest) != json.loads(json.dumps(record["key"], default=str)):
             raise TextLMError(f"{manifest}: this cache folder was built under another key; remove it")
 
     def load(self) -> dict[str, dict[str, Any]]:
@@ -239,6 +247,9 @@ class GenerationCache:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 log.warning("%s: dropping a truncated record (interrupted write)", self.path)
+                continue
+            if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in RECORD_FIELDS)):
+                log.warning("%s: dropping a record without string %s (regenerated)", self.path, RECORD_FIELDS)
                 continue
             records[rec["id"]] = rec
             good.append(line)
@@ -392,8 +403,13 @@ def encode_cached(
         h.update(hashlib.sha256(text.encode()).digest())
     path = Path(folder) / f"encoded-{h.hexdigest()[:24]}.npy"
     if path.exists():
-        table = np.load(path)
-        if table.shape[0] == len(texts):
+        try:  # reused only when valid: one finite row per text (a damaged cache is recomputed, not trusted)
+            table = np.load(path, allow_pickle=False)
+            if table.ndim != 2 or table.shape[0] != len(texts) or not np.isfinite(table).all():
+                raise ValueError(f"expected {len(texts)} finite rows, got shape {table.shape}")
+        except (OSError, ValueError, EOFError) as e:
+            log.warning("encoded texts: %s is not a usable cache (%s); encoding again", path, e)
+        else:
             if cost is not None:
                 cost.cached_encodings += len(texts)
             return table

@@ -69,7 +69,7 @@ from userip.data.schema import SPLITS, Dataset
 from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields, to_dict
-from userip.utils.io import atomic_write_json
+from userip.utils.io import atomic_dir, atomic_write_json
 from userip.utils.logging import get_logger
 from userip.utils.seed import seed_everything
 
@@ -455,10 +455,7 @@ def train_pepler(
         lm = load_text_lm(lm, dataset=dataset, dtype=config.lm_dtype, device=config.lm_device)
     if not isinstance(lm, TextLM):
         raise TypeError(f"lm must be a TextLM or an --lm spec string, got {type(lm).__name__}")
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).unlink(missing_ok=True)  # a stale metrics file must not vouch for this run
+    out = Path(output_dir) if output_dir is not None else None  # written only once everything succeeded
 
     data = build_pepler_data(dataset)
     if "train" not in data.splits or "test" not in data.splits:
@@ -602,14 +599,17 @@ def train_pepler(
         epoch_losses=epoch_losses,
     )
     log.info("PEPLER: best epoch %d, valid %s, test %s", best_epoch, valid_metrics, result.test)
-    if out is not None:
+    if out is None:
+        return result
+    # The folder replaces an earlier one only now (atomic_dir): a failed run leaves it byte-identical.
+    with atomic_dir(out) as folder:
         save_tensors(
-            out / MODEL_FILE,
+            folder / MODEL_FILE,
             model.trainable_state_dict(),
             {"epoch": str(best_epoch), "valid_auc": repr(fit.best_valid_auc)},
         )
         atomic_write_json(
-            out / CONFIG_FILE,
+            folder / CONFIG_FILE,
             {
                 "model": MODEL_NAME,
                 "pepler": to_dict(config),
@@ -623,7 +623,7 @@ def train_pepler(
                 "lm_fingerprint": lm.fingerprint(),
             },
         )
-        atomic_write_json(out / METRICS_FILE, result.metrics())
+        atomic_write_json(folder / METRICS_FILE, result.metrics())
     return result
 
 

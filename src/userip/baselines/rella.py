@@ -70,7 +70,7 @@ from userip.data.schema import HISTORY_SPLIT, Dataset
 from userip.evaluation.metrics import ctr_metrics
 from userip.utils.artifacts import save_tensors
 from userip.utils.config import ConfigError, check_fields, to_dict
-from userip.utils.io import atomic_write_json
+from userip.utils.io import atomic_dir, atomic_write_json
 from userip.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -638,10 +638,7 @@ def train_rella(
     if not isinstance(lm, TextLM):
         raise TypeError(f"lm must be a TextLM or an --lm spec string, got {type(lm).__name__}")
     name = "rella-zeroshot" if config.zero_shot else "rella"
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # a stale metrics file must not vouch for this run
+    out = Path(output_dir) if output_dir is not None else None  # written only once everything succeeded
     say = log.info if progress else log.debug
 
     inter = dataset.interactions
@@ -700,9 +697,8 @@ def train_rella(
                 model, builder, train_rows, valid_batches, valid_labels, config, seed, cost, score, say
             )
         test_probs, test_seconds = score(test_batches)
-        if out is not None and not config.zero_shot:
-            save_tensors(out / ADAPTER_FILE, model.adapter, {"best_epoch": str(fit.best_epoch)})
-            atomic_write_json(out / ADAPTER_CONFIG_FILE, _lora_config_dict(model.lora_config))
+        # The adapter leaves the LM with the context: keep what is saved at the end.
+        adapter = None if config.zero_shot else (model.adapter, _lora_config_dict(model.lora_config))
     model.eval()
     test_labels = labels_all[test_rows]
     # Calibrated on validation like every CTR row (userip.ctr.calibration), from the LM's probabilities.
@@ -733,9 +729,15 @@ def train_rella(
         answer_ids=answer,
     )
     log.info("%s: valid %s, test %s, cost %s", name, valid_metrics, result.test, cost.to_dict())
-    if out is not None:
+    if out is None:
+        return result
+    # The folder replaces an earlier one only now (atomic_dir): a failed run leaves it byte-identical.
+    with atomic_dir(out) as folder:
+        if adapter is not None:
+            save_tensors(folder / ADAPTER_FILE, adapter[0], {"best_epoch": str(fit.best_epoch)})
+            atomic_write_json(folder / ADAPTER_CONFIG_FILE, adapter[1])
         atomic_write_json(
-            out / "config.json",
+            folder / "config.json",
             {
                 "model": name,
                 "rella": to_dict(config),
@@ -747,7 +749,7 @@ def train_rella(
                 "valid_rows_scored": int(len(valid_rows)),
             },
         )
-        atomic_write_json(out / "metrics.json", result.metrics())
+        atomic_write_json(folder / "metrics.json", result.metrics())
     return result
 
 

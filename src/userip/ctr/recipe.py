@@ -6,11 +6,16 @@ valid/test AUC and Logloss (calibrated on validation, ``userip.ctr.calibration``
 it) plus the calibrated test probabilities, so an experiment runner can call it per seed and pair
 the results. Given a run directory it reads ``RUN/data`` (and ``RUN/bank`` with profiles) and writes
 ``RUN/ctr/<model>[+profiles]/``: ``model.safetensors`` (weights and calibration), ``feature_map.json``,
-``encoder.json``, ``config.json`` and, last, ``metrics.json`` (its presence marks a complete run).
+``encoder.json``, ``config.json`` and, last, ``metrics.json`` (its presence marks a complete run). The folder
+is built under a temporary name and moved into place only when training succeeds (``atomic_dir``): a run that
+fails, on bad input or midway, leaves the earlier model folder byte-identical. ``config.json``
+(``model_record``) is the key of the trained model: ``userip run`` reuses a folder only when it records the
+config asked now and its ``metrics.json`` passes ``check_metrics``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +31,9 @@ from userip.ctr.extend import extend_model
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, calibrated_metrics, predict_logits
 from userip.data.schema import Dataset
+from userip.utils.artifacts import check_record
 from userip.utils.config import to_dict
-from userip.utils.io import atomic_write_json
+from userip.utils.io import atomic_dir, atomic_write_json
 from userip.utils.logging import get_logger
 from userip.utils.run_layout import RunLayout
 from userip.utils.seed import seed_everything
@@ -168,9 +174,6 @@ def train_ctr(
     if output_dir is None and run_dir is not None:
         output_dir = RunLayout(run_dir).ctr / output_name(model_name, with_profiles)
     out = Path(output_dir) if (save and output_dir is not None) else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).unlink(missing_ok=True)  # a stale metrics file must not vouch for this run
 
     # ---- setup
     data = build_ctr_data(dataset, bank, user_features)
@@ -208,11 +211,88 @@ def train_ctr(
         config.seed,
     )
 
+    # Every input is checked by now (data, bank pairing, model arguments): only now are outputs touched,
+    # and then in a staging folder that replaces ``out`` only when everything below succeeded.
+    with atomic_dir(out) if out is not None else contextlib.nullcontext(None) as staging:
+        result = _fit_and_save(
+            trainer_factory(model, config, fixed_masks),
+            dataset,
+            data,
+            model_name,
+            model_config,
+            config,
+            with_profiles=with_profiles,
+            user_features=user_features,
+            bank=bank,
+            warm_started=base is not None,
+            out=staging,
+        )
+    result.output_dir = out
+    return result
+
+
+def model_record(
+    model_name: str,
+    model_config: Mapping[str, Any],
+    config: TrainerConfig,
+    with_profiles: bool,
+    user_features: Sequence[str],
+    dataset: Dataset,
+    bank: ProfileBank | None,
+) -> dict[str, Any]:
+    """``config.json`` of a trained model: everything that made it (model and its resolved arguments, trainer
+    with its seed, fields, dataset and bank identity). Serving reads it; ``userip run`` compares it as the
+    model's cache key."""
+    resolved_model = {**model_arguments(model_name), **model_config}
+    return {
+        "model": model_name.lower(),
+        "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in resolved_model.items()},
+        "trainer": to_dict(config),
+        "with_profiles": with_profiles,
+        "user_features": list(user_features),
+        "dataset_hash": dataset.content_hash,
+        "bank": None
+        if bank is None
+        else {
+            "version": bank.version,
+            "dataset_hash": bank.dataset_hash,
+            # serving refuses a bank whose codebooks differ (getattr: a ProfileBank need not hash)
+            "codebook_hash": getattr(bank, "codebook_hash", None),
+            "profiles": bank.profile_names,
+        },
+    }
+
+
+def check_metrics(record: Any, path: Path) -> None:
+    """A ``metrics.json`` that can vouch for a trained model (be reused): test AUC and Logloss present and
+    finite."""
+    check_record(
+        record,
+        path,
+        {"test": dict, "test.auc": (int, float), "test.logloss": (int, float)},
+        finite=("test.auc", "test.logloss"),
+    )
+
+
+def _fit_and_save(
+    trainer: Trainer,
+    dataset: Dataset,
+    data: CTRData,
+    model_name: str,
+    model_config: Mapping[str, Any],
+    config: TrainerConfig,
+    *,
+    with_profiles: bool,
+    user_features: Sequence[str],
+    bank: ProfileBank | None,
+    warm_started: bool,
+    out: Path | None,
+) -> CTRResult:
+    """Train, evaluate and, with ``out``, write the model folder's files (metrics last)."""
     # ---- train
-    trainer = trainer_factory(model, config, fixed_masks)
     valid = data.splits.get("valid")
     checkpoint = None if out is None else out / MODEL_FILE
-    fit = trainer.fit(data["train"], valid, checkpoint_path=checkpoint, start_is_candidate=base is not None)
+    fit = trainer.fit(data["train"], valid, checkpoint_path=checkpoint, start_is_candidate=warm_started)
 
     # ---- evaluate
     valid_metrics = trainer.evaluate(valid) if valid is not None else None
@@ -224,7 +304,6 @@ def train_ctr(
         fit=fit,
         data=data,
         model=trainer.model,
-        output_dir=out,
         **score_test(
             trainer.model, data["test"], config.eval_batch_size, trainer.device, trainer.calibration
         ),
@@ -235,28 +314,7 @@ def train_ctr(
     if out is not None:
         atomic_write_json(out / FEATURE_MAP_FILE, data.feature_map.to_dict())
         data.encoder.save(out / ENCODER_FILE)
-        resolved_model = {**model_arguments(model_name), **model_config}
-        atomic_write_json(
-            out / CONFIG_FILE,
-            {
-                "model": model_name.lower(),
-                "model_config": {
-                    k: list(v) if isinstance(v, tuple) else v for k, v in resolved_model.items()
-                },
-                "trainer": to_dict(config),
-                "with_profiles": with_profiles,
-                "user_features": list(user_features),
-                "dataset_hash": dataset.content_hash,
-                "bank": None
-                if bank is None
-                else {
-                    "version": bank.version,
-                    "dataset_hash": bank.dataset_hash,
-                    # serving refuses a bank whose codebooks differ (getattr: a ProfileBank need not hash)
-                    "codebook_hash": getattr(bank, "codebook_hash", None),
-                    "profiles": bank.profile_names,
-                },
-            },
-        )
+        record = model_record(model_name, model_config, config, with_profiles, user_features, dataset, bank)
+        atomic_write_json(out / CONFIG_FILE, record)
         atomic_write_json(out / METRICS_FILE, result.metrics())
     return result

@@ -22,6 +22,7 @@ from userip.data.sources.synthetic import SyntheticConfig, generate_synthetic
 from userip.data.sources.tabular import TabularConfig, load_tabular
 from userip.data.sources.yelp import YelpConfig, load_yelp
 from userip.utils.config import ConfigError, from_dict, to_dict
+from userip.utils.io import atomic_dir
 from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def prepare_to_run_dir(
         dataset = prepare(source, options, config, progress=bar)
         started = time.perf_counter()
         data_dir = RunLayout(run_dir).data
-        dataset.save(data_dir)
+        with atomic_dir(data_dir) as staging:  # an earlier RUN/data is replaced only by a complete one
+            dataset.save(staging)
         log.info("wrote %s in %.2f s", data_dir, time.perf_counter() - started)
         bar.update()
     return dataset

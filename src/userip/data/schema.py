@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from userip.utils.artifacts import check_record
 from userip.utils.io import atomic_write_json, atomic_write_with, read_json
 from userip.utils.run_layout import RunLayout
 
@@ -270,7 +271,7 @@ class Dataset:
                 f"{folder}: no {MANIFEST}; not a prepared dataset (or its write was interrupted). "
                 "Run `userip prepare` first."
             )
-        manifest = read_json(manifest_path)
+        manifest = _read_checked_manifest(manifest_path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
                 f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
@@ -310,7 +311,14 @@ class Dataset:
         folder = Path(folder)
         if (RunLayout(folder).data / MANIFEST).exists():
             folder = RunLayout(folder).data
-        return read_json(folder / MANIFEST)
+        return _read_checked_manifest(folder / MANIFEST)
+
+
+def _read_checked_manifest(path: Path) -> dict[str, Any]:
+    """A dataset manifest with the fields every reader relies on (a garbage file is a named error)."""
+    manifest = read_json(path)
+    check_record(manifest, path, {"format_version": int, "source": str, "table_hashes": dict})
+    return manifest
 
 
 def _combine_hashes(table_hashes: dict[str, str]) -> str:

@@ -63,9 +63,8 @@ def select_users(
 def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, k: int = 5, limit: int = 10):
     """For users of a finished ``userip profile`` run: each profile's top-``k`` nearest words and, where the
     bank knows them, their profile IDs. Returns a list of dicts (one per user)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from userip.feature_bank import FeatureBank
+    from userip.profile.lm import load_causal_lm, load_tokenizer
     from userip.profile.model import profile_means
     from userip.profile.recipe import load_soft_tokens
     from userip.profile.stage import reopen_profile
@@ -75,8 +74,8 @@ def explain_run(run_dir: str | Path, raw_user_ids: Sequence[str] | None = None, 
     finished = reopen_profile(run_dir)
     dataset, stage_config = finished.dataset, finished.config
     soft_tokens, trained, _ = load_soft_tokens(layout.profile)
-    lm = AutoModelForCausalLM.from_pretrained(finished.lm_path)
-    tokenizer = AutoTokenizer.from_pretrained(finished.lm_path)
+    lm = load_causal_lm(finished.lm_path)  # verified against the hashes recorded with it, like every LM load
+    tokenizer = load_tokenizer(finished.lm_path)
     vocab_embeds = lm.get_input_embeddings().weight.detach()
     bank = FeatureBank.load(layout.bank)
     raw_of = dataset.users["raw_user_id"].astype(str).to_numpy()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from userip.utils.artifacts import check_recorded_folder, folder_hashes
 from userip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,17 @@ def converted_folder(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     sha = file_sha256(gguf_path)
     folder = Path(cache_dir) / f"gguf-{sha[:16]}"
     manifest = folder / CONVERTED_MANIFEST
-    if manifest.exists() and read_json(manifest).get("sha256") == sha:
-        log.info("GGUF %s: reusing converted model %s", gguf_path.name, folder)
-        return folder
+    if manifest.exists():
+        try:  # a cache: reused only for this file's SHA-256 and when its files match their recorded hashes
+            recorded = read_json(manifest)
+            if not isinstance(recorded, dict) or recorded.get("sha256") != sha:
+                raise ValueError(f"{manifest}: made from another GGUF file")
+            check_recorded_folder(folder, CONVERTED_MANIFEST, "converted GGUF model")
+        except (ValueError, OSError) as e:
+            log.warning("GGUF %s: converted model unusable (%s); converting again", gguf_path.name, e)
+        else:
+            log.info("GGUF %s: reusing converted model %s (verified)", gguf_path.name, folder)
+            return folder
     _convert(gguf_path, folder, sha)
     return folder
 
@@ -99,4 +108,6 @@ def _convert(gguf_path: Path, folder: Path, sha: str) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    atomic_write_json(folder / CONVERTED_MANIFEST, {"source": gguf_path.name, "sha256": sha, "dtype": "bf16"})
+    files = folder_hashes(folder, exclude=(CONVERTED_MANIFEST,))  # verified by every later load
+    manifest = {"source": gguf_path.name, "sha256": sha, "dtype": "bf16", "files": files}
+    atomic_write_json(folder / CONVERTED_MANIFEST, manifest)

@@ -12,12 +12,14 @@ setting unless a richer one is better beyond noise (``TrainerSearchConfig``; the
 consulted); the seeds then run with the chosen settings. Every row's Logloss is calibrated on validation
 (``userip.ctr.calibration``); the raw one is kept as ``logloss_raw``.
 
-Every (table, model, variant, seed) cell is a JSON file under ``OUT/cells/``; a rerun skips finished cells, so
-an interrupted experiment resumes where it stopped. Soft tokens are inferred once (``userip profile``); the
-ablation and the codebook sweeps re-train only the quantization module (codebooks + surrogate, eq. 5) on
-those fixed profiles: with the paper's lambda = 0.001 the LM term dominates the soft tokens' updates anyway,
-and re-running the frozen LLM for each of ~10 codebook settings would multiply the cost for no change in
-method.
+Every (table, model, variant, seed) cell is a JSON file under ``OUT/cells/`` holding the key it was computed
+under (trainer, model and profile configs, dataset and bank identity, the LLM baseline's section); a rerun
+reuses a cell only when that key is the one asked now and its metrics are valid (``reuse_cached`` in
+``userip.utils.artifacts``), so an interrupted experiment resumes where it stopped and a changed or damaged
+cell is recomputed. Soft tokens are inferred once (``userip profile``); the ablation and the codebook sweeps
+re-train only the quantization module (codebooks + surrogate, eq. 5) on those fixed profiles: with the
+paper's lambda = 0.001 the LM term dominates the soft tokens' updates anyway, and re-running the frozen LLM
+for each of ~10 codebook settings would multiply the cost for no change in method.
 
 This module runs the cells; the config is ``experiment_config``, the tables and diagnostics
 ``experiment_report``, the re-quantization ``userip.profile.requantize``.
@@ -26,8 +28,6 @@ This module runs the cells; the config is ``experiment_config``, the tables and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -59,8 +59,9 @@ from userip.pipeline.run import PipelineConfig, stage_profile
 from userip.profile.requantize import requantize
 from userip.profile.stage import add_new_users, reopen_profile
 from userip.prompts.template import HistoryFeedback
+from userip.utils.artifacts import CACHE_KEY_FIELD, canonical, check_record, key_digest, reuse_cached
 from userip.utils.config import ConfigError, to_dict
-from userip.utils.io import atomic_write_json, atomic_write_text, atomic_write_with, read_json
+from userip.utils.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_with, read_json
 from userip.utils.run_layout import RunLayout
 
 __all__ = [  # the config and report names live in experiment_config / experiment_report / profile.requantize
@@ -117,12 +118,12 @@ class Experiment:
         self.chosen: dict[tuple[str, str], TrainerConfig] = {}  # (model, search variant) -> trainer
         self.search_results: pd.DataFrame | None = None
         self._text_lms: dict[tuple[str, str], Any] = {}  # (dtype, device) -> the LLM baselines' TextLM
+        self._finished: dict[Path, dict[str, Any] | None] = {}  # cell file -> its valid record (or None)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", to_dict(cfg))
         pipeline = PipelineConfig(
             run_dir=str(self.run_dir),
             source=cfg.source,
@@ -151,10 +152,15 @@ class Experiment:
         cfg = self.config
         data_dir = RunLayout(self.run_dir).data
         wanted = {"source_options": cfg.source_options, "prepare": to_dict(cfg.prepare)}
-        wanted["protocol"] = to_dict(cfg.protocol)
+        wanted |= {"protocol": to_dict(cfg.protocol), "source": cfg.source}
         if (data_dir / MANIFEST).exists():
-            written = Dataset.read_manifest(data_dir).get("config", {}).get("experiment")
-            if written == wanted:
+            try:
+                recorded = Dataset.read_manifest(data_dir).get("config")
+            except (ValueError, OSError) as e:
+                log.warning("prepare: %s has an unusable manifest (%s)", data_dir, e)
+                recorded = None
+            written = recorded.get("experiment") if isinstance(recorded, dict) else None
+            if written == canonical(wanted):
                 log.info("prepare: reusing %s", data_dir)
                 return Dataset.load(data_dir)
             log.info("prepare: %s was written for other settings; rebuilding", data_dir)
@@ -169,7 +175,8 @@ class Experiment:
         if protocol.new_users is not None:
             new_users.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_with(new_users, lambda tmp: protocol.new_users.to_parquet(tmp, index=False))
-        dataset.save(data_dir)  # manifest last: the new-users file is in place before the data vouches for it
+        with atomic_dir(data_dir) as staging:  # new-users file first: in place before the data vouches for it
+            dataset.save(staging)
         log.info("prepare: %s (%s protocol) -> %s", cfg.source, cfg.protocol.name.value, data_dir)
         return dataset
 
@@ -200,12 +207,25 @@ class Experiment:
             return self.banks[variant]
         hobby, background = self._variant_sizes(variant)
         quant = dataclasses.replace(self.config.profile.quantization, without_vq=variant == "novq")
-        # Keyed by the main bank's version: rebuilt soft tokens never meet stale variant banks.
-        bank_dir = self.out / "banks" / self.banks["userip"].version / variant
         assert self.dataset is not None
-        try:
-            bank = FeatureBank.load(bank_dir, expected_dataset_hash=self.dataset.content_hash)
-        except Exception:
+        # Keyed by everything the re-quantized bank is made from: the main bank's version (its soft tokens),
+        # the profile and quantization configs, the sizes and epochs; rebuilt soft tokens or other settings
+        # never meet a stale variant bank.
+        key = {
+            "profile": to_dict(self.config.profile),
+            "quantization": to_dict(quant),
+            "codebook_sizes": [hobby, background],
+            "epochs": self.config.requantize_epochs,
+            "dataset": self.dataset.content_hash,
+        }
+        bank_dir = self.out / "banks" / self.banks["userip"].version / f"{variant}-{key_digest(key)}"
+        bank = None
+        if bank_dir.exists():
+            try:
+                bank = FeatureBank.load(bank_dir, expected_dataset_hash=self.dataset.content_hash)
+            except (ValueError, OSError) as e:  # a damaged cache is rebuilt, not trusted
+                log.warning("bank %s: %s is unusable (%s); re-quantizing", variant, bank_dir, e)
+        if bank is None:
             bank = requantize(
                 self.run_dir,
                 self.dataset,
@@ -376,11 +396,11 @@ class Experiment:
         atomic_write_text(self.out / "trainer_search.csv", ranked.to_csv(index=False))
         self.search_results = ranked
 
-    def cell_path(self, cell: Cell, trainer: TrainerConfig) -> Path:
-        """Cells are keyed by what they depend on (trainer and model config, profile config), so a rerun with
-        another config retrains instead of reusing stale numbers; a search cell whose candidate wins is the
-        same file as the final cell of that seed, so it is trained once."""
-        key = {
+    def cell_key(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any]:
+        """Everything a cell's numbers depend on besides its model, variant and seed (in its file name): the
+        trainer and model config, the profile config, the dataset and the main bank."""
+        assert self.dataset is not None
+        return {
             "trainer": to_dict(trainer),
             "model": self.config.model_configs.get(cell.model, {}),
             "profile": to_dict(self.config.profile),
@@ -391,35 +411,58 @@ class Experiment:
                 if cell.variant in BASELINE_ROWS
                 else None
             ),
+            "dataset": self.dataset.content_hash,
             "bank": self.banks["userip"].version if "userip" in self.banks else None,
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def cell_path(self, cell: Cell, trainer: TrainerConfig) -> Path:
+        """Cells are named by what they depend on (``cell_key``), so a rerun with another config retrains
+        instead of reusing stale numbers; a search cell whose candidate wins is the same file as the final
+        cell of that seed, so it is trained once."""
+        digest = key_digest(self.cell_key(cell, trainer))
         name = f"{cell.model}__{self._canonical(cell.variant)}__seed{cell.seed}__{digest}.json"
         return self.out / "cells" / name
 
-    def run_cell(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any]:
+    def finished_cell(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any] | None:
+        """The cell's record when a valid one computed under the same key exists, else None (a stale or
+        invalid file is logged once and recomputed)."""
         path = self.cell_path(cell, trainer)
-        if path.exists():
-            return read_json(path)
+        if path not in self._finished:
+            key = self.cell_key(cell, trainer)
+            self._finished[path] = reuse_cached(path, key, f"cell {cell.key}", check_cell)
+        return self._finished[path]
+
+    def run_cell(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any]:
+        finished = self.finished_cell(cell, trainer)
+        if finished is not None:
+            return finished
+        path = self.cell_path(cell, trainer)
+        key = self.cell_key(cell, trainer)
         variant = self._canonical(cell.variant)
         if variant in BASELINE_ROWS:
-            return self._run_llm_baseline_cell(cell, trainer, path)
-        with_profiles = variant not in ("base", "attributes")
-        start = time.perf_counter()
-        result = train_ctr(
-            self.dataset,
-            cell.model,
-            with_profiles=with_profiles,
-            bank=self.bank(variant) if with_profiles else None,
-            user_features=self.config.attribute_features if variant == "attributes" else (),
-            model_config=self.config.model_configs.get(cell.model, {}),
-            config=trainer,
-            seed=cell.seed,
-            save=False,
-        )
-        return _write_cell(path, cell.model, variant, cell.seed, result, time.perf_counter() - start)
+            record = self._run_llm_baseline_cell(cell, trainer, path, key)
+        else:
+            with_profiles = variant not in ("base", "attributes")
+            start = time.perf_counter()
+            result = train_ctr(
+                self.dataset,
+                cell.model,
+                with_profiles=with_profiles,
+                bank=self.bank(variant) if with_profiles else None,
+                user_features=self.config.attribute_features if variant == "attributes" else (),
+                model_config=self.config.model_configs.get(cell.model, {}),
+                config=trainer,
+                seed=cell.seed,
+                save=False,
+            )
+            seconds = time.perf_counter() - start
+            record = _write_cell(path, key, cell.model, variant, cell.seed, result, seconds)
+        self._finished[path] = record
+        return record
 
-    def _run_llm_baseline_cell(self, cell: Cell, trainer: TrainerConfig, path: Path) -> dict[str, Any]:
+    def _run_llm_baseline_cell(
+        self, cell: Cell, trainer: TrainerConfig, path: Path, key: dict[str, Any]
+    ) -> dict[str, Any]:
         """One seed of an LLM baseline row (``userip.baselines.rows``). Offline work that does not depend
         on the seed (KAR's generation and encoding, ReLLa's item embeddings) is cached in ``RUN/baselines``
         by split, LM hash, prompt and decoding settings, so only a row's first cell pays for it. Every
@@ -444,7 +487,8 @@ class Experiment:
             result.offline_cost.to_dict()
         )
         atomic_write_json(cost_path, costs)
-        return _write_cell(path, cell.model, cell.variant, cell.seed, result, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return _write_cell(path, key, cell.model, cell.variant, cell.seed, result, seconds)
 
     def _text_lm(self, variant: str) -> Any:
         """The LM of an LLM baseline row, loaded once per (dtype, device); a row that trains the LM's own
@@ -479,11 +523,11 @@ class Experiment:
             )
         self.setup()
         searched = self.search_cells()
-        done = sum(self.cell_path(c, t).exists() for c, t in searched)
+        done = sum(self.finished_cell(c, t) is not None for c, t in searched)
         log.info("trainer search: %d cells (%d already finished)", len(searched), done)
         self.select_trainers()
         cells = self.cells()
-        finished = {c for c in cells if self.cell_path(c, self.trainer_for(c)).exists()}
+        finished = {c for c in cells if self.finished_cell(c, self.trainer_for(c)) is not None}
         log.info("%d cells (%d already finished)", len(cells), len(finished))
         if self.finished_only:
             for c in cells:
@@ -498,6 +542,8 @@ class Experiment:
         records = []
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):
             records.append(self.run_cell(cell, self.trainer_for(cell)))
+        # The config is written once its cells are: an experiment that fails leaves the earlier one in place.
+        atomic_write_json(self.out / "config.json", to_dict(self.config))
         if self.rows is not None:  # a share of the cells: the run without rows writes the tables
             return {
                 "cells": records,
@@ -513,9 +559,10 @@ class Experiment:
 
 
 def _write_cell(
-    path: Path, model: str, variant: str, seed: int, result: CTRResult, seconds: float
+    path: Path, key: dict[str, Any], model: str, variant: str, seed: int, result: CTRResult, seconds: float
 ) -> dict[str, Any]:
-    """A finished cell's record (test and valid metrics, best epoch, wall seconds), written atomically."""
+    """A finished cell's record (test and valid metrics, best epoch, wall seconds), written atomically with
+    the key it was computed under; returned without the key."""
     record = {
         "model": model,
         "variant": variant,
@@ -529,8 +576,20 @@ def _write_cell(
         "best_epoch": result.fit.best_epoch,
         "seconds": seconds,
     }
-    atomic_write_json(path, record)
+    atomic_write_json(path, {**record, CACHE_KEY_FIELD: key})
     return record
+
+
+def check_cell(record: Any, path: Path) -> None:
+    """A cell file that can be tabled: its identity and finite test (and, when present, valid) metrics."""
+    number, optional = (int, float), (int, float, type(None))
+    check_record(
+        record,
+        path,
+        {"model": str, "variant": str, "seed": int, "auc": number, "logloss": number}
+        | {"valid_auc": optional, "valid_logloss": optional},
+        finite=("auc", "logloss", "valid_auc", "valid_logloss"),
+    )
 
 
 def run_experiment(

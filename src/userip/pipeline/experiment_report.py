@@ -19,7 +19,9 @@ from userip.pipeline.experiment_config import ExperimentConfig
 from userip.profile.bank import code_usage
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
-from userip.utils.io import atomic_write_json, atomic_write_text, read_json
+from userip.utils.artifacts import CACHE_KEY_FIELD, CorruptArtifactError, check_record, reuse_cached
+from userip.utils.config import to_dict
+from userip.utils.io import atomic_write_json, atomic_write_text
 from userip.utils.run_layout import RunLayout
 
 
@@ -30,8 +32,9 @@ def write_diagnostics(
     the main bank, and cross-validated linear-probe AUCs of the soft tokens and the codes against truths no
     profile saw (user attributes; held-out positive rate and genres), beside the bag of the same profile rows
     and random vectors. Users: those with trained soft tokens."""
-    marker = out_dir / "diagnostics.json"  # written last: marks diagnostics of that bank version complete
-    if marker.exists() and read_json(marker).get("bank") == bank.version:
+    marker = out_dir / "diagnostics.json"  # written last: marks diagnostics under that key complete
+    key = {"bank": bank.version, "dataset": dataset.content_hash, "prompt": to_dict(config.profile.prompt)}
+    if reuse_cached(marker, key, "diagnostics", _check_diagnostics) is not None:
         return
     usage = code_usage(bank.codes[: dataset.num_users], bank.profile_names, bank.codebook_sizes)
     soft_tokens, trained_mask, _ = load_soft_tokens(RunLayout(run_dir).profile)
@@ -66,7 +69,14 @@ def write_diagnostics(
         ]
     )
     atomic_write_text(out_dir / "diagnostics.md", text + "\n")
-    atomic_write_json(marker, {"bank": bank.version})
+    atomic_write_json(marker, {"bank": bank.version, CACHE_KEY_FIELD: key})
+
+
+def _check_diagnostics(record: Any, path: Path) -> None:
+    check_record(record, path, {"bank": str})
+    for name in ("diagnostics.md", "probes.csv", "code_usage.csv"):
+        if not (path.parent / name).is_file():
+            raise CorruptArtifactError(f"{path.parent / name}: missing beside {path.name}")
 
 
 def write_tables(

@@ -23,14 +23,15 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from userip.ctr.recipe import train_ctr
+from userip.ctr.recipe import CONFIG_FILE, METRICS_FILE, check_metrics, model_record, train_ctr
 from userip.ctr.trainer import TrainerConfig
 from userip.data.preprocess import PrepareConfig
 from userip.data.schema import MANIFEST, Dataset
 from userip.evaluation.tables import compare_with_base, markdown_table
 from userip.feature_bank import FeatureBank
 from userip.profile.stage import RESUME_IF_SAME, ProfileStageConfig, run_profile_stage
-from userip.utils.config import ConfigError, to_dict
+from userip.utils.artifacts import canonical, check_record, reuse_cached
+from userip.utils.config import ConfigError, from_dict, to_dict
 from userip.utils.io import atomic_write_json, atomic_write_text, read_json
 from userip.utils.logging import setup_logging
 from userip.utils.run_layout import RunLayout
@@ -83,15 +84,46 @@ class PipelineConfig:
 
 
 def stage_prepare(config: PipelineConfig, run_dir: Path, progress: bool = False) -> Dataset:
-    if (RunLayout(run_dir).data / MANIFEST).exists():
-        log.info("prepare: reusing %s", RunLayout(run_dir).data)
-        return Dataset.load(run_dir)
+    """``RUN/data``, reused only when its manifest records this source, source options and prepare config."""
+    data_dir = RunLayout(run_dir).data
+    if (data_dir / MANIFEST).exists():
+        found, wanted = _data_key(data_dir), _data_key_of(config)
+        if found == wanted:
+            log.info("prepare: reusing %s", data_dir)
+            return Dataset.load(run_dir)
+        differ = sorted(k for k in wanted if found.get(k) != wanted[k])
+        log.info("prepare: %s was made from other settings (%s differ); preparing again", data_dir, differ)
     from userip.data.prepare import prepare_to_run_dir
 
-    log.info("prepare: %s -> %s", config.source, RunLayout(run_dir).data)
+    log.info("prepare: %s -> %s", config.source, data_dir)
     return prepare_to_run_dir(
         run_dir, config.source, config.source_options, config.prepare, show_progress=progress
     )
+
+
+def _data_key_of(config: PipelineConfig) -> dict[str, Any]:
+    """What a prepared dataset is made from, as its manifest records it (source options resolved)."""
+    from userip.data.prepare import source_options_class
+
+    options = from_dict(source_options_class(config.source), config.source_options, "source_options")
+    return canonical(
+        {"source": config.source, "source_config": to_dict(options), "prepare": to_dict(config.prepare)}
+    )
+
+
+def _data_key(data_dir: Path) -> dict[str, Any]:
+    """What the dataset in ``data_dir`` was made from, as its manifest records it (empty when unreadable)."""
+    try:
+        manifest = Dataset.read_manifest(data_dir)
+    except (ValueError, OSError) as e:
+        log.warning("prepare: %s has an unusable manifest (%s)", data_dir, e)
+        return {}
+    recorded = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    return {
+        "source": manifest.get("source"),
+        "source_config": recorded.get("source_config"),
+        "prepare": recorded.get("prepare"),
+    }
 
 
 def stage_profile(
@@ -100,19 +132,35 @@ def stage_profile(
     layout = RunLayout(run_dir)
     bank_manifest = layout.bank_report
     stage_file = layout.stage_config
-    same_config = stage_file.exists() and read_json(stage_file)["config"] == to_dict(config.profile)
+    same_config = _recorded_profile_config(stage_file) == canonical(to_dict(config.profile))
     if bank_manifest.exists() and not same_config:
         log.info("profile: the stage config changed since %s was written; rebuilding", layout.bank)
     elif bank_manifest.exists():
         try:
             bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
+            report = read_json(bank_manifest)
+            check_record(report, bank_manifest, {"profiles": dict})
             log.info("profile: reusing bank %s", bank.version)
-            return bank, read_json(bank_manifest)
+            return bank, report
         except Exception as e:  # a stale or broken bank is rebuilt, not trusted
             log.warning("profile: existing bank unusable (%s); rebuilding", e)
     # An interrupted stage continues from its checkpoints; those of another config are discarded.
     result = run_profile_stage(run_dir, config.profile, resume=RESUME_IF_SAME)
     return result.bank, result.report
+
+
+def _recorded_profile_config(stage_file: Path) -> Any:
+    """The profile config a finished stage recorded; None when there is none or the record is unusable (the
+    stage then runs again instead of trusting it)."""
+    if not stage_file.exists():
+        return None
+    try:
+        record = read_json(stage_file)
+        check_record(record, stage_file, {"config": dict})
+    except (ValueError, OSError) as e:
+        log.warning("profile: %s is unusable (%s)", stage_file, e)
+        return None
+    return record["config"]
 
 
 def stage_ctr(
@@ -125,12 +173,18 @@ def stage_ctr(
         for seed, with_profiles in runs:
             name = config.ctr_model.lower() + ("+profiles" if with_profiles else "")
             out = RunLayout(run_dir).ctr / f"{name}-seed{seed}"
-            expected = {
-                "trainer": to_dict(dataclasses.replace(config.trainer, seed=seed)),
-                "dataset_hash": dataset.content_hash,
-                "bank_version": bank.version if with_profiles else None,
-            }
-            metrics = _finished_ctr(out, expected)
+            metrics = _finished_ctr(
+                out,
+                model_record(
+                    config.ctr_model,
+                    config.ctr_model_config,
+                    dataclasses.replace(config.trainer, seed=seed),
+                    with_profiles,
+                    (),
+                    dataset,
+                    bank if with_profiles else None,
+                ),
+            )
             if metrics is None:
                 result = train_ctr(
                     dataset,
@@ -160,20 +214,10 @@ def stage_ctr(
 
 
 def _finished_ctr(out: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics of a finished CTR run in ``out`` if it was trained as ``expected`` (trainer config,
-    dataset, bank version), else None: a changed trainer or a rebuilt bank retrains instead of reusing."""
-    if not (out / "metrics.json").exists() or not (out / "config.json").exists():
-        return None
-    saved = read_json(out / "config.json")
-    found = {
-        "trainer": saved.get("trainer"),
-        "dataset_hash": saved.get("dataset_hash"),
-        "bank_version": (saved.get("bank") or {}).get("version"),
-    }
-    if found != expected:
-        log.info("ctr: %s was trained with another config, dataset or bank; retraining", out)
-        return None
-    return read_json(out / "metrics.json")
+    """The metrics of a finished CTR run in ``out`` if its ``config.json`` records exactly ``expected`` (model
+    and model config, trainer and seed, dataset, bank) and its metrics are valid, else None: a changed
+    config, a rebuilt bank or a damaged result retrains instead of reusing."""
+    return reuse_cached(out / METRICS_FILE, expected, "ctr", check_metrics, key_file=out / CONFIG_FILE)
 
 
 def summarize(results: pd.DataFrame, report: dict[str, Any], config: PipelineConfig) -> tuple[str, dict]:
@@ -228,7 +272,6 @@ def run_pipeline(
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(RunLayout(run_dir).log_file, console_level=logging.INFO if verbose else logging.WARNING)
-    atomic_write_json(run_dir / "config.json", to_dict(config))
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -249,6 +292,8 @@ def run_pipeline(
     results_dir = RunLayout(run_dir).results
     atomic_write_text(results_dir / "summary.md", markdown)
     atomic_write_json(results_dir / "summary.json", summary)
-    results.to_csv(results_dir / "results.csv", index=False)
+    # The run's config is written with its results: a run that fails changes neither.
+    atomic_write_json(run_dir / "config.json", to_dict(config))
+    atomic_write_text(results_dir / "results.csv", results.to_csv(index=False))
     summary["markdown"] = markdown
     return summary

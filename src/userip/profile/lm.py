@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from userip.lm.resolve import looks_like_local_path
+from userip.utils.artifacts import check_recorded_folder
 from userip.utils.config import ConfigError, check_device, check_fields, choice
 
 log = logging.getLogger(__name__)
@@ -145,10 +147,14 @@ def _from_pretrained(name_or_path: str, attn_implementation: str) -> PreTrainedM
         raise LMLoadError(f"LM path {name_or_path!r} does not exist")
     if path.is_dir() and not (path / "config.json").exists():
         raise LMLoadError(f"LM path {name_or_path!r} has no config.json; not a Hugging Face model folder")
+    if path.is_dir():
+        verify_lm_folder(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(path) if looks_local else name_or_path, attn_implementation=attn_implementation
         )
+    except SafetensorError as e:  # truncated or corrupt weights: name the folder, not only the reader's error
+        raise LMLoadError(f"{name_or_path}: LM weights are not a readable safetensors file ({e})") from e
     except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
         reason = str(e).split("Model type should be")[0].strip()  # drop transformers' list of 200 classes
         raise LMLoadError(f"{name_or_path!r} is not a causal language model ({reason})") from e
@@ -157,6 +163,20 @@ def _from_pretrained(name_or_path: str, attn_implementation: str) -> PreTrainedM
             f"could not load LM {name_or_path!r}: not a local model folder and not available from "
             f"the Hugging Face Hub or its cache ({e})"
         ) from e
+
+
+def verify_lm_folder(path: Path) -> None:
+    """A folder userip wrote (the offline / random LM, a converted GGUF: its manifest holds every file's
+    SHA-256) is checked against those hashes before it is loaded, on every path that loads it (profile stage,
+    ``--new-users``, ``explain``, the LLM baselines): a flipped, noised or truncated file is a
+    ``CorruptArtifactError`` naming the file, never a silently different model. Other folders (a local
+    Hugging Face model) record no hashes and are loaded as they are."""
+    from userip.lm.gguf import CONVERTED_MANIFEST
+    from userip.lm.offline import LM_MANIFEST  # the cache modules name their manifests
+
+    for manifest in (LM_MANIFEST, CONVERTED_MANIFEST):
+        if (path / manifest).is_file():
+            check_recorded_folder(path, manifest, "LM folder")
 
 
 def load_tokenizer(name_or_path: str | Path) -> Any:

@@ -28,7 +28,7 @@ from userip.profile.model import (
 )
 from userip.profile.trainer import ProfileTrainer, TrainConfig, TrainResult
 from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
-from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
+from userip.utils.artifacts import CorruptArtifactError, check_record, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, read_json, run_relative
 from userip.utils.run_layout import RunLayout
@@ -170,4 +170,18 @@ def load_soft_tokens(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, di
             f"{path}: 'trained' must be a bool vector of {soft_tokens.shape[0]} users, got "
             f"{trained.dtype} {tuple(trained.shape)}"
         )
-    return soft_tokens, trained, read_json(folder / MANIFEST_FILE)
+    return soft_tokens, trained, read_profile_manifest(folder)
+
+
+def read_profile_manifest(folder: str | Path) -> dict[str, Any]:
+    """``RUN/profile/profile_manifest.json``, checked before any of it is used: the LM it names, the dataset
+    hash, the user count and the value words new users start from (a mapping of profile -> list of words)."""
+    path = Path(folder) / MANIFEST_FILE
+    manifest = read_json(path)
+    check_record(manifest, path, {"lm": str, "dataset_hash": str, "num_users": int, "value_words": dict})
+    for profile, words in manifest["value_words"].items():
+        if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+            raise CorruptArtifactError(
+                f"{path}: field 'value_words.{profile}' is {words!r}, expected a list of words"
+            )
+    return manifest

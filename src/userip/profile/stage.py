@@ -33,7 +33,7 @@ from userip.profile.bank import build_aux, load_objective_state, write_bank
 from userip.profile.lm import LMConfig, LMLoadError
 from userip.profile.model import SoftTokenConfig
 from userip.profile.new_users import infer_new_users, read_new_users, trainer_fit_profiles
-from userip.profile.recipe import MANIFEST_FILE, ProfileConfig, ProfileSetup, run_profile, setup
+from userip.profile.recipe import ProfileConfig, ProfileSetup, read_profile_manifest, run_profile, setup
 from userip.profile.trainer import TrainConfig, TrainResult
 from userip.prompts import PromptConfig
 from userip.utils.config import ConfigError, check_device, from_dict, to_dict
@@ -343,6 +343,7 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     stage, config = read_stage_config(run_dir)
+    manifest = read_profile_manifest(layout.profile)
     dataset = Dataset.load(layout.data)
     bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
     bank.verify_objective(layout.bank)  # before any fitting: a corrupt objective must not shape IDs
@@ -363,7 +364,6 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     aux = load_objective_state(
         build_aux(dataset, config.prompt.profiles, hidden, config.quantization), layout.bank
     )
-    manifest = read_json(layout.profile / MANIFEST_FILE)
     fit = trainer_fit_profiles(
         lm,
         tokenizer,

@@ -3,9 +3,9 @@
 Read exactly as ``userip.ctr.recipe`` writes it: ``config.json`` (model name and arguments, user features,
 dataset hash), ``feature_map.json``, ``encoder.json`` (vocabularies over the dataset's contiguous IDs),
 ``model.safetensors`` (weights and the validation calibration, ``userip.ctr.calibration``: nothing is
-unpickled; checked for its recorded content hash when it has one, for finiteness and for the model's exact
-shapes), and ``metrics.json``, whose presence marks a complete
-run. ``config.json``'s ``bank`` section (version, codebook hash) pairs the model with its bank (see
+unpickled; checked for its recorded content hash, which it must have, for finiteness and for the model's exact
+shapes), and ``metrics.json``, whose presence marks a complete run. ``config.json``'s ``bank`` section
+(version, codebook hash) pairs the model with its bank (see
 ``Scorer._check_pairing``). Raw IDs come from the run's dataset tables (``RUN/data/users.parquet``,
 ``items.parquet``), read once at load; the dataset's manifest hash must equal the one the model was trained
 on.

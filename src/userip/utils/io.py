@@ -81,7 +81,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
@@ -159,7 +159,7 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     # numpy scalars / arrays and Paths show up in configs and metrics.
     if hasattr(obj, "tolist"):
         return obj.tolist()
