@@ -141,3 +141,55 @@ def test_multi_profile_shapes_and_inverse():
         mq(torch.randn(7, 3, 5))
     with pytest.raises(CodebookError, match=r"\[0, 3\)"):
         mq.quantizers[1].ids_to_vectors(torch.tensor([3]))
+
+
+def test_revival_reads_the_counts_only_when_a_code_can_be_dead_and_revives_as_a_per_step_check():
+    """The dead-code counts are read back only at steps where some code can have reached the threshold;
+    the codebook stays bit-identical to checking every step (the former rule), revivals included."""
+    from tests.profile.test_step_device import record_host_syncs
+
+    points, _ = planted_clusters()
+    lazy, eager = (ProfileQuantizer(6, 3, init="random", dead_code_threshold=3).train() for _ in range(2))
+    for q in (lazy, eager):
+        _collapsed_start(q)
+    opts = [torch.optim.Adam(q.parameters(), lr=0.05) for q in (lazy, eager)]
+    gen = torch.Generator().manual_seed(0)
+    reads, revived = [], 0
+    for _ in range(30):
+        idx = torch.randperm(len(points), generator=gen)[:30]
+        eager._steps_to_revival_check = 1  # the former rule: check at every step
+        before = eager.codebook.detach().clone()
+        for q, opt in zip((lazy, eager), opts):
+            if q is lazy:
+                with record_host_syncs() as rec:
+                    _, _, loss = q(points[idx])
+                reads.append(rec.events.count("Tensor.tolist"))
+            else:
+                _, _, loss = q(points[idx])
+                revived += int(not torch.equal(before, q.codebook.detach()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert torch.equal(lazy.codebook, eager.codebook) and torch.equal(
+            lazy.steps_unused, eager.steps_unused
+        )
+    assert revived >= 1  # codes 1 and 2 start dead (both revived at step 3): revival did happen
+    assert lazy.eval().nearest(points).unique().numel() == 3
+    # Once every code is in use, one read per threshold (3) steps instead of one per step.
+    assert reads[-12:] in ([0, 0, 1] * 4, [0, 1, 0] * 4, [1, 0, 0] * 4), reads
+    assert sum(reads) < 30, reads
+
+
+def test_loaded_state_sets_the_host_side_initialised_flag():
+    initialised = ProfileQuantizer(4, 2, init="kmeans", kmeans_init_samples=4).train()
+    initialised(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+    assert initialised.is_initialized and bool(initialised.initialized)
+    fresh = ProfileQuantizer(4, 2, init="kmeans", kmeans_init_samples=4).train()
+    assert not fresh.is_initialized
+    fresh.load_state_dict(initialised.state_dict())
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    quantized, code_ids, _ = fresh(z)  # quantizes at once: no new k-means collection
+    assert fresh.is_initialized and torch.equal(quantized, initialised.codebook.detach()[code_ids])
+    assert fresh.init_samples.shape == (0, 4)
+    fresh.load_state_dict(ProfileQuantizer(4, 2, init="kmeans", kmeans_init_samples=4).state_dict())
+    assert not fresh.is_initialized

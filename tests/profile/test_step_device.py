@@ -11,12 +11,14 @@ numpy, so any of those on a tensor is a regression. The CUDA variant runs the sa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from userip.codebook.config import QuantizationConfig
+from userip.profile.bank import build_aux
 from userip.profile.lm import LMConfig, auto_table_device, load_causal_lm
 from userip.profile.trainer import ProfileTrainer, TrainConfig, plan_batches
 from userip.prompts import collate
@@ -42,21 +44,26 @@ HOST_COPY_METHODS = ("cpu", "numpy", "tolist", "__array__")
 
 
 class HostSyncRecorder(TorchDispatchMode):
-    """Records, in order, each host wait (``HOST_WAIT_OPS``) and host copy (``HOST_COPY_METHODS``)."""
+    """Records, in order, each host wait (``HOST_WAIT_OPS``) and host copy (``HOST_COPY_METHODS``).
 
-    def __init__(self) -> None:
+    ``host_tensors``: tensors that live on the host whatever the device (AdamW's step counters): reading
+    them waits on nothing, so their scalar reads are not recorded.
+    """
+
+    def __init__(self, host_tensors: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()
         self.events: list[str] = []
+        self.host_tensors = list(host_tensors)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_WAIT_OPS:
+        if func in HOST_WAIT_OPS and not any(args and args[0] is t for t in self.host_tensors):
             self.events.append(str(func.overloadpacket.__name__))
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def record_host_syncs() -> Iterator[HostSyncRecorder]:
-    recorder = HostSyncRecorder()
+def record_host_syncs(host_tensors: Sequence[torch.Tensor] = ()) -> Iterator[HostSyncRecorder]:
+    recorder = HostSyncRecorder(host_tensors)
     originals = {name: getattr(torch.Tensor, name) for name in HOST_COPY_METHODS}
 
     def counting(name):
@@ -126,6 +133,60 @@ def test_steps_never_wait_on_the_device(tiny_llama, word_tokenizer, grad_accum_s
             losses, tokens, _ = trainer._step(group)
     assert rec.events == []
     assert isinstance(tokens, int) and losses.shape == (grad_accum_steps,)
+
+
+def _joint_trainer(lm, tokenizer, dead_code_threshold: int = 50, **overrides) -> ProfileTrainer:
+    """The LM step with the joint objective (codebooks + surrogate, user features on): k-means initialises
+    from the first batch (``kmeans_init_samples`` = the largest codebook, 4)."""
+    dataset = history_dataset(num_users=24)
+    model, examples = make_setup(lm, tokenizer, dataset)
+    quantization = QuantizationConfig(
+        kmeans_init_samples=4, loss_weight=1.0, dead_code_threshold=dead_code_threshold
+    )
+    aux = build_aux(dataset, model.prompt_config.profiles, model.table.weight.shape[-1], quantization)
+    config = dict(lr=0.05, batch_size=4, num_epochs=2, checkpoint_every=0, seed=3, progress=False)
+    config.update(overrides)
+    trainer = ProfileTrainer(model, examples, TrainConfig(**config), aux=aux)
+    trainer.aux.train()
+    return trainer
+
+
+def _adamw_steps(trainer: ProfileTrainer) -> list[torch.Tensor]:
+    """AdamW's step counters: CPU tensors on every device (``capturable=False``), read as host floats."""
+    assert trainer.aux_optimizer is not None
+    steps = [state["step"] for state in trainer.aux_optimizer.state.values()]
+    assert steps and all(t.device.type == "cpu" for t in steps)
+    return steps
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_joint_objective_steps_never_wait_on_the_device(tiny_llama, word_tokenizer, grad_accum_steps):
+    """Codebooks + surrogate: after the step that runs the k-means init, no host read per step (the
+    dead-code counts are read only once a code can be dead: threshold 50 here, see the codebook tests)."""
+    trainer = _joint_trainer(tiny_llama, word_tokenizer, grad_accum_steps=grad_accum_steps)
+    groups = _groups(trainer, 6 // grad_accum_steps)  # 24 users in batches of 4: 6 micro-batches
+    trainer._step(groups[0])  # the k-means init: a one-off read of the collected profiles
+    quantizers = trainer.aux.quantizer.quantizers
+    assert all(q.is_initialized for q in quantizers)
+    with record_host_syncs(_adamw_steps(trainer)) as rec:
+        for group in groups[1:]:
+            losses, tokens, metrics = trainer._step(group)
+    assert rec.events == []
+    assert losses.shape == (grad_accum_steps,) and int(trainer.aux.step) == 6
+    assert {"vq_loss", "rec_loss", "aux_loss", "perplexity_hobby"} <= set(metrics)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+
+
+def test_joint_objective_metrics_are_read_only_when_logging(tiny_llama, word_tokenizer):
+    """6 steps, log_every 3: per log one copy of the losses and one of the aux metrics; the rest of the
+    reads are the one-off k-means init at step 1 (no read from the revival check: threshold 50)."""
+    trainer = _joint_trainer(tiny_llama, word_tokenizer, max_steps=6, log_every=3, num_epochs=1)
+    trainer.train(stop_after_steps=1)  # k-means init
+    with record_host_syncs(_adamw_steps(trainer)) as rec:
+        result = trainer.train()
+    assert rec.events == ["Tensor.cpu", "Tensor.tolist"] * 4, rec.events
+    assert len(result.loss_history) == 6 and all(isinstance(v, float) for v in result.loss_history)
+    assert all(isinstance(v, float) for v in result.aux_metrics.values()) and "rec_loss" in result.aux_metrics
 
 
 def test_training_loop_reads_the_loss_only_every_log_every_steps(tiny_llama, word_tokenizer):

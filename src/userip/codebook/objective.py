@@ -16,18 +16,17 @@ codebook loss; the bank then stores the surrogate's projected profile vectors (s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from userip.codebook.config import QuantizationConfig
-from userip.codebook.quantizer import MultiProfileQuantizer
+from userip.codebook.quantizer import MultiProfileQuantizer, code_counts
 from userip.codebook.surrogate import SurrogateRecommender
 from userip.data.ids import IdIndex
 from userip.data.schema import Dataset
+from userip.utils.device import host_to_device
 
 
 class InteractionSampler:
@@ -72,6 +71,13 @@ class InteractionSampler:
         return row_user_pos, self.item_ids[rows], self.labels[rows]
 
 
+def _host_ids(user_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The batch's user ids on the host; a tensor is copied back (callers other than the trainer)."""
+    if isinstance(user_ids, torch.Tensor):
+        return user_ids.detach().cpu().numpy().astype(np.int64, copy=False)
+    return np.asarray(user_ids, dtype=np.int64)
+
+
 def encode_user_features(users: pd.DataFrame) -> tuple[np.ndarray, tuple[int, ...]]:
     """Observable user columns -> (U, F) int64 ids (0 = missing) and the vocabulary sizes (F,)."""
     columns = [c for c in users.columns if c not in ("user_id", "raw_user_id")]
@@ -112,10 +118,10 @@ class JointObjective(nn.Module):
         self.interactions_per_user = settings.interactions_per_user
         self.without_vq = settings.without_vq
         self.seed = settings.seed if seed is None else seed
-        self.user_features = (
-            None if user_features is None else torch.as_tensor(user_features, dtype=torch.long)
-        )
+        # (U, F) int64 on the host: indexed by the host-side user ids, the batch's rows are copied over.
+        self.user_features = None if user_features is None else np.asarray(user_features, dtype=np.int64)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # checkpointed: resumes the sampling
+        self._steps_done = 0  # ``step`` on the host (kept equal to it): the step never reads the buffer
 
     @property
     def profile_names(self) -> list[str]:
@@ -130,9 +136,12 @@ class JointObjective(nn.Module):
         )
 
     def forward(
-        self, user_ids: torch.Tensor, profile_embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        metrics: dict[str, float] = {}
+        self, user_ids: np.ndarray | torch.Tensor, profile_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``user_ids`` (B,): host ids (numpy, as the trainer has them) or a tensor (copied to the host).
+        The metrics are 0-dim device tensors: reading them is left to the caller (the trainer reads them
+        only when it logs), so a step never waits on the device."""
+        metrics: dict[str, torch.Tensor] = {}
         if self.without_vq:
             profile_vectors, vq_loss = profile_embeds, profile_embeds.new_zeros(())
         else:
@@ -141,25 +150,31 @@ class JointObjective(nn.Module):
                 metrics[f"perplexity_{name}"] = code_perplexity(
                     code_ids[:, p], self.quantizer.codebook_sizes[p]
                 )
-        rec_loss = self._surrogate_loss(user_ids, profile_vectors)
-        self.step += 1  # also when frozen (new users): each batch draws fresh interaction samples
+        rec_loss = self._surrogate_loss(_host_ids(user_ids), profile_vectors)
+        # also when frozen (new users): each batch draws fresh interaction samples
+        self._steps_done += 1
+        self.step.fill_(self._steps_done)
         loss = self.loss_weight * (vq_loss + rec_loss)
-        metrics.update(vq_loss=vq_loss.item(), rec_loss=rec_loss.item(), aux_loss=loss.item())
+        metrics.update(vq_loss=vq_loss.detach(), rec_loss=rec_loss.detach(), aux_loss=loss.detach())
         return loss, metrics
 
-    def _surrogate_loss(self, user_ids: torch.Tensor, profile_vectors: torch.Tensor) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, int(self.step)])
-        uids = user_ids.detach().cpu().numpy()
+    def _surrogate_loss(self, uids: np.ndarray, profile_vectors: torch.Tensor) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self._steps_done])
         pos, item_ids, labels = self.sampler.sample(uids, self.interactions_per_user, rng)
         if len(pos) == 0:  # no user of the batch has a training interaction
             return profile_vectors.new_zeros(())
         device = profile_vectors.device
-        pos_t = torch.as_tensor(pos, device=device)
         feats = None
         if self.user_features is not None:
-            feats = self.user_features[torch.as_tensor(uids[pos])].to(device)  # (N, F)
-        logits = self.surrogate(profile_vectors[pos_t], torch.as_tensor(item_ids, device=device), feats)
-        return nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(labels, device=device))
+            feats = host_to_device(self.user_features[uids[pos]], device)  # (N, F)
+        logits = self.surrogate(
+            profile_vectors[host_to_device(pos, device, np.int64)], host_to_device(item_ids, device), feats
+        )
+        return nn.functional.binary_cross_entropy_with_logits(logits, host_to_device(labels, device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps_done = int(self.step)  # the host copy the sampling seeds from (read once, at load)
 
     # ------------------------------------------------------------------ after training
     @torch.no_grad()
@@ -177,12 +192,13 @@ class JointObjective(nn.Module):
         return out
 
 
-def code_perplexity(code_ids: torch.Tensor, codebook_size: int) -> float:
-    """exp(entropy) of the batch's code histogram: 1 = collapse onto one code, K = uniform use."""
-    counts = torch.bincount(code_ids.flatten(), minlength=codebook_size).float()
+def code_perplexity(code_ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """exp(entropy) of the batch's code histogram, a 0-dim float64 tensor on ``code_ids``' device: 1 =
+    collapse onto one code, K = uniform use. Fixed-size counts (``code_counts``): no read of the ids."""
+    counts = code_counts(code_ids.flatten(), codebook_size).float()
     probs = counts / counts.sum().clamp(min=1)
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
-    return float(math.exp(float(entropy)))
+    return entropy.double().exp()
 
 
 def build_joint_objective(

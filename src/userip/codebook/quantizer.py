@@ -125,6 +125,9 @@ class ProfileQuantizer(nn.Module):
             torch.randn(codebook_size, dim, generator=self.generator) / dim**0.5
         )  # (K, D)
         self.register_buffer("initialized", torch.tensor(self.init is CodebookInit.RANDOM))
+        # ``initialized`` on the host, kept equal to the buffer (set together; read back once on load): the
+        # training step branches on it without reading a device value.
+        self.is_initialized = self.init is CodebookInit.RANDOM
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))  # (K,)
         # b_k of k* = argmin ||z - e_k||^2 - b_k; zeros = plain eq. 6 (set by ``fit_balance``)
         self.register_buffer("code_bias", torch.zeros(codebook_size, dtype=torch.float32))  # (K,)
@@ -134,6 +137,9 @@ class ProfileQuantizer(nn.Module):
         # False: forward leaves the collection to the caller (the distributed trainer feeds every rank's
         # vectors to ``collect_for_init``).
         self.init_from_forward = True
+        # Training steps until a code can first have been unused ``dead_code_threshold`` times: the revival
+        # reads ``steps_unused`` back only then (see ``_revive_dead_codes``); 1 = check at the next step.
+        self._steps_to_revival_check = max(dead_code_threshold, 1)  # every count is 0
 
     # ------------------------------------------------------------------ the contract
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -163,9 +169,9 @@ class ProfileQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D) -> quantized (B, D) (straight-through), code_ids (B,), loss (scalar, eq. 5)."""
         self._check_input(z)
-        if self.training and self.init_from_forward and not bool(self.initialized):
+        if self.training and self.init_from_forward and not self.is_initialized:
             self.collect_for_init(z)
-        if not bool(self.initialized):  # k-means init pending: identity, no loss
+        if not self.is_initialized:  # k-means init pending: identity, no loss
             return z, self.nearest(z), z.new_zeros(())
         code_ids = self.nearest(z)  # (B,)
         chosen = self.codebook[code_ids]  # (B, D)
@@ -193,7 +199,9 @@ class ProfileQuantizer(nn.Module):
             )
         self.codebook.data.copy_(centroids.to(self.codebook))
         self.initialized.fill_(True)
+        self.is_initialized = True
         self.steps_unused.zero_()
+        self._steps_to_revival_check = max(self.dead_code_threshold, 1)
         self.code_bias.zero_()  # offsets fitted to another codebook mean nothing for this one
         self.init_samples = self.init_samples.new_zeros(0, self.dim)
 
@@ -208,18 +216,32 @@ class ProfileQuantizer(nn.Module):
 
     @torch.no_grad()
     def _revive_dead_codes(self, z: torch.Tensor, code_ids: torch.Tensor) -> None:
-        used = torch.bincount(code_ids, minlength=self.codebook_size) > 0  # (K,)
+        """Count each code's unused steps on the device; revive the codes unused ``dead_code_threshold``
+        times in a row.
+
+        Which codes are dead is a device value; reading it every step would make each step wait. The counts
+        are read back only at the first step where a code *can* have reached the threshold: after a read
+        whose largest count is s, each count grows by at most one per step, so none reaches the threshold T
+        in the next T - s - 1 steps. The codes are revived at the very steps a per-step check revives them
+        (the same codebooks bit for bit), with one read per T - s steps (about one per T while every code is
+        in use) instead of one per step.
+        """
+        used = code_counts(code_ids, self.codebook_size) > 0  # (K,)
         self.steps_unused.copy_(torch.where(used, torch.zeros_like(self.steps_unused), self.steps_unused + 1))
-        dead = (self.steps_unused >= self.dead_code_threshold).nonzero().flatten().tolist()
-        if not dead:
+        self._steps_to_revival_check -= 1
+        if self._steps_to_revival_check > 0:
             return
+        unused = self.steps_unused.tolist()  # the one read, at a step where a code may be dead
+        dead = [k for k, n in enumerate(unused) if n >= self.dead_code_threshold]
         x = z.detach().float().to(self.codebook.device)
         for k in dead:
             # Split the batch's most populous group (revived codes included: each one sees the previous).
             assign = self._scores(x).argmin(-1)  # (B,)
-            biggest = int(torch.bincount(assign, minlength=self.codebook_size).argmax())  # first on ties
+            biggest = int(code_counts(assign, self.codebook_size).argmax())  # first on ties
             self.codebook.data[k] = split_seed(x[assign == biggest]).to(self.codebook.dtype)
             self.steps_unused[k] = 0
+            unused[k] = 0
+        self._steps_to_revival_check = self.dead_code_threshold - max(unused)
 
     # ------------------------------------------------------------------ balanced final assignment
     @torch.no_grad()
@@ -289,12 +311,22 @@ class ProfileQuantizer(nn.Module):
         if isinstance(samples, torch.Tensor) and samples.dim() == 2 and samples.shape[1] == self.dim:
             self.init_samples = self.init_samples.new_empty(samples.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The host copies follow the loaded buffers (read once here, never in a step).
+        self.is_initialized = bool(self.initialized)
+        self._steps_to_revival_check = 1
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, beta={self.beta}, init={self.init.value}, "
             f"dead_code_threshold={self.dead_code_threshold}"
         )
+
+
+def code_counts(code_ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How many of ``code_ids`` (N,) chose each code: (K,) int64, ``torch.bincount(code_ids, minlength=K)``
+    for ids below K but of a fixed size (a CUDA ``bincount`` reads the largest id back to size its output)."""
+    counts = torch.zeros(codebook_size, dtype=torch.long, device=code_ids.device)
+    return counts.scatter_add_(0, code_ids, torch.ones_like(code_ids))
 
 
 def split_seed(group: torch.Tensor) -> torch.Tensor:

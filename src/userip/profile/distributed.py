@@ -169,8 +169,8 @@ class ShardObjective(nn.Module):
         return self.ddp.module  # type: ignore[return-value]
 
     def forward(
-        self, user_ids: torch.Tensor, profile_embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, user_ids: np.ndarray, profile_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.training:
             self._kmeans_init(profile_embeds)
         return self.ddp(user_ids + self.offset, profile_embeds)
@@ -179,7 +179,7 @@ class ShardObjective(nn.Module):
     def _kmeans_init(self, profile_embeds: torch.Tensor) -> None:
         quantizers = list(self.objective.quantizer.quantizers)
         pending = [
-            p for p, q in enumerate(quantizers) if q.init is CodebookInit.KMEANS and not bool(q.initialized)
+            p for p, q in enumerate(quantizers) if q.init is CodebookInit.KMEANS and not q.is_initialized
         ]
         if not pending:
             return

@@ -12,6 +12,8 @@ JSON
   ``CorruptArtifactError`` on ``--resume``, never a silently different run.
 * Joint training hook: ``aux.forward(user_ids (B,), profile_embeds (B, P, D)) -> (loss, metrics)``; its loss
   (already weighted by its owner) is added to the LM loss; ``aux.parameters()`` train with a dense AdamW.
+  ``user_ids`` is the host-side int64 numpy array of the batch's (unique) users; ``metrics`` values are floats
+  or 0-dim tensors, read (all in one copy) only when the trainer logs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from userip.profile.optim import RowAdam
 from userip.prompts import ExampleSet, collate
 from userip.utils.artifacts import CorruptArtifactError, load_tensors, save_tensors
 from userip.utils.config import ConfigError, check_fields, to_dict
+from userip.utils.device import host_to_device
 from userip.utils.io import atomic_write_json, read_json
 from userip.utils.threads import set_intra_op_threads
 
@@ -210,6 +213,8 @@ class ProfileTrainer:
             self.aux.train(cfg.train_aux)
         start_time, start_tokens = time.perf_counter(), self.state.tokens
         step_metrics: dict[str, Any] = {}  # the last step's aux metrics, as aux returned them
+        aux_metrics: dict[str, float] = {}  # ... read as floats at step ``metrics_step``
+        metrics_step = self.state.step
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -247,7 +252,7 @@ class ProfileTrainer:
                 if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
                     self._read_losses()  # the only wait on the device between checkpoints
                     ema = self._ema
-                    aux_metrics = _floats(step_metrics)
+                    aux_metrics, metrics_step = _floats(step_metrics), self.state.step
                     elapsed = time.perf_counter() - start_time
                     tok_s = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
                     bar.set_postfix(
@@ -282,7 +287,7 @@ class ProfileTrainer:
             self.state.tokens - start_tokens,
             time.perf_counter() - start_time,
             list(self.state.loss_history),
-            _floats(step_metrics),
+            aux_metrics if metrics_step == self.state.step else _floats(step_metrics),
         )
 
     def _read_losses(self) -> None:
@@ -354,7 +359,8 @@ class ProfileTrainer:
                 embeds = model.profile_embeds_from(
                     rows[_to_device(np.searchsorted(row_ids, unique_users), device)]
                 )
-                aux_loss, aux_metrics = self.aux(_to_device(unique_users, device), embeds)
+                # host ids: the objective samples each user's interactions on the host, no copy back
+                aux_loss, aux_metrics = self.aux(unique_users, embeds)
                 loss = loss + aux_loss
             (loss / len(batches)).backward()
         self.optimizer.step(torch.from_numpy(row_ids), rows.grad)
@@ -472,10 +478,16 @@ def micro_batch_mean(losses: Sequence[float]) -> float:
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
+    """The aux metrics as floats: device tensors are read back together, in one copy (at log time only)."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    values = {}
+    if tensors:
+        # float64 holds every float32 value exactly: the same floats as a ``.item()`` per metric
+        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in tensors.values()])
+        values = dict(zip(tensors, stacked.cpu().tolist()))
+    return {k: values[k] if k in values else float(v) for k, v in metrics.items()}
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host int64 array on ``device`` without waiting for it (``non_blocking``: the host buffer is staged
-    at once, and the step's later kernels are ordered after the copy on the same stream)."""
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device, non_blocking=True)
+    """A host int64 array on ``device`` without waiting for it (``host_to_device``)."""
+    return host_to_device(array, device, np.int64)
