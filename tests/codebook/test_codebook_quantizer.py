@@ -157,7 +157,7 @@ def test_revival_reads_the_counts_only_when_a_code_can_be_dead_and_revives_as_a_
     reads, revived = [], 0
     for _ in range(30):
         idx = torch.randperm(len(points), generator=gen)[:30]
-        eager._steps_to_revival_check = 1  # the former rule: check at every step
+        eager.steps_to_revival_check = 1  # the former rule: check at every step
         before = eager.codebook.detach().clone()
         for q, opt in zip((lazy, eager), opts):
             if q is lazy:

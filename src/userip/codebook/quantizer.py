@@ -139,7 +139,9 @@ class ProfileQuantizer(nn.Module):
         self.init_from_forward = True
         # Training steps until a code can first have been unused ``dead_code_threshold`` times: the revival
         # reads ``steps_unused`` back only then (see ``_revive_dead_codes``); 1 = check at the next step.
-        self._steps_to_revival_check = max(dead_code_threshold, 1)  # every count is 0
+        # Whoever overwrites ``steps_unused`` sets it too (1 is always safe; the distributed trainer copies
+        # rank 0's along with rank 0's counts).
+        self.steps_to_revival_check = max(dead_code_threshold, 1)  # every count is 0
 
     # ------------------------------------------------------------------ the contract
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -201,7 +203,7 @@ class ProfileQuantizer(nn.Module):
         self.initialized.fill_(True)
         self.is_initialized = True
         self.steps_unused.zero_()
-        self._steps_to_revival_check = max(self.dead_code_threshold, 1)
+        self.steps_to_revival_check = max(self.dead_code_threshold, 1)
         self.code_bias.zero_()  # offsets fitted to another codebook mean nothing for this one
         self.init_samples = self.init_samples.new_zeros(0, self.dim)
 
@@ -228,8 +230,8 @@ class ProfileQuantizer(nn.Module):
         """
         used = code_counts(code_ids, self.codebook_size) > 0  # (K,)
         self.steps_unused.copy_(torch.where(used, torch.zeros_like(self.steps_unused), self.steps_unused + 1))
-        self._steps_to_revival_check -= 1
-        if self._steps_to_revival_check > 0:
+        self.steps_to_revival_check -= 1
+        if self.steps_to_revival_check > 0:
             return
         unused = self.steps_unused.tolist()  # the one read, at a step where a code may be dead
         dead = [k for k, n in enumerate(unused) if n >= self.dead_code_threshold]
@@ -241,7 +243,7 @@ class ProfileQuantizer(nn.Module):
             self.codebook.data[k] = split_seed(x[assign == biggest]).to(self.codebook.dtype)
             self.steps_unused[k] = 0
             unused[k] = 0
-        self._steps_to_revival_check = self.dead_code_threshold - max(unused)
+        self.steps_to_revival_check = self.dead_code_threshold - max(unused)
 
     # ------------------------------------------------------------------ balanced final assignment
     @torch.no_grad()
@@ -313,7 +315,7 @@ class ProfileQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The host copies follow the loaded buffers (read once here, never in a step).
         self.is_initialized = bool(self.initialized)
-        self._steps_to_revival_check = 1
+        self.steps_to_revival_check = 1
 
     def extra_repr(self) -> str:
         return (

@@ -236,11 +236,19 @@ class ShardTrainer(ProfileTrainer):
 
     def _step(self, group: list[np.ndarray]) -> tuple[float, int, dict[str, float]]:
         losses, tokens, metrics = super()._step(group)
+        quantizers = []
         if isinstance(self.aux, ShardObjective) and self.aux_optimizer is not None:
             self.aux.sync_quantizers()
+            quantizers = list(self.aux.objective.quantizer.quantizers)
         # The all-reduce waits for the step anyway: read this rank's loss here.
         loss = micro_batch_mean(torch.as_tensor(losses).cpu().tolist())
-        loss_sum, token_sum = all_reduce_sum([loss, float(tokens)], self.ctx)
+        # Every rank now holds rank 0's dead-code counts: it takes rank 0's revival schedule with them (its
+        # own, from its own counts, could skip a step where the broadcast counts reach the threshold). Sent
+        # in the same all-reduce: rank 0's values plus zeros.
+        schedules = [float(q.steps_to_revival_check) if self.ctx.rank == 0 else 0.0 for q in quantizers]
+        loss_sum, token_sum, *schedule_sums = all_reduce_sum([loss, float(tokens), *schedules], self.ctx)
+        for q, steps in zip(quantizers, schedule_sums):
+            q.steps_to_revival_check = int(steps)
         return loss_sum / self.ctx.world_size, int(token_sum), metrics
 
     # ------------------------------------------------------------------ checkpoints
