@@ -135,7 +135,9 @@ def test_steps_never_wait_on_the_device(tiny_llama, word_tokenizer, grad_accum_s
     assert isinstance(tokens, int) and losses.shape == (grad_accum_steps,)
 
 
-def _joint_trainer(lm, tokenizer, dead_code_threshold: int = 50, **overrides) -> ProfileTrainer:
+def _joint_trainer(
+    lm, tokenizer, dead_code_threshold: int = 50, device: str = "cpu", **overrides
+) -> ProfileTrainer:
     """The LM step with the joint objective (codebooks + surrogate, user features on): k-means initialises
     from the first batch (``kmeans_init_samples`` = the largest codebook, 4)."""
     dataset = history_dataset(num_users=24)
@@ -144,6 +146,8 @@ def _joint_trainer(lm, tokenizer, dead_code_threshold: int = 50, **overrides) ->
         kmeans_init_samples=4, loss_weight=1.0, dead_code_threshold=dead_code_threshold
     )
     aux = build_aux(dataset, model.prompt_config.profiles, model.table.weight.shape[-1], quantization)
+    model.table.to(device)
+    aux.to(device)
     config = dict(lr=0.05, batch_size=4, num_epochs=2, checkpoint_every=0, seed=3, progress=False)
     config.update(overrides)
     trainer = ProfileTrainer(model, examples, TrainConfig(**config), aux=aux)
@@ -310,6 +314,28 @@ def test_cuda_steps_never_synchronize(word_tokenizer, table_device):
     torch.cuda.set_sync_debug_mode("error")
     try:
         with record_host_syncs() as rec:
+            for group in groups[1:]:
+                trainer._step(group)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rec.events == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_joint_objective_steps_never_synchronize(word_tokenizer):
+    """The joint objective on the GPU (table, codebooks and surrogate there): after the k-means init step,
+    steps under ``set_sync_debug_mode("error")``; AdamW's step counters stay CPU tensors (no CUDA wait)."""
+    torch.manual_seed(0)
+    lm = load_causal_lm(llama_config(len(word_tokenizer)), dtype="bf16", device="cuda")
+    trainer = _joint_trainer(lm, word_tokenizer, device="cuda", num_epochs=1)
+    assert trainer.model.table.weight.is_cuda and trainer.aux.quantizer.codebook("hobby").is_cuda
+    groups = _groups(trainer, 5)
+    trainer._step(groups[0])  # k-means init (reads the held profiles once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with record_host_syncs(_adamw_steps(trainer)) as rec:
             for group in groups[1:]:
                 trainer._step(group)
     finally:
