@@ -30,7 +30,6 @@ from userip.data.schema import (
     Dataset,
     DatasetError,
 )
-from userip.utils.io import read_json
 from userip.utils.run_layout import RunLayout
 
 log = logging.getLogger(__name__)

@@ -346,6 +346,14 @@ class FeatureBank:
             digest.update(cb.tobytes())
         return digest.hexdigest()
 
+    def rename(self, version: str, created: str, num_users: int, extra: dict[str, Any] | None = None) -> None:
+        """Make this bank (one part's rows) carry its multi-part version's name, time, user count and
+        shared manifest entries (every part of a version has the same manifest)."""
+        self.manifest.update(
+            {**(extra or {}), "version": version, "created": created, "num_users": num_users}
+        )
+        self.version = version
+
     def write_part(
         self, bank_dir: str | os.PathLike[str], index: int, count: int, user_lo: int
     ) -> dict[str, Any]:
@@ -367,7 +375,10 @@ class FeatureBank:
 
     @staticmethod
     def commit_parts(
-        bank_dir: str | os.PathLike[str], version: str, parts: Sequence[dict[str, Any]], keep_versions: int = 3
+        bank_dir: str | os.PathLike[str],
+        version: str,
+        parts: Sequence[dict[str, Any]],
+        keep_versions: int = 3,
     ) -> None:
         """Make the multi-part ``version`` current (one atomic pointer write), once every part is written."""
         bank_dir = Path(bank_dir)
@@ -388,7 +399,7 @@ class FeatureBank:
                 )
             try:
                 pointer = read_json(pointer_path)
-                records = pointer["parts"] if "parts" in pointer else [pointer]
+                records = pointer.get("parts", [pointer])
                 if not isinstance(records, list) or not records:
                     raise ValueError("parts must be a non-empty list")
                 checked = [
@@ -435,7 +446,10 @@ class FeatureBank:
             for p, name in enumerate(self.profile_names):
                 flat = pa.array(np.ascontiguousarray(self.profile_vectors[:, p]).ravel())
                 columns[f"vec_{name}"] = pa.FixedSizeListArray.from_arrays(flat, d)
-        meta: dict[str, Any] = {"manifest": self.manifest, "codebooks": [cb.tolist() for cb in self.codebooks]}
+        meta: dict[str, Any] = {
+            "manifest": self.manifest,
+            "codebooks": [cb.tolist() for cb in self.codebooks],
+        }
         if part is not None:
             meta["part"] = part
         return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
@@ -464,7 +478,9 @@ class FeatureBank:
                 part, part_version = meta["part"], str(meta["manifest"]["version"])
                 lo, hi = int(part["user_lo"]), int(part["user_hi"])
             except (KeyError, ValueError, TypeError) as e:
-                raise FeatureBankError(f"{file}: not a part of a feature bank ({type(e).__name__}: {e})") from e
+                raise FeatureBankError(
+                    f"{file}: not a part of a feature bank ({type(e).__name__}: {e})"
+                ) from e
             if part_version != version or int(part["index"]) != i or int(part["count"]) != len(files):
                 raise FeatureBankError(
                     f"{file}: part {part.get('index')} of {part.get('count')} of version {part_version}; "
