@@ -53,7 +53,7 @@ class UserRowGroups:
     first: np.ndarray  # (G,) int64
     last: np.ndarray  # (G,) int64
     rows: np.ndarray  # (G,) int64
-    ordered: bool  # row groups in increasing, non-overlapping user order
+    ordered: bool  # row groups in user order (adjacent groups share at most their boundary user)
 
     @classmethod
     def of(cls, path: str | Path) -> UserRowGroups:
@@ -77,7 +77,8 @@ class UserRowGroups:
                 last.append(int(stats.max))
             rows.append(group.num_rows)
         f, la = np.asarray(first, dtype=np.int64), np.asarray(last, dtype=np.int64)
-        ordered = bool(len(f) == 0 or ((f <= la).all() and (f[1:] > la[:-1]).all()))
+        # a user's rows may continue into the next group: first[g + 1] == last[g] is still in order
+        ordered = bool(len(f) == 0 or ((f <= la).all() and (f[1:] >= la[:-1]).all()))
         return cls(path, f, la, np.asarray(rows, dtype=np.int64), ordered)
 
     def groups_for(self, lo: int, hi: int) -> list[int]:

@@ -319,11 +319,7 @@ class FeatureBank:
     def write(self, bank_dir: str | os.PathLike[str], keep_versions: int = 3) -> Path:
         """Persist this version under ``bank_dir`` and make it current; returns the version file's path."""
         bank_dir = Path(bank_dir)
-        objective = self.manifest.get("objective_file")
-        if objective and "objective_sha256" not in self.manifest:
-            source = _confined(bank_dir, str(objective), OBJECTIVES_DIR, "objective_file")
-            if source.is_file():  # recorded now, checked by verify_objective before new users use it
-                self.manifest["objective_sha256"] = sha256_file(source)
+        self._record_objective(bank_dir)
         rel = f"{VERSIONS_DIR}/{self.version}.parquet"
         target = bank_dir / rel
         atomic_write_with(target, lambda tmp: pq.write_table(self._to_arrow(), tmp))
@@ -372,6 +368,33 @@ class FeatureBank:
             "user_lo": part["user_lo"],
             "user_hi": part["user_hi"],
         }
+
+    def _record_objective(self, bank_dir: Path) -> None:
+        objective = self.manifest.get("objective_file")
+        if objective and "objective_sha256" not in self.manifest:
+            source = _confined(bank_dir, str(objective), OBJECTIVES_DIR, "objective_file")
+            if source.is_file():  # recorded now, checked by verify_objective before new users use it
+                self.manifest["objective_sha256"] = sha256_file(source)
+
+    def write_parts(
+        self, bank_dir: str | os.PathLike[str], bounds: Sequence[int], keep_versions: int = 3
+    ) -> list[dict[str, Any]]:
+        """This bank as a multi-part version under ``bank_dir``: part i holds users
+        ``[bounds[i], bounds[i+1])`` (``bounds`` from 0 to ``num_rows``), written in turn and committed.
+        (The distributed profile stage writes the parts from their ranks; this is the one-process way.)"""
+        self._record_objective(Path(bank_dir))
+        bounds = [int(b) for b in bounds]
+        if bounds[0] != 0 or bounds[-1] != self.num_rows or any(b > a for a, b in zip(bounds[1:], bounds)):
+            raise FeatureBankError(f"part bounds {bounds} must rise from 0 to {self.num_rows}")
+        records = []
+        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            vectors = None if self.profile_vectors is None else self.profile_vectors[lo:hi]
+            part = FeatureBank(
+                self.raw_user_ids[lo:hi], self.codes[lo:hi], self.codebooks, self.manifest, vectors
+            )
+            records.append(part.write_part(bank_dir, i, len(bounds) - 1, lo))
+        FeatureBank.commit_parts(bank_dir, self.version, records, keep_versions)
+        return records
 
     @staticmethod
     def commit_parts(
