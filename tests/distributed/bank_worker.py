@@ -60,13 +60,13 @@ def main(data_dir: Path, out_dir: Path) -> None:
     objective = objective_for(shard, table)
     trained = trained_users(num_users)
     local_trained = trained[(trained >= lo) & (trained < hi)] - lo
-    version, report = write_rank_bank(
+    part, report = write_rank_bank(
         out_dir / "bank", shard, objective, table[lo:hi], local_trained, ctx,
         lm="tiny", template="<t>", config={"note": "test"},
     )  # fmt: skip
     users = shard.interactions["user_id"].to_numpy()
     record = {
-        "lo": lo, "hi": hi, "version": version,
+        "lo": lo, "hi": hi, "version": part.version, "part_rows": part.num_rows,
         "row_groups_read": shard.row_groups_read,
         "row_groups_total": int(UserRowGroups.of(data_dir / "interactions.parquet").rows.size),
         "rows": len(users), "min_user": int(users.min()), "max_user": int(users.max()),

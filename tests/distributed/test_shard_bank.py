@@ -50,7 +50,8 @@ def test_each_rank_reads_only_its_users_row_groups(two_rank_bank: dict) -> None:
             and rec["min_user"] == rec["lo"]
             and rec["max_user"] == rec["hi"] - 1
         )
-        assert rec["users_rows"] == rec["hi"] - rec["lo"] and rec["num_users"] == dataset.num_users
+        assert rec["users_rows"] == rec["hi"] - rec["lo"] == rec["part_rows"]
+        assert rec["num_users"] == dataset.num_users
         # and only the row groups that hold them: about half of them, never all
         total = rec["row_groups_total"]
         assert total >= 6 and rec["row_groups_read"]["interactions"] <= total // 2 + 1

@@ -387,9 +387,10 @@ def write_rank_bank(
     lm: str = "",
     template: str = "",
     config: dict[str, Any] | None = None,
-) -> tuple[str, dict[str, Any] | None]:
+) -> tuple[Any, dict[str, Any] | None]:
     """This rank's part of a new bank version (users ``shard.user_range``); rank 0 commits it once every
-    part is written. Returns (version, the report on rank 0 / None elsewhere).
+    part is written. Returns (this rank's part: a ``FeatureBank`` of its rows carrying the version's
+    manifest, the report on rank 0 / None elsewhere).
 
     The same codes as ``write_bank`` on the gathered table: balance offsets fitted on rank 0 from every
     rank's trained rows' squared distances (the fit reads nothing else), broadcast, then each rank takes the
@@ -465,14 +466,14 @@ def write_rank_bank(
     else:
         records = [record]
     if not ctx.is_main:
-        return version, None
+        return part, None
     FeatureBank.commit_parts(bank_dir, version, records)
     report = code_report(None, objective.profile_names, sizes, counts_np)
     if recovery is not None:
         report["recovery"] = recovery
     report["bank_version"] = version
     log.info("feature bank %s written to %s in %d parts", version, bank_dir, len(records))
-    return version, report
+    return part, report
 
 
 def _raw_user_ids(users: pd.DataFrame, lo: int, hi: int) -> list[str]:
@@ -604,7 +605,6 @@ def write_rank_outputs(
 ) -> Any:
     """After training, on every rank: its soft tokens, its part of the bank; rank 0 also the manifest, the
     stage record and the report. Returns the ``ProfileStageResult`` on rank 0, None elsewhere."""
-    from userip.feature_bank import FeatureBank
     from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE
     from userip.profile.stage import ProfileStageResult, finish_stage
     from userip.utils.io import run_relative
@@ -665,7 +665,7 @@ def write_rank_outputs(
         return out
     recorded_lm = run_relative(lm_path, run_dir)
     bank_config = {**to_dict(config), "distributed": {"world_size": ctx.world_size}}
-    _, report = write_rank_bank(
+    part, report = write_rank_bank(
         layout.bank, shard_data, objective, local_profiles, shard.user_ids, ctx,
         lm=recorded_lm, template=template, config=bank_config,
     )  # fmt: skip
@@ -682,8 +682,7 @@ def write_rank_outputs(
         report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
         report["world_size"] = ctx.world_size
         atomic_write_json(layout.bank_report, report)
-        out = ProfileStageResult(
-            FeatureBank.load(layout.bank), report, lm_path, report["final_lm_loss"], result.steps
-        )
+        # rank 0's part (the version's manifest): loading every user here would undo the sharding
+        out = ProfileStageResult(part, report, lm_path, report["final_lm_loss"], result.steps)
     barrier(ctx)  # nobody exits (and tears the group down) before the bank is written
     return out
