@@ -138,6 +138,7 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     t0 = time.perf_counter()
     data = load_rank_data(Path(args.data), config, builder, ctx)
     startup_s = time.perf_counter() - t0
+    startup_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lo, hi = data.shard.user_range
     shard = local_examples(data.examples, lo, hi)
     emb = lm.get_input_embeddings().weight
@@ -153,6 +154,7 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     t1 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t1
+    before_bank_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t2 = time.perf_counter()
     with torch.no_grad():
         local = model.profile_embeds(torch.arange(hi - lo)).float().cpu()
@@ -164,7 +166,7 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     shard_bytes = (
         table.weight.numel() * 4 * 3  # table + RowAdam exp_avg + exp_avg_sq
         + (hi - lo) * 8  # RowAdam row steps
-        + shard.offsets.nbytes + shard.targets.nbytes + shard.user_ids.nbytes
+        + shard.offsets.nbytes + shard.target_ids.nbytes + shard.user_ids.nbytes
         + int(data.shard.interactions.memory_usage(deep=True).sum())
         + int(data.shard.users.memory_usage(deep=True).sum())
         + (0 if sampler is None else sampler.item_ids.nbytes + sampler.labels.nbytes)
@@ -174,7 +176,8 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
         "rank": ctx.rank, "world": ctx.world_size, "users": args.users, "steps": args.steps,
         "seconds": seconds, "users_per_s": args.steps * args.batch_size / seconds, "peak_rss_mb": peak_mb,
         "shard_mb": shard_bytes / 2**20, "beyond_shard_mb": peak_mb - shard_bytes / 2**20,
-        "startup_s": startup_s, "bank_s": bank_s, "row_groups_read": data.shard.row_groups_read,
+        "startup_s": startup_s, "bank_s": bank_s, "peak_after_startup_mb": startup_peak_mb,
+        "peak_before_bank_mb": before_bank_mb, "row_groups_read": data.shard.row_groups_read,
     }  # fmt: skip
     Path(args.out).with_suffix(f".rank{ctx.rank}.json").write_text(json.dumps(record))
 
@@ -205,7 +208,8 @@ def run_worker(args: argparse.Namespace) -> None:
 def build_lm(folder: Path) -> str:
     from userip.data.prepare import prepare_to_run_dir
     from userip.data.schema import Dataset
-    from userip.lm.offline import OfflineLMConfig, resolve_lm
+    from userip.lm.offline import OfflineLMConfig
+    from userip.lm.resolve import resolve_lm
     from userip.prompts import PromptConfig
 
     prepare_to_run_dir(folder, "synthetic", {"num_users": 300, "num_items": 36}, None)

@@ -173,7 +173,7 @@ def load_user_shard(folder: str | Path, lo: int, hi: int, full_users: bool = Fal
 
 
 def profile_example_weights(folder: str | Path, num_users: int, review: bool) -> np.ndarray:
-    """(num_users,) int64: about how many training examples each user will give, read one row group at a
+    """(num_users,) int32: about how many training examples each user will give, read one row group at a
     time (columns user_id, split[, sampled][, review]): memory is the (num_users,) counts plus one row group.
 
     History targets: 1 for a user with a profile row (a user whose every title is empty gets 0 examples but
@@ -184,7 +184,7 @@ def profile_example_weights(folder: str | Path, num_users: int, review: bool) ->
     file = pq.ParquetFile(path)
     names = set(file.schema_arrow.names)
     columns = ["user_id", "split"] + [c for c in ("sampled",) if c in names] + (["review"] if review else [])
-    counts = {s: np.zeros(num_users, dtype=np.int64) for s in ("train", HISTORY_SPLIT)}
+    counts = {s: np.zeros(num_users, dtype=np.int32) for s in ("train", HISTORY_SPLIT)}
     for g in range(file.metadata.num_row_groups):
         frame = file.read_row_group(g, columns=columns).to_pandas()
         keep = np.ones(len(frame), dtype=bool)
@@ -196,7 +196,9 @@ def profile_example_weights(folder: str | Path, num_users: int, review: bool) ->
         users = frame["user_id"].to_numpy()
         for name, out in counts.items():
             rows = users[keep & (split == name)]
-            out += np.bincount(rows, minlength=num_users)
+            if len(rows):  # rows of one row group: a few users, added where they are
+                present, n = np.unique(rows, return_counts=True)
+                out[present] += n.astype(np.int32)
     # the profile split is the history split when the dataset has one (profile_samples_of)
     chosen = counts[HISTORY_SPLIT] if counts[HISTORY_SPLIT].any() else counts["train"]
-    return chosen if review else (chosen > 0).astype(np.int64)
+    return chosen if review else (chosen > 0).astype(np.int32)

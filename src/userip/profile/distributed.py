@@ -90,9 +90,15 @@ def shard_bounds(example_user_ids: np.ndarray, num_users: int, world_size: int) 
     """(world_size + 1,) user-id bounds: rank r owns users ``[b[r], b[r+1])``, contiguous, with about the same
     number of training examples each (users without an example still get a row, in whichever range they
     fall). Raises ``DistributedError`` when a rank would get no example."""
+    counts = np.bincount(np.asarray(example_user_ids, dtype=np.int64), minlength=num_users)
+    return shard_bounds_from_counts(counts, world_size)
+
+
+def shard_bounds_from_counts(counts: np.ndarray, world_size: int) -> np.ndarray:
+    """``shard_bounds`` from each user's number of examples (``counts[u]``, one entry per user)."""
     if world_size < 1:
         raise DistributedError(f"world_size must be >= 1, got {world_size}")
-    counts = np.bincount(np.asarray(example_user_ids, dtype=np.int64), minlength=num_users)
+    num_users = len(counts)
     total = int(counts.sum())
     if total < world_size:
         raise DistributedError(
@@ -354,7 +360,8 @@ def load_rank_data(data_dir: Path, config: Any, builder: PromptBuilder, ctx: Dis
     num_users = int(Dataset.read_manifest(data_dir)["counts"]["users"])
     review = builder.config.target_mode is TargetMode.REVIEW
     weights = profile_example_weights(data_dir, num_users, review)
-    bounds = shard_bounds(np.repeat(np.arange(num_users), weights), num_users, ctx.world_size)
+    bounds = shard_bounds_from_counts(weights, ctx.world_size)
+    del weights
     lo, hi = int(bounds[ctx.rank]), int(bounds[ctx.rank + 1])
     shard = load_user_shard(data_dir, lo, hi, full_users=config.quantization.use_user_features)
     log.info("rank %d: users [%d, %d): row groups read %s", ctx.rank, lo, hi, shard.row_groups_read)
