@@ -61,7 +61,7 @@ def main(data_dir: Path, out_dir: Path) -> None:
     trained = trained_users(num_users)
     local_trained = trained[(trained >= lo) & (trained < hi)] - lo
     part, report = write_rank_bank(
-        out_dir / "bank", shard, objective, table[lo:hi], local_trained, ctx,
+        out_dir / "bank", shard, objective, lambda rows: table[lo:hi][rows], local_trained, ctx,
         lm="tiny", template="<t>", config={"note": "test"},
     )  # fmt: skip
     users = shard.interactions["user_id"].to_numpy()

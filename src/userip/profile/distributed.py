@@ -42,6 +42,7 @@ import logging
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -387,7 +388,7 @@ def write_rank_bank(
     bank_dir: Path,
     shard: Any,
     objective: JointObjective,
-    local_profiles: torch.Tensor,
+    profile_rows: Callable[[torch.Tensor], torch.Tensor],
     trained_local_rows: np.ndarray,
     ctx: DistContext,
     *,
@@ -401,7 +402,8 @@ def write_rank_bank(
 
     The same codes as ``write_bank`` on the gathered table: balance offsets fitted on rank 0 from every
     rank's trained rows' squared distances (the fit reads nothing else), broadcast, then each rank takes the
-    nearest code of its rows. ``local_profiles`` (hi - lo, P, D); ``trained_local_rows``: the local rows of
+    nearest code of its rows. ``profile_rows(local row ids) -> (n, P, D)``: this rank's profile vectors,
+    asked for in blocks of ``PROFILE_BLOCK`` rows; ``trained_local_rows``: the local rows of
     this rank's examples (one per example, as ``write_bank``'s ``trained_user_ids``).
     """
     from userip.feature_bank import KIND_CODES, UNKNOWN_CODE, FeatureBank
@@ -414,19 +416,23 @@ def write_rank_bank(
     if objective.config is not None:
         objective.config.check_codebook_sizes(objective.quantizer.codebook_sizes)
     quantizers = list(objective.quantizer.quantizers)
+    trained_rows = torch.as_tensor(np.asarray(trained_local_rows, dtype=np.int64))
+    # Each row's squared distances to every code (P x K numbers per user), computed block by block so
+    # that no (rows, P, D) copy of the profiles is held: the balance fit and the codes need nothing else.
+    distances, finite = _code_distances(profile_rows, hi - lo, quantizers)
+    codes = np.empty((hi - lo, len(quantizers)), dtype=np.int64)
     with torch.no_grad():
-        fitted = local_profiles[torch.as_tensor(trained_local_rows, dtype=torch.long)]
         for p, q in enumerate(quantizers):
-            q.code_bias.zero_()
-            x = fitted[:, p].float()
-            distances = gather_rows_to_main(q._scores(x[torch.isfinite(x).all(-1)]).cpu(), ctx)
-            if distances is not None:
-                q.fit_balance_distances(distances, share)
+            fitted = distances[p][trained_rows][finite[p][trained_rows]]
+            gathered = gather_rows_to_main(fitted, ctx)
+            if gathered is not None:
+                q.fit_balance_distances(gathered, share)  # the offsets fit_balance gives on every row
             if ctx.world_size > 1:
                 buf = q.code_bias.detach().to(ctx.comm_device)
                 dist.broadcast(buf, src=0)
                 q.code_bias.copy_(buf.to(q.code_bias.device))
-    codes = objective.assign_codes(local_profiles)
+            # nearest(): argmin of the distances less the offsets, as ``assign_codes``
+            codes[:, p] = (distances[p] - q.code_bias.detach().float().cpu()).argmin(-1).numpy()
     untrained = np.setdiff1d(np.arange(hi - lo), np.asarray(trained_local_rows, dtype=np.int64))
     codes[untrained] = UNKNOWN_CODE
     codebooks = [q.codebook.detach().cpu().numpy().astype(np.float32) for q in quantizers]
@@ -481,6 +487,29 @@ def write_rank_bank(
     report["bank_version"] = version
     log.info("feature bank %s written to %s in %d parts", version, bank_dir, len(records))
     return part, report
+
+
+PROFILE_BLOCK = 65536  # rows per block of the bank step's profile vectors
+
+
+def _code_distances(
+    profile_rows: Callable[[torch.Tensor], torch.Tensor], num_rows: int, quantizers: list[Any]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per profile: (num_rows, K_p) squared distances to the codes (``_scores`` with zero offsets) and a
+    (num_rows,) mask of rows whose profile is finite; from ``profile_rows(local row ids) -> (n, P, D)``."""
+    distances = [torch.empty(num_rows, q.codebook_size) for q in quantizers]
+    finite = [torch.empty(num_rows, dtype=torch.bool) for _ in quantizers]
+    with torch.no_grad():
+        for q in quantizers:
+            q.code_bias.zero_()
+        for start in range(0, num_rows, PROFILE_BLOCK):
+            rows = torch.arange(start, min(start + PROFILE_BLOCK, num_rows))
+            block = profile_rows(rows)
+            for p, q in enumerate(quantizers):
+                x = block[:, p].float()
+                distances[p][rows] = q._scores(x).cpu()
+                finite[p][rows] = torch.isfinite(x).all(-1).cpu()
+    return distances, finite
 
 
 def _raw_user_ids(users: pd.DataFrame, lo: int, hi: int) -> list[str]:
@@ -586,11 +615,9 @@ def run_profile_stage_distributed(
         checkpoint_root=layout.checkpoints / DIST_CHECKPOINTS,
     )
     result = trainer.train(resume=resume)
-    with torch.no_grad():
-        local_profiles = model.profile_embeds(torch.arange(hi - lo)).float().cpu()
     template = builder.tokenizer.decode(builder.build("<target>").input_ids)
     return write_rank_outputs(
-        run_dir, config, shard_data, lm_path, aux.objective, table, local_profiles, shard, data, value_words,
+        run_dir, config, shard_data, lm_path, aux.objective, table, model, shard, data, value_words,
         template, result, ctx,
     )  # fmt: skip
 
@@ -602,7 +629,7 @@ def write_rank_outputs(
     lm_path: str,
     objective: JointObjective,
     table: SoftTokenTable,
-    local_profiles: torch.Tensor,
+    model: ProfileModel,
     shard: ExampleSet,
     data: RankData,
     value_words: dict[str, list[str]],
@@ -633,7 +660,7 @@ def write_rank_outputs(
             layout.profile / MANIFEST_FILE,
             {
                 "lm": run_relative(lm_path, run_dir),
-                "hidden_size": int(local_profiles.shape[-1]),
+                "hidden_size": int(table.weight.shape[-1]),
                 "profiles": [dataclasses.asdict(p) for p in config.prompt.profiles],
                 "value_words": value_words,
                 "dataset_hash": shard_data.content_hash,
@@ -657,6 +684,8 @@ def write_rank_outputs(
         (layout.profile / SOFT_TOKENS_FILE).unlink(missing_ok=True)
     if objective.without_vq:
         # k-means over every user's projected profile: the one case still gathered to rank 0
+        with torch.no_grad():
+            local_profiles = model.profile_embeds(torch.arange(hi - lo)).float().cpu()
         profiles = gather_rows_to_main(local_profiles, ctx)
         trained_ids = all_gather_rows(torch.from_numpy(shard.user_ids + lo), ctx).numpy()
         out = None
@@ -673,7 +702,8 @@ def write_rank_outputs(
     recorded_lm = run_relative(lm_path, run_dir)
     bank_config = {**to_dict(config), "distributed": {"world_size": ctx.world_size}}
     part, report = write_rank_bank(
-        layout.bank, shard_data, objective, local_profiles, shard.user_ids, ctx,
+        layout.bank, shard_data, objective, lambda rows: model.profile_embeds(rows).float().cpu(),
+        shard.user_ids, ctx,
         lm=recorded_lm, template=template, config=bank_config,
     )  # fmt: skip
     out = None
