@@ -156,11 +156,10 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     seconds = time.perf_counter() - t1
     before_bank_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t2 = time.perf_counter()
-    with torch.no_grad():
-        local = model.profile_embeds(torch.arange(hi - lo)).float().cpu()
     write_rank_bank(
-        Path(args.out).with_suffix(".bank"), data.shard, aux.objective, local, shard.user_ids, ctx
-    )
+        Path(args.out).with_suffix(".bank"), data.shard, aux.objective,
+        lambda rows: model.profile_embeds(rows).float().cpu(), shard.user_ids, ctx,
+    )  # fmt: skip
     bank_s = time.perf_counter() - t2
     sampler = aux.objective.sampler if hasattr(aux.objective, "sampler") else None
     shard_bytes = (
