@@ -118,7 +118,6 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     """The stage's own path from a prepared data set: bounds from the per-user example counts, this rank's
     row groups only, its users' tokenized targets (``load_rank_data``), the objective's sampler from its
     rows, a few training steps, then its part of the bank (``write_rank_bank``); peak RSS covers it all."""
-    import torch
 
     from userip.codebook.config import QuantizationConfig
     from userip.profile.bank import build_aux

@@ -96,15 +96,21 @@ def read_user_rows(
     read."""
     index = UserRowGroups.of(path)
     groups = index.groups_for(lo, hi)
+    file = pq.ParquetFile(path)
+    frames = []
     try:
-        table = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
+        # one row group at a time: Arrow's buffers for one group, not for the whole range, at any moment
+        for g in groups:
+            part = file.read_row_group(g, columns=columns).to_pandas()
+            users = part["user_id"].to_numpy()
+            keep = (users >= lo) & (users < hi)
+            frames.append(part if keep.all() else part[keep])
     except (OSError, pa.ArrowException) as e:
         raise DatasetError(f"{path}: unreadable Parquet table (corrupt or truncated: {e})") from e
-    frame = table.to_pandas()
-    users = frame["user_id"].to_numpy()
-    keep = (users >= lo) & (users < hi)
-    if not keep.all():
-        frame = frame[keep].reset_index(drop=True)
+    pa.default_memory_pool().release_unused()  # give the groups' buffers back, not to the pool's cache
+    if not frames:  # no row group holds the range: the table's columns, no rows
+        return file.schema_arrow.empty_table().to_pandas(), 0
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
     return frame, len(groups)
 
 
