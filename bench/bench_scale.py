@@ -14,6 +14,12 @@ and interaction arrays), and their difference ("beyond the shard"); users/s = gl
 Throughput with 1 and 2 ranks at the smallest size. (On a 2-core machine shared with other jobs, 2 ranks
 share the same 2 cores: the number shows the overhead of DDP/gloo more than a speed-up.)
 
+``--from-data``: each size is first prepared as a synthetic data set (about 7 interactions per user, no
+reviews), and every rank starts as the stage does (``load_rank_data``: per-user example counts read one row
+group at a time, its users' row groups only, its users' targets tokenized), trains, and writes its part of
+the bank (``write_rank_bank``); peak RSS then covers start-up and the bank step, and the Redis part publishes
+the largest size's multi-part bank (its user count replaces ``--redis-users``).
+
 Redis part: a bank of ``--redis-users`` users (2 profiles) published with ``publish_bank`` (pipelined HSET
 chunks) into a private redis-server: load time, Redis ``used_memory``, p50/p99 latency of single-user
 ``RedisBank.lookup_raw`` calls (2,000 random users, one round trip each).
@@ -233,7 +239,9 @@ def run_profile(lm: str, users: int, world: int, args: argparse.Namespace, tmp: 
     return records
 
 
-def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
+def run_redis(num_users: int, tmp: Path, bank_dir: Path | None = None) -> dict[str, float]:
+    """Publish a bank to a private Redis and time single-user lookups: the multi-part bank the ranks wrote
+    (``bank_dir``, with --from-data) or a synthetic one of ``num_users`` users."""
     import redis
 
     from userip.serving.redis_bank import RedisBank, publish_bank
@@ -257,17 +265,24 @@ def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
             except redis.ConnectionError:
                 time.sleep(0.1)
         base_mem = client.info("memory")["used_memory"]
-        codes = np.random.default_rng(0).integers(0, 3, size=(num_users, 2)).astype(np.int64)
+        if bank_dir is not None:
+            from userip.feature_bank import FeatureBank
 
-        class Bank:  # the read interface publish_bank uses (a FeatureBank of this size is built the same way)
-            profile_names, codebook_sizes = ["hobby", "background"], [4, 3]
-            dataset_hash, version, codebook_hash = "bench", "v1", None
-            raw_user_ids = [f"u{i}" for i in range(num_users)]
+            bank = FeatureBank.load(bank_dir)  # every part, checked
+            num_users, codes, raw = bank.num_rows, bank.codes, bank.raw_user_ids
+        else:
+            codes = np.random.default_rng(0).integers(0, 3, size=(num_users, 2)).astype(np.int64)
+            raw = [f"u{i}" for i in range(num_users)]
 
-            def lookup(self, ids: np.ndarray) -> np.ndarray:
-                return codes[ids]
+            class Bank:  # the read interface publish_bank uses (a FeatureBank of this size is built so)
+                profile_names, codebook_sizes = ["hobby", "background"], [4, 3]
+                dataset_hash, version, codebook_hash = "bench", "v1", None
+                raw_user_ids = raw
 
-        bank = Bank()
+                def lookup(self, ids: np.ndarray) -> np.ndarray:
+                    return codes[ids]
+
+            bank = Bank()
         t0 = time.perf_counter()
         publish_bank(bank, client, "bench")
         load_s = time.perf_counter() - t0
@@ -277,9 +292,9 @@ def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
         lat = []
         for u in rng.integers(0, num_users, size=2000):
             t = time.perf_counter()
-            got, known = remote.lookup_raw([f"u{u}"])
+            got, known = remote.lookup_raw([raw[u]])
             lat.append(time.perf_counter() - t)
-            assert known[0] and (got[0] == codes[u]).all()
+            assert known[0] == (codes[u] >= 0).all() and (got[0] == codes[u]).all()
         lat_ms = np.array(lat) * 1000
         return {"redis_users": num_users, "redis_load_s": load_s, "redis_mem_mb": mem_mb,
                 "redis_p50_ms": float(np.percentile(lat_ms, 50)),
@@ -334,7 +349,10 @@ def main() -> None:
         result["users_per_s_2rank"] = two[sizes[0]][0]["users_per_s"]
         result["s_per_user_2rank"] = 1 / result["users_per_s_2rank"]
         if args.redis_users > 0:
-            result.update(run_redis(args.redis_users, tmp))
+            bank_dir = None
+            if args.from_data:  # the largest size's bank, written by both ranks as parts
+                bank_dir = (tmp / f"u{sizes[-1]}_w2").with_suffix(".bank")
+            result.update(run_redis(args.redis_users, tmp, bank_dir))
     fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()]
     start = "from_prepared_data_with_bank_parts" if args.from_data else "random_shards"
     fields.append(
