@@ -617,33 +617,32 @@ def run_profile_stage_distributed(
     result = trainer.train(resume=resume)
     template = builder.tokenizer.decode(builder.build("<target>").input_ids)
     return write_rank_outputs(
-        run_dir, config, shard_data, lm_path, aux.objective, table, model, shard, data, value_words,
-        template, result, ctx,
+        run_dir, config, lm_path, aux.objective, table, model, shard, data, template, result, ctx,
     )  # fmt: skip
 
 
 def write_rank_outputs(
     run_dir: Path,
     config: Any,
-    shard_data: Any,
     lm_path: str,
     objective: JointObjective,
     table: SoftTokenTable,
     model: ProfileModel,
     shard: ExampleSet,
     data: RankData,
-    value_words: dict[str, list[str]],
     template: str,
     result: Any,
     ctx: DistContext,
 ) -> Any:
     """After training, on every rank: its soft tokens, its part of the bank; rank 0 also the manifest, the
-    stage record and the report. Returns the ``ProfileStageResult`` on rank 0, None elsewhere."""
+    stage record and the report. ``shard``: this rank's examples, local row ids. Returns the
+    ``ProfileStageResult`` on rank 0, None elsewhere."""
     from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE
     from userip.profile.stage import ProfileStageResult, finish_stage
     from userip.utils.io import run_relative
 
     layout = RunLayout(run_dir)
+    shard_data, value_words = data.shard, data.value_words
     lo, hi = shard_data.user_range
     bounds = data.bounds
     # Each rank's soft tokens in its own file (never the whole table on one rank).
