@@ -14,6 +14,12 @@ and interaction arrays), and their difference ("beyond the shard"); users/s = gl
 Throughput with 1 and 2 ranks at the smallest size. (On a 2-core machine shared with other jobs, 2 ranks
 share the same 2 cores: the number shows the overhead of DDP/gloo more than a speed-up.)
 
+``--from-data``: each size is first prepared as a synthetic data set (about 7 interactions per user, no
+reviews), and every rank starts as the stage does (``load_rank_data``: per-user example counts read one row
+group at a time, its users' row groups only, its users' targets tokenized), trains, and writes its part of
+the bank (``write_rank_bank``); peak RSS then covers start-up and the bank step, and the Redis part publishes
+the largest size's multi-part bank (its user count replaces ``--redis-users``).
+
 Redis part: a bank of ``--redis-users`` users (2 profiles) published with ``publish_bank`` (pipelined HSET
 chunks) into a private redis-server: load time, Redis ``used_memory``, p50/p99 latency of single-user
 ``RedisBank.lookup_raw`` calls (2,000 random users, one round trip each).
@@ -62,6 +68,9 @@ def worker(args: argparse.Namespace) -> None:
     n = hi - lo
     lm = load_causal_lm(args.lm, "fp32", "cpu")
     builder = PromptBuilder(load_tokenizer(args.lm), PromptConfig())
+    if args.data:
+        data_worker(args, ctx, lm, builder)
+        return
     vocab = lm.get_input_embeddings().weight.shape[0]
     rng = np.random.default_rng([7, r, U])
     lengths = rng.integers(24, 41, size=n)
@@ -111,6 +120,85 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.out).with_suffix(f".rank{r}.json").write_text(json.dumps(record))
 
 
+def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: ANN001 - worker internals
+    """The stage's own path from a prepared data set: bounds from the per-user example counts, this rank's
+    row groups only, its users' tokenized targets (``load_rank_data``), the objective's sampler from its
+    rows, a few training steps, then its part of the bank (``write_rank_bank``); peak RSS covers it all."""
+
+    from userip.codebook.config import QuantizationConfig
+    from userip.profile.bank import build_aux
+    from userip.profile.distributed import (
+        ShardObjective,
+        ShardTrainer,
+        load_rank_data,
+        local_examples,
+        shard_soft_token_table,
+        write_rank_bank,
+    )  # fmt: skip
+    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenInit
+    from userip.profile.stage import ProfileStageConfig
+    from userip.profile.trainer import TrainConfig
+
+    config = ProfileStageConfig(quantization=QuantizationConfig(kmeans_init_samples=64))
+    t0 = time.perf_counter()
+    data = load_rank_data(Path(args.data), config, builder, ctx)
+    startup_s = time.perf_counter() - t0
+    startup_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lo, hi = data.shard.user_range
+    shard = local_examples(data.examples, lo, hi)
+    emb = lm.get_input_embeddings().weight
+    table = shard_soft_token_table(lo, hi, emb, builder, SoftTokenConfig(init=SoftTokenInit.PHRASE), {}, 0)
+    model = ProfileModel(lm, table, builder.config)
+    objective = build_aux(data.shard, config.prompt.profiles, emb.shape[1], config.quantization)
+    aux = ShardObjective(objective, lo, ctx)
+    batches = max(1, data.total_examples // args.batch_size)
+    cfg = TrainConfig(lr=0.02, batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
+                      checkpoint_every=0, log_every=10**9)  # fmt: skip
+    trainer = ShardTrainer(model, shard, cfg, ctx, data.bounds, batches, aux=aux)
+    trainer.train(stop_after_steps=2)  # warm-up
+    t1 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t1
+    before_bank_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t2 = time.perf_counter()
+    write_rank_bank(
+        Path(args.out).with_suffix(".bank"), data.shard, aux.objective,
+        lambda rows: model.profile_embeds(rows).float().cpu(), shard.user_ids, ctx,
+    )  # fmt: skip
+    bank_s = time.perf_counter() - t2
+    sampler = aux.objective.sampler if hasattr(aux.objective, "sampler") else None
+    shard_bytes = (
+        table.weight.numel() * 4 * 3  # table + RowAdam exp_avg + exp_avg_sq
+        + (hi - lo) * 8  # RowAdam row steps
+        + shard.offsets.nbytes + shard.target_ids.nbytes + shard.user_ids.nbytes
+        + int(data.shard.interactions.memory_usage(deep=True).sum())
+        + int(data.shard.users.memory_usage(deep=True).sum())
+        + (0 if sampler is None else sampler.item_ids.nbytes + sampler.labels.nbytes)
+    )  # fmt: skip
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record = {
+        "rank": ctx.rank, "world": ctx.world_size, "users": args.users, "steps": args.steps,
+        "seconds": seconds, "users_per_s": args.steps * args.batch_size / seconds, "peak_rss_mb": peak_mb,
+        "shard_mb": shard_bytes / 2**20, "beyond_shard_mb": peak_mb - shard_bytes / 2**20,
+        "startup_s": startup_s, "bank_s": bank_s, "peak_after_startup_mb": startup_peak_mb,
+        "peak_before_bank_mb": before_bank_mb, "row_groups_read": data.shard.row_groups_read,
+    }  # fmt: skip
+    Path(args.out).with_suffix(f".rank{ctx.rank}.json").write_text(json.dumps(record))
+
+
+def prepare_data(users: int, tmp: Path) -> Path:
+    """A synthetic data set of ``users`` users (about 7 interactions each, no reviews), prepared once."""
+    from userip.data.prepare import prepare_to_run_dir
+
+    run = tmp / f"data{users}"
+    opts = {"num_users": users, "num_items": 2000, "mean_interactions": 6.0, "min_interactions": 4,
+            "with_reviews": False}  # fmt: skip
+    t0 = time.perf_counter()
+    prepare_to_run_dir(run, "synthetic", opts)
+    print(f"prepared {users} users in {time.perf_counter() - t0:.1f} s", flush=True)
+    return run / "data"
+
+
 def run_worker(args: argparse.Namespace) -> None:
     from userip.utils.distributed import shutdown
 
@@ -124,7 +212,8 @@ def run_worker(args: argparse.Namespace) -> None:
 def build_lm(folder: Path) -> str:
     from userip.data.prepare import prepare_to_run_dir
     from userip.data.schema import Dataset
-    from userip.lm.offline import OfflineLMConfig, resolve_lm
+    from userip.lm.offline import OfflineLMConfig
+    from userip.lm.resolve import resolve_lm
     from userip.prompts import PromptConfig
 
     prepare_to_run_dir(folder, "synthetic", {"num_users": 300, "num_items": 36}, None)
@@ -139,6 +228,8 @@ def run_profile(lm: str, users: int, world: int, args: argparse.Namespace, tmp: 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
            __file__, "--worker", "--lm", lm, "--users", str(users), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--out", str(out)]  # fmt: skip
+    if args.from_data:
+        cmd += ["--data", str(prepare_data(users, tmp))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({users} users, {world} ranks):\n{proc.stderr[-3000:]}")
@@ -148,7 +239,9 @@ def run_profile(lm: str, users: int, world: int, args: argparse.Namespace, tmp: 
     return records
 
 
-def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
+def run_redis(num_users: int, tmp: Path, bank_dir: Path | None = None) -> dict[str, float]:
+    """Publish a bank to a private Redis and time single-user lookups: the multi-part bank the ranks wrote
+    (``bank_dir``, with --from-data) or a synthetic one of ``num_users`` users."""
     import redis
 
     from userip.serving.redis_bank import RedisBank, publish_bank
@@ -172,17 +265,24 @@ def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
             except redis.ConnectionError:
                 time.sleep(0.1)
         base_mem = client.info("memory")["used_memory"]
-        codes = np.random.default_rng(0).integers(0, 3, size=(num_users, 2)).astype(np.int64)
+        if bank_dir is not None:
+            from userip.feature_bank import FeatureBank
 
-        class Bank:  # the read interface publish_bank uses (a FeatureBank of this size is built the same way)
-            profile_names, codebook_sizes = ["hobby", "background"], [4, 3]
-            dataset_hash, version, codebook_hash = "bench", "v1", None
-            raw_user_ids = [f"u{i}" for i in range(num_users)]
+            bank = FeatureBank.load(bank_dir)  # every part, checked
+            num_users, codes, raw = bank.num_rows, bank.codes, bank.raw_user_ids
+        else:
+            codes = np.random.default_rng(0).integers(0, 3, size=(num_users, 2)).astype(np.int64)
+            raw = [f"u{i}" for i in range(num_users)]
 
-            def lookup(self, ids: np.ndarray) -> np.ndarray:
-                return codes[ids]
+            class Bank:  # the read interface publish_bank uses (a FeatureBank of this size is built so)
+                profile_names, codebook_sizes = ["hobby", "background"], [4, 3]
+                dataset_hash, version, codebook_hash = "bench", "v1", None
+                raw_user_ids = raw
 
-        bank = Bank()
+                def lookup(self, ids: np.ndarray) -> np.ndarray:
+                    return codes[ids]
+
+            bank = Bank()
         t0 = time.perf_counter()
         publish_bank(bank, client, "bench")
         load_s = time.perf_counter() - t0
@@ -192,9 +292,9 @@ def run_redis(num_users: int, tmp: Path) -> dict[str, float]:
         lat = []
         for u in rng.integers(0, num_users, size=2000):
             t = time.perf_counter()
-            got, known = remote.lookup_raw([f"u{u}"])
+            got, known = remote.lookup_raw([raw[u]])
             lat.append(time.perf_counter() - t)
-            assert known[0] and (got[0] == codes[u]).all()
+            assert known[0] == (codes[u] >= 0).all() and (got[0] == codes[u]).all()
         lat_ms = np.array(lat) * 1000
         return {"redis_users": num_users, "redis_load_s": load_s, "redis_mem_mb": mem_mb,
                 "redis_p50_ms": float(np.percentile(lat_ms, 50)),
@@ -213,6 +313,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--redis-users", type=int, default=10_000_000)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--from-data",
+        action="store_true",
+        help="ranks start from a prepared synthetic data set (the stage's own start-up: row groups, "
+        "tokenization) and write their bank parts, instead of building random shards",
+    )
     args = p.parse_args()
     if args.worker:
         args.users = int(args.users)
@@ -224,7 +331,7 @@ def main() -> None:
         lm = build_lm(tmp / "seed")
         result: dict[str, float] = {}
         two = {u: run_profile(lm, u, 2, args, tmp) for u in sizes}
-        one = run_profile(lm, sizes[0], 1, args, tmp)
+        one = run_profile(lm, sizes[0], 1, args, tmp) if not args.from_data else None
         for u in sizes:
             tag = f"{u // 1000}k" if u < 10**6 else f"{u // 10**6}m"
             result[f"peak_rss_mb_{tag}"] = max(r["peak_rss_mb"] for r in two[u])
@@ -232,13 +339,25 @@ def main() -> None:
             result[f"beyond_shard_mb_{tag}"] = max(r["beyond_shard_mb"] for r in two[u])
         beyond = [max(r["beyond_shard_mb"] for r in two[u]) for u in sizes]
         result["ratio"] = max(beyond) / min(beyond)
-        result["users_per_s_1rank"] = one[0]["users_per_s"]
+        if one is not None:
+            result["users_per_s_1rank"] = one[0]["users_per_s"]
+        else:
+            for u in sizes:
+                tag = f"{u // 1000}k" if u < 10**6 else f"{u // 10**6}m"
+                result[f"startup_s_{tag}"] = max(r["startup_s"] for r in two[u])
+                result[f"bank_s_{tag}"] = max(r["bank_s"] for r in two[u])
         result["users_per_s_2rank"] = two[sizes[0]][0]["users_per_s"]
         result["s_per_user_2rank"] = 1 / result["users_per_s_2rank"]
         if args.redis_users > 0:
-            result.update(run_redis(args.redis_users, tmp))
+            bank_dir = None
+            if args.from_data:  # the largest size's bank, written by both ranks as parts
+                bank_dir = (tmp / f"u{sizes[-1]}_w2").with_suffix(".bank")
+            result.update(run_redis(args.redis_users, tmp, bank_dir))
     fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()]
-    fields.append(f"measured=2ranks_gloo_cpu_{args.steps}steps_batch{args.batch_size}_peak_rss_per_rank")
+    start = "from_prepared_data_with_bank_parts" if args.from_data else "random_shards"
+    fields.append(
+        f"measured=2ranks_gloo_cpu_{args.steps}steps_batch{args.batch_size}_peak_rss_per_rank_{start}"
+    )
     print("RESULT " + " ".join(fields))
 
 

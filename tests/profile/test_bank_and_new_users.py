@@ -116,6 +116,27 @@ def test_new_users_are_upserted_without_touching_others(tiny_dataset, tmp_path):
         infer_new_users(tmp_path / "bank", tiny_dataset, other, new, fit_profiles)
 
 
+def test_new_users_join_a_multi_part_bank(tiny_dataset, tmp_path):
+    """A bank written in parts (the distributed stage's) takes new users like a one-file bank: the next
+    version (one file) keeps every part's users and adds the new ones."""
+    aux = build_aux(tiny_dataset, PROFILES, 6, QuantizationConfig(kmeans_init_samples=24))
+    table = _planted_table(tiny_dataset.num_users)
+    aux.quantizer.init_from(table)
+    bank, _ = write_bank(tmp_path / "bank", tiny_dataset, aux, table)
+    bank.write_parts(tmp_path / "bank", [0, 10, tiny_dataset.num_users])
+    new = read_new_users(_new_users_file(tmp_path), tiny_dataset, FeatureBank.load(tmp_path / "bank"))
+
+    def fit_profiles(new_dataset, user_ids, frozen_aux):
+        return table[[0, 1]].clone()
+
+    updated = infer_new_users(tmp_path / "bank", tiny_dataset, aux, new, fit_profiles)
+    loaded = FeatureBank.load(tmp_path / "bank")
+    assert loaded.version == updated.version and loaded.manifest["parent_version"] == bank.version
+    codes, known = loaded.lookup_raw(["n1", "n2"])
+    assert known.all() and np.array_equal(codes, aux.assign_codes(table[[0, 1]]))
+    assert np.array_equal(loaded.lookup(np.arange(tiny_dataset.num_users)), bank.codes)
+
+
 def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     """Algorithm 1 end to end on a tiny LM: the trainer's aux hook, checkpoint of the aux state, the bank."""
     from tests.profile.conftest import llama_config

@@ -33,22 +33,32 @@ class InteractionSampler:
     """Each user's training interactions as CSR arrays; samples a fixed number per user with replacement."""
 
     def __init__(
-        self, user_ids: np.ndarray, item_ids: np.ndarray, labels: np.ndarray, num_users: int
+        self,
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+        labels: np.ndarray,
+        num_users: int,
+        first_user: int = 0,
     ) -> None:
+        """Users ``first_user .. first_user + num_users - 1`` (a rank of the distributed profile stage holds
+        its range only: the offsets then grow with its users, not with every user)."""
         order = np.argsort(user_ids, kind="stable")
         self.item_ids = np.asarray(item_ids, dtype=np.int64)[order]
         self.labels = np.asarray(labels, dtype=np.float32)[order]
-        counts = np.bincount(np.asarray(user_ids, dtype=np.int64), minlength=num_users)
+        counts = np.bincount(np.asarray(user_ids, dtype=np.int64) - first_user, minlength=num_users)
         self.indptr = np.concatenate([[0], np.cumsum(counts)])  # (U + 1,)
-        self.num_users = num_users
+        self.num_users, self.first_user = num_users, first_user
 
     @classmethod
-    def from_interactions(cls, interactions: pd.DataFrame, num_users: int) -> InteractionSampler:
+    def from_interactions(
+        cls, interactions: pd.DataFrame, num_users: int, first_user: int = 0
+    ) -> InteractionSampler:
         return cls(
             interactions["user_id"].to_numpy(np.int64),
             interactions["item_id"].to_numpy(np.int64),
             interactions["label"].to_numpy(np.float32),
             num_users,
+            first_user,
         )
 
     def sample(
@@ -58,7 +68,7 @@ class InteractionSampler:
 
         Users without training interactions (or outside the sampler's users) contribute no rows.
         """
-        user_ids = np.asarray(user_ids, dtype=np.int64)
+        user_ids = np.asarray(user_ids, dtype=np.int64) - self.first_user
         inside = (user_ids >= 0) & (user_ids < self.num_users)
         safe = np.where(inside, user_ids, 0)
         starts = self.indptr[safe]
@@ -239,5 +249,6 @@ def build_joint_objective(
     )
     # The surrogate is a recommender: it trains on the profile split's labelled rows, sampled negatives of
     # implicit data included (on positives alone its BCE would only learn "everything is a click").
-    sampler = InteractionSampler.from_interactions(dataset.profile_samples(), dataset.num_users)
+    lo, hi = dataset.user_range  # a UserShard's sampler holds its users only
+    sampler = InteractionSampler.from_interactions(dataset.profile_samples(), hi - lo, lo)
     return JointObjective(quantizer, surrogate, sampler, config, user_features)

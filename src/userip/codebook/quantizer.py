@@ -258,21 +258,32 @@ class ProfileQuantizer(nn.Module):
         e.g. two identical codes, which no offset can separate). See the module docstring for the algorithm.
         """
         self._check_input(points)
+        x = points.detach().float().to(self.codebook.device)
+        x = x[torch.isfinite(x).all(-1)]
+        self.code_bias.zero_()
+        return self.fit_balance_distances(
+            self._scores(x), min_share, sinkhorn_iters=sinkhorn_iters, max_repairs=max_repairs
+        )
+
+    @torch.no_grad()
+    def fit_balance_distances(
+        self, distances: torch.Tensor, min_share: float, *, sinkhorn_iters: int = 60, max_repairs: int = 200
+    ) -> torch.Tensor:
+        """``fit_balance`` from the points' (N, K) squared distances to the codes (``_scores`` with zero
+        offsets): all the fit reads of the points, so the rows of many processes can be fitted at once
+        (the distributed profile stage gathers these, K numbers per user, not the D-dim profiles)."""
         size = self.codebook_size
         if isinstance(min_share, bool) or not 0.0 <= float(min_share) < 1.0 / size:
             raise CodebookError(
                 f"min_share must be in [0, 1/{size}) for a codebook of {size} codes, got {min_share!r}"
             )
-        x = points.detach().float().to(self.codebook.device)
-        x = x[torch.isfinite(x).all(-1)]
+        d2 = distances.float().to(self.codebook.device)
         self.code_bias.zero_()
-        n = x.shape[0]
+        n = d2.shape[0]
         floor = min(math.ceil(float(min_share) * n - 1e-9), n // size)
         if floor <= 0:
-            return (
-                torch.bincount(self.nearest(x), minlength=size) if n else torch.zeros(size, dtype=torch.long)
-            )
-        scores = self._scores(x)  # (N, K) squared distances (offsets are zero here)
+            return torch.bincount(d2.argmin(-1), minlength=size) if n else torch.zeros(size, dtype=torch.long)
+        scores = d2  # (N, K) squared distances (offsets are zero here)
         counts = torch.bincount(scores.argmin(-1), minlength=size)
         if int(counts.min()) >= floor:
             return counts
@@ -281,7 +292,7 @@ class ProfileQuantizer(nn.Module):
         # Exact repair on the float32 numbers nearest() uses: raise a short code's offset just past the gap of
         # its (floor - count)-th cheapest outside point. tol: a few float32 ulps of the largest score.
         for _ in range(max_repairs):
-            scores = self._scores(x)
+            scores = d2 - self.code_bias.float()
             assign = scores.argmin(-1)
             counts = torch.bincount(assign, minlength=size)
             if int(counts.min()) >= floor:
@@ -293,7 +304,7 @@ class ProfileQuantizer(nn.Module):
             gap = float(torch.sort(gaps).values[need - 1])
             tol = 1e-6 * float(scores.abs().max()) + 1e-30
             self.code_bias[k] += gap + tol
-        counts = torch.bincount(self.nearest(x), minlength=size)
+        counts = torch.bincount((d2 - self.code_bias.float()).argmin(-1), minlength=size)
         if int(counts.min()) < floor:
             log.warning(
                 "fit_balance: could not give every code %d of %d points (counts %s); identical codes?",

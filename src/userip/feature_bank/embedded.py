@@ -19,6 +19,18 @@ bank whose codebooks are V's: V itself or a version upserted from it (new users,
 ``FeatureBank.compatible_with``. The trained objective a bank names (``objective_file``) is recorded with its
 SHA-256 (``objective_sha256``) and checked by ``verify_objective`` before new users are fitted with it.
 
+**Multi-part versions** (the distributed profile stage: each rank writes the rows of its users)::
+
+    <bank_dir>/CURRENT.json    {"version", "parts": [{"file", "sha256", "bytes", "user_lo", "user_hi"}, ...]}
+    <bank_dir>/versions/<version>.part-<i>-of-<n>.parquet   rows user_lo..user_hi-1, same columns; metadata:
+                                                            the version's manifest + codebooks, and "part"
+
+Each part is written (atomically) by its rank; the pointer, written last by one process, commits the
+version: until it is replaced, readers keep the previous version. ``load`` checks every part's size and
+SHA-256, that all parts carry the same version and that their user ranges tile ``0..U-1`` in order, and
+concatenates them: a loaded multi-part bank is the same ``FeatureBank`` as the one-file bank of the same
+rows (the one-file bank is the one-part case; its pointer keeps the ``file`` form, so existing banks load).
+
 Row ``i`` holds the user whose ``user_id`` (the dataset's contiguous index) is ``i``, so ``lookup`` is one
 dense array index. ``UNKNOWN_CODE = -1`` marks a user the bank does not know (also rows reserved but never
 filled).
@@ -307,11 +319,7 @@ class FeatureBank:
     def write(self, bank_dir: str | os.PathLike[str], keep_versions: int = 3) -> Path:
         """Persist this version under ``bank_dir`` and make it current; returns the version file's path."""
         bank_dir = Path(bank_dir)
-        objective = self.manifest.get("objective_file")
-        if objective and "objective_sha256" not in self.manifest:
-            source = _confined(bank_dir, str(objective), OBJECTIVES_DIR, "objective_file")
-            if source.is_file():  # recorded now, checked by verify_objective before new users use it
-                self.manifest["objective_sha256"] = sha256_file(source)
+        self._record_objective(bank_dir)
         rel = f"{VERSIONS_DIR}/{self.version}.parquet"
         target = bank_dir / rel
         atomic_write_with(target, lambda tmp: pq.write_table(self._to_arrow(), tmp))
@@ -324,6 +332,82 @@ class FeatureBank:
         atomic_write_json(bank_dir / POINTER, pointer)  # the switch: readers see the new version from here on
         _prune(bank_dir, keep_versions, current=target.name)
         return target
+
+    def content_digest(self) -> str:
+        """SHA-256 of the rows (codes, raw ids) and codebooks: what ``build`` names a version after. A
+        multi-part version is named after its parts' digests (``multi_part_version``)."""
+        digest = hashlib.sha256(self.codes.tobytes())
+        digest.update("\x1f".join(self.raw_user_ids).encode())
+        for cb in self.codebooks:
+            digest.update(cb.tobytes())
+        return digest.hexdigest()
+
+    def rename(self, version: str, created: str, num_users: int, extra: dict[str, Any] | None = None) -> None:
+        """Make this bank (one part's rows) carry its multi-part version's name, time, user count and
+        shared manifest entries (every part of a version has the same manifest)."""
+        self.manifest.update(
+            {**(extra or {}), "version": version, "created": created, "num_users": num_users}
+        )
+        self.version = version
+
+    def write_part(
+        self, bank_dir: str | os.PathLike[str], index: int, count: int, user_lo: int
+    ) -> dict[str, Any]:
+        """Write this bank's rows as part ``index`` of ``count`` of its version, holding users
+        ``[user_lo, user_lo + num_rows)`` (``self`` holds only those rows; its manifest is the whole
+        version's). Returns the part's pointer record; ``commit_parts`` makes the version current."""
+        bank_dir = Path(bank_dir)
+        rel = f"{VERSIONS_DIR}/{self.version}.part-{index:05d}-of-{count:05d}.parquet"
+        target = bank_dir / rel
+        part = {"index": index, "count": count, "user_lo": user_lo, "user_hi": user_lo + self.num_rows}
+        atomic_write_with(target, lambda tmp: pq.write_table(self._to_arrow(user_lo, part), tmp))
+        return {
+            "file": rel,
+            "sha256": sha256_file(target),
+            "bytes": target.stat().st_size,
+            "user_lo": part["user_lo"],
+            "user_hi": part["user_hi"],
+        }
+
+    def _record_objective(self, bank_dir: Path) -> None:
+        objective = self.manifest.get("objective_file")
+        if objective and "objective_sha256" not in self.manifest:
+            source = _confined(bank_dir, str(objective), OBJECTIVES_DIR, "objective_file")
+            if source.is_file():  # recorded now, checked by verify_objective before new users use it
+                self.manifest["objective_sha256"] = sha256_file(source)
+
+    def write_parts(
+        self, bank_dir: str | os.PathLike[str], bounds: Sequence[int], keep_versions: int = 3
+    ) -> list[dict[str, Any]]:
+        """This bank as a multi-part version under ``bank_dir``: part i holds users
+        ``[bounds[i], bounds[i+1])`` (``bounds`` from 0 to ``num_rows``), written in turn and committed.
+        (The distributed profile stage writes the parts from their ranks; this is the one-process way.)"""
+        self._record_objective(Path(bank_dir))
+        bounds = [int(b) for b in bounds]
+        if bounds[0] != 0 or bounds[-1] != self.num_rows or any(b > a for a, b in zip(bounds[1:], bounds)):
+            raise FeatureBankError(f"part bounds {bounds} must rise from 0 to {self.num_rows}")
+        records = []
+        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            vectors = None if self.profile_vectors is None else self.profile_vectors[lo:hi]
+            part = FeatureBank(
+                self.raw_user_ids[lo:hi], self.codes[lo:hi], self.codebooks, self.manifest, vectors
+            )
+            records.append(part.write_part(bank_dir, i, len(bounds) - 1, lo))
+        FeatureBank.commit_parts(bank_dir, self.version, records, keep_versions)
+        return records
+
+    @staticmethod
+    def commit_parts(
+        bank_dir: str | os.PathLike[str],
+        version: str,
+        parts: Sequence[dict[str, Any]],
+        keep_versions: int = 3,
+    ) -> None:
+        """Make the multi-part ``version`` current (one atomic pointer write), once every part is written."""
+        bank_dir = Path(bank_dir)
+        parts = sorted(parts, key=lambda p: int(p["user_lo"]))
+        atomic_write_json(bank_dir / POINTER, {"version": version, "parts": list(parts)})
+        _prune(bank_dir, keep_versions, current=version)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], expected_dataset_hash: str | None = None) -> FeatureBank:
@@ -338,32 +422,44 @@ class FeatureBank:
                 )
             try:
                 pointer = read_json(pointer_path)
-                rel = pointer["file"]
-                expected_sha, expected_bytes = pointer["sha256"], int(pointer["bytes"])
+                records = pointer.get("parts", [pointer])
+                if not isinstance(records, list) or not records:
+                    raise ValueError("parts must be a non-empty list")
+                checked = [
+                    (str(r["file"]), str(r["sha256"]), int(r["bytes"]), r.get("user_lo"), r.get("user_hi"))
+                    for r in records
+                ]
             except (ValueError, KeyError, TypeError) as e:
                 raise FeatureBankError(f"{pointer_path}: unreadable bank pointer ({e})") from e
-            file = _confined(path, str(rel), VERSIONS_DIR, str(pointer_path))
-            if not file.exists():
-                raise FeatureBankError(f"{file}: the bank version named by {pointer_path} is missing")
-            size = file.stat().st_size
-            if size != expected_bytes:
-                raise FeatureBankError(
-                    f"{file}: truncated or corrupt ({size} bytes, expected {expected_bytes})"
-                )
-            if sha256_file(file) != expected_sha:
-                raise FeatureBankError(f"{file}: corrupt (SHA-256 differs from {pointer_path})")
+            files = []
+            for rel, expected_sha, expected_bytes, _, _ in checked:
+                file = _confined(path, rel, VERSIONS_DIR, str(pointer_path))
+                if not file.exists():
+                    raise FeatureBankError(f"{file}: the bank version named by {pointer_path} is missing")
+                size = file.stat().st_size
+                if size != expected_bytes:
+                    raise FeatureBankError(
+                        f"{file}: truncated or corrupt ({size} bytes, expected {expected_bytes})"
+                    )
+                if sha256_file(file) != expected_sha:
+                    raise FeatureBankError(f"{file}: corrupt (SHA-256 differs from {pointer_path})")
+                files.append(file)
+            bank = (
+                cls._from_file(files[0])
+                if "parts" not in pointer
+                else cls._from_parts(files, str(pointer.get("version")), pointer_path)
+            )
         elif path.exists():
-            file = path
+            bank = cls._from_file(path)
         else:
             raise FeatureBankError(f"{path}: no such feature bank")
-        bank = cls._from_file(file)
         if expected_dataset_hash is not None:
             bank.check_dataset(expected_dataset_hash)
         return bank
 
-    def _to_arrow(self) -> pa.Table:
+    def _to_arrow(self, user_lo: int = 0, part: dict[str, Any] | None = None) -> pa.Table:
         columns: dict[str, pa.Array] = {
-            "user_id": pa.array(np.arange(len(self.codes), dtype=np.int64)),
+            "user_id": pa.array(np.arange(user_lo, user_lo + len(self.codes), dtype=np.int64)),
             "raw_user_id": pa.array(self.raw_user_ids, type=pa.string()),
         }
         for p, name in enumerate(self.profile_names):
@@ -373,17 +469,58 @@ class FeatureBank:
             for p, name in enumerate(self.profile_names):
                 flat = pa.array(np.ascontiguousarray(self.profile_vectors[:, p]).ravel())
                 columns[f"vec_{name}"] = pa.FixedSizeListArray.from_arrays(flat, d)
-        meta = {"manifest": self.manifest, "codebooks": [cb.tolist() for cb in self.codebooks]}
+        meta: dict[str, Any] = {
+            "manifest": self.manifest,
+            "codebooks": [cb.tolist() for cb in self.codebooks],
+        }
+        if part is not None:
+            meta["part"] = part
         return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
 
-    @classmethod
-    def _from_file(cls, file: Path) -> FeatureBank:
+    @staticmethod
+    def _read_table(file: Path) -> pa.Table:
         try:
-            table = pq.read_table(file)
+            return pq.read_table(file)
         except (pa.ArrowException, OSError) as e:
             raise FeatureBankError(
                 f"{file}: not a readable feature bank (corrupt or truncated Parquet: {e})"
             ) from e
+
+    @classmethod
+    def _from_file(cls, file: Path) -> FeatureBank:
+        return cls._from_table(cls._read_table(file), str(file))
+
+    @classmethod
+    def _from_parts(cls, files: list[Path], version: str, pointer_path: Path) -> FeatureBank:
+        """The parts of one version, in user order, checked to tile ``0..U-1`` and to share the version."""
+        tables, expected_lo = [], 0
+        for i, file in enumerate(files):
+            table = cls._read_table(file)
+            try:
+                meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
+                part, part_version = meta["part"], str(meta["manifest"]["version"])
+                lo, hi = int(part["user_lo"]), int(part["user_hi"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise FeatureBankError(
+                    f"{file}: not a part of a feature bank ({type(e).__name__}: {e})"
+                ) from e
+            if part_version != version or int(part["index"]) != i or int(part["count"]) != len(files):
+                raise FeatureBankError(
+                    f"{file}: part {part.get('index')} of {part.get('count')} of version {part_version}; "
+                    f"{pointer_path} names it as part {i} of {len(files)} of version {version}"
+                )
+            if lo != expected_lo or hi - lo != table.num_rows:
+                raise FeatureBankError(
+                    f"{file}: holds users [{lo}, {hi}) in {table.num_rows} rows; expected users from "
+                    f"{expected_lo} on (parts must tile 0..U-1 in order)"
+                )
+            tables.append(table)
+            expected_lo = hi
+        combined = pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)
+        return cls._from_table(combined, f"{pointer_path} ({len(files)} parts)")
+
+    @classmethod
+    def _from_table(cls, table: pa.Table, file: str) -> FeatureBank:
         try:
             meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
             manifest = meta["manifest"]
@@ -472,9 +609,18 @@ _BUILT_KEYS = {
 }
 
 
+def _version_of(file: Path) -> str:
+    """``<version>.parquet`` and ``<version>.part-<i>-of-<n>.parquet`` -> ``<version>``."""
+    return file.name.split(".", 1)[0]
+
+
 def _prune(bank_dir: Path, keep_versions: int, current: str) -> None:
-    """Delete all but the newest ``keep_versions`` version files (never the current one)."""
-    files = sorted((bank_dir / VERSIONS_DIR).glob("*.parquet"), key=lambda f: f.name, reverse=True)
-    for old in files[max(keep_versions, 1) :]:
-        if old.name != current:
+    """Delete the files of all but the newest ``keep_versions`` versions (never the current one's);
+    ``current``: a version, or its one file's name."""
+    current = current.split(".", 1)[0]
+    files = list((bank_dir / VERSIONS_DIR).glob("*.parquet"))
+    versions = sorted({_version_of(f) for f in files}, reverse=True)
+    drop = set(versions[max(keep_versions, 1) :]) - {current}
+    for old in files:
+        if _version_of(old) in drop:
             old.unlink(missing_ok=True)

@@ -171,9 +171,12 @@ def load_objective_state(objective: JointObjective, bank_dir: str | Path) -> Joi
     return objective
 
 
-def code_report(codes: np.ndarray, profile_names: list[str], codebook_sizes: list[int]) -> dict[str, Any]:
-    """Per profile: users per code and perplexity (1 = everyone on one code; 0 without known users)."""
-    usage = code_usage(codes, profile_names, codebook_sizes)
+def code_report(
+    codes: np.ndarray | None, profile_names: list[str], codebook_sizes: list[int], counts: Any = None
+) -> dict[str, Any]:
+    """Per profile: users per code and perplexity (1 = everyone on one code; 0 without known users).
+    ``counts`` instead of ``codes``: see ``code_usage``."""
+    usage = code_usage(codes, profile_names, codebook_sizes, counts)
     return {
         "profiles": {
             row.profile: {
@@ -186,26 +189,51 @@ def code_report(codes: np.ndarray, profile_names: list[str], codebook_sizes: lis
     }
 
 
-def code_usage(codes: np.ndarray, profile_names: list[str], codebook_sizes: list[int]) -> pd.DataFrame:
+def code_counts(codes: np.ndarray, codebook_sizes: list[int]) -> np.ndarray:
+    """(P, 1 + max K) int64: per profile, users with code -1 (unknown) in column 0, code k in column 1 + k.
+    Counts of disjoint user sets add up (the distributed profile stage all-reduces them)."""
+    codes = np.asarray(codes)
+    out = np.zeros((codes.shape[1], 1 + max(codebook_sizes)), dtype=np.int64)
+    for p, size in enumerate(codebook_sizes):
+        col = codes[:, p]
+        known = col[col >= 0]
+        if len(known) and known.max() >= size:
+            raise ValueError(f"profile {p}: code {known.max()} outside codebook of size {size}")
+        out[p, 0] = int((col < 0).sum())
+        out[p, 1 : 1 + size] = np.bincount(known, minlength=size)
+    return out
+
+
+def code_usage(
+    codes: np.ndarray | None, profile_names: list[str], codebook_sizes: list[int], counts: Any = None
+) -> pd.DataFrame:
     """One row per profile: how evenly users spread over its codes (a collapsed codebook knows nothing).
 
     Codes of -1 (unknown user) are left out of the distribution and counted in ``unknown_users``.
     ``normalized_entropy`` is entropy / log2 K (1 = uniform; NaN for K = 1); ``perplexity`` = 2 ** entropy,
     the effective number of codes in use. ``code_report`` (the bank's report.json) is a summary of it.
     """
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] != len(profile_names) or len(profile_names) != len(codebook_sizes):
-        raise ValueError(
-            f"codes {codes.shape} must be (num_users, {len(profile_names)}) with one codebook size per "
-            f"profile; got {len(codebook_sizes)} sizes"
-        )
+    if counts is None:
+        codes = np.asarray(codes)
+        if (
+            codes.ndim != 2
+            or codes.shape[1] != len(profile_names)
+            or len(profile_names) != len(codebook_sizes)
+        ):
+            raise ValueError(
+                f"codes {codes.shape} must be (num_users, {len(profile_names)}) with one codebook size per "
+                f"profile; got {len(codebook_sizes)} sizes"
+            )
+        for p, name in enumerate(profile_names):
+            top = codes[:, p].max(initial=-1)
+            if top >= codebook_sizes[p]:
+                raise ValueError(f"profile {name!r}: code {top} outside codebook of size {codebook_sizes[p]}")
+        counts = code_counts(codes, codebook_sizes)
+    table = np.asarray(counts, dtype=np.int64)
     rows = []
     for p, (name, size) in enumerate(zip(profile_names, codebook_sizes)):
-        col = codes[:, p]
-        known = col[col >= 0]
-        if len(known) and known.max() >= size:
-            raise ValueError(f"profile {name!r}: code {known.max()} outside codebook of size {size}")
-        counts = np.bincount(known, minlength=size)
+        unknown = int(table[p, 0])
+        counts = table[p, 1 : 1 + size]
         num_known = int(counts.sum())
         probs = counts / max(num_known, 1)
         nz = probs[probs > 0]
@@ -215,7 +243,7 @@ def code_usage(codes: np.ndarray, profile_names: list[str], codebook_sizes: list
                 "profile": name,
                 "codebook_size": int(size),
                 "num_users": num_known,
-                "unknown_users": int((col < 0).sum()),
+                "unknown_users": unknown,
                 "users_per_code": counts.tolist(),
                 "num_unused_codes": int((counts == 0).sum()),
                 "smallest_code_share": float(counts.min() / num_known) if num_known else float("nan"),

@@ -24,8 +24,13 @@ What each rank holds and does:
   point leaves COMMIT naming a step that every rank has whole; ``--resume`` loads that step on every rank.
   torch.distributed.checkpoint was not used: its metadata file is a pickle, and this project writes
   safetensors + JSON only.
-* **The bank once**: rank 0 gathers every user's (P, D) profile vector (not the soft tokens, not the Adam
-  state) and writes the bank with the single-process code (atomic versioned write).
+* **Its users' data only** (``load_rank_data``): the shard bounds come from per-user example counts read one
+  row group at a time; each rank then reads only the row groups of its users (``userip.data.shards``) and
+  tokenizes only their targets.
+* **Its part of the bank** (``write_rank_bank``): each rank assigns its users' codes and writes its part;
+  rank 0 commits the version (one atomic pointer naming every part). Gathered to rank 0: the code counts,
+  the balance fit's (N, K) distances (K numbers per user, when ``balance_min_share`` > 0) and, on data with
+  true profiles, the (code, truth) pair counts of the recovery report; never the profile vectors.
 
 The single-process path (``userip.profile.stage.run_profile_stage``) is untouched by this module.
 """
@@ -33,13 +38,16 @@ The single-process path (``userip.profile.stage.run_profile_stage``) is untouche
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,6 +64,7 @@ from userip.profile.model import (
 from userip.profile.trainer import ProfileTrainer, TrainConfig, micro_batch_mean
 from userip.prompts import ExampleSet, PromptBuilder
 from userip.utils.artifacts import CorruptArtifactError, save_tensors
+from userip.utils.config import to_dict
 from userip.utils.distributed import (
     DistContext,
     DistributedError,
@@ -82,9 +91,15 @@ def shard_bounds(example_user_ids: np.ndarray, num_users: int, world_size: int) 
     """(world_size + 1,) user-id bounds: rank r owns users ``[b[r], b[r+1])``, contiguous, with about the same
     number of training examples each (users without an example still get a row, in whichever range they
     fall). Raises ``DistributedError`` when a rank would get no example."""
+    counts = np.bincount(np.asarray(example_user_ids, dtype=np.int64), minlength=num_users)
+    return shard_bounds_from_counts(counts, world_size)
+
+
+def shard_bounds_from_counts(counts: np.ndarray, world_size: int) -> np.ndarray:
+    """``shard_bounds`` from each user's number of examples (``counts[u]``, one entry per user)."""
     if world_size < 1:
         raise DistributedError(f"world_size must be >= 1, got {world_size}")
-    counts = np.bincount(np.asarray(example_user_ids, dtype=np.int64), minlength=num_users)
+    num_users = len(counts)
     total = int(counts.sum())
     if total < world_size:
         raise DistributedError(
@@ -306,37 +321,269 @@ class ShardTrainer(ProfileTrainer):
         return True
 
 
+# --------------------------------------------------------------------------------------------- data
+class _LazyDataset:
+    """The whole dataset, read only if something needs more than its content hash (the offline LM when it
+    is not cached yet); a rank that finds the LM never loads every user."""
+
+    def __init__(self, folder: Path) -> None:
+        from userip.data.schema import Dataset
+
+        self._folder, self._dataset = folder, None
+        self.content_hash = str(Dataset.read_manifest(folder)["content_hash"])
+
+    def __getattr__(self, name: str) -> Any:
+        from userip.data.schema import Dataset
+
+        if self._dataset is None:
+            log.info("loading the whole dataset (%s is needed)", name)
+            self._dataset = Dataset.load(self._folder)
+        return getattr(self._dataset, name)
+
+
+@dataclasses.dataclass
+class RankData:
+    """What one rank reads: its users' rows (``UserShard``), their examples, the bounds of every rank."""
+
+    shard: Any  # userip.data.shards.UserShard
+    examples: ExampleSet  # this rank's users' examples, global user ids
+    bounds: np.ndarray
+    total_examples: int
+    total_skipped: int  # users without a target, over every rank
+    value_words: dict[str, list[str]]
+
+
+def load_rank_data(data_dir: Path, config: Any, builder: PromptBuilder, ctx: DistContext) -> RankData:
+    """Bounds from per-user example counts (one row group at a time), then this rank's users only: their
+    row groups, their tokenized targets; the soft tokens' value words from every rank's hints."""
+    from userip.data.schema import Dataset
+    from userip.data.shards import load_user_shard, profile_example_weights
+    from userip.profile.model import resolve_value_words
+    from userip.prompts import TargetMode, build_examples
+
+    num_users = int(Dataset.read_manifest(data_dir)["counts"]["users"])
+    review = builder.config.target_mode is TargetMode.REVIEW
+    weights = profile_example_weights(data_dir, num_users, review)
+    bounds = shard_bounds_from_counts(weights, ctx.world_size)
+    del weights
+    lo, hi = int(bounds[ctx.rank]), int(bounds[ctx.rank + 1])
+    shard = load_user_shard(data_dir, lo, hi, full_users=config.quantization.use_user_features)
+    log.info("rank %d: users [%d, %d): row groups read %s", ctx.rank, lo, hi, shard.row_groups_read)
+    examples = build_examples(shard, builder)
+    total, skipped = all_reduce_sum([float(len(examples)), float(examples.num_skipped_users)], ctx)
+    if int(total) == 0:
+        raise ValueError("no training examples (every user was skipped: empty targets after filtering)")
+    hints = shard.hints
+    if hints is not None and ctx.world_size > 1:  # the same value words on every rank: union of the ranks'
+        columns = [c for c in hints.columns if c != "user_id"]
+        local = {c: sorted({str(v) for v in hints[c].dropna()}) for c in columns}
+        everyone: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(everyone, local)
+        union = {c: sorted(set().union(*(e[c] for e in everyone))) for c in columns}
+        width = max((len(v) for v in union.values()), default=0)
+        hints = pd.DataFrame({c: v + [None] * (width - len(v)) for c, v in union.items()})
+    value_words = resolve_value_words(config.soft_tokens, config.prompt, hints)
+    return RankData(shard, examples, bounds, int(total), int(skipped), value_words)
+
+
+# --------------------------------------------------------------------------------------------- the bank
+def write_rank_bank(
+    bank_dir: Path,
+    shard: Any,
+    objective: JointObjective,
+    profile_rows: Callable[[torch.Tensor], torch.Tensor],
+    trained_local_rows: np.ndarray,
+    ctx: DistContext,
+    *,
+    lm: str = "",
+    template: str = "",
+    config: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any] | None]:
+    """This rank's part of a new bank version (users ``shard.user_range``); rank 0 commits it once every
+    part is written. Returns (this rank's part: a ``FeatureBank`` of its rows carrying the version's
+    manifest, the report on rank 0 / None elsewhere).
+
+    The same codes as ``write_bank`` on the gathered table: balance offsets fitted on rank 0 from every
+    rank's trained rows' squared distances (the fit reads nothing else), broadcast, then each rank takes the
+    nearest code of its rows. ``profile_rows(local row ids) -> (n, P, D)``: this rank's profile vectors,
+    asked for in blocks of ``PROFILE_BLOCK`` rows; ``trained_local_rows``: the local rows of
+    this rank's examples (one per example, as ``write_bank``'s ``trained_user_ids``).
+    """
+    from userip.feature_bank import KIND_CODES, UNKNOWN_CODE, FeatureBank
+    from userip.profile.bank import code_counts, code_report, save_objective_state
+    from userip.utils.io import sha256_file
+
+    lo, hi = shard.user_range
+    quant_cfg = to_dict(objective.config) if objective.config is not None else {}
+    share = objective.config.balance_min_share if objective.config is not None else 0.0
+    if objective.config is not None:
+        objective.config.check_codebook_sizes(objective.quantizer.codebook_sizes)
+    quantizers = list(objective.quantizer.quantizers)
+    trained_rows = torch.as_tensor(np.asarray(trained_local_rows, dtype=np.int64))
+    # Each row's squared distances to every code (P x K numbers per user), computed block by block so
+    # that no (rows, P, D) copy of the profiles is held: the balance fit and the codes need nothing else.
+    distances, finite = _code_distances(profile_rows, hi - lo, quantizers)
+    codes = np.empty((hi - lo, len(quantizers)), dtype=np.int64)
+    with torch.no_grad():
+        for p, q in enumerate(quantizers):
+            fitted = distances[p][trained_rows][finite[p][trained_rows]]
+            gathered = gather_rows_to_main(fitted, ctx)
+            if gathered is not None:
+                q.fit_balance_distances(gathered, share)  # the offsets fit_balance gives on every row
+            if ctx.world_size > 1:
+                buf = q.code_bias.detach().to(ctx.comm_device)
+                dist.broadcast(buf, src=0)
+                q.code_bias.copy_(buf.to(q.code_bias.device))
+            # nearest(): argmin of the distances less the offsets, as ``assign_codes``
+            codes[:, p] = (distances[p] - q.code_bias.detach().float().cpu()).argmin(-1).numpy()
+    untrained = np.setdiff1d(np.arange(hi - lo), np.asarray(trained_local_rows, dtype=np.int64))
+    codes[untrained] = UNKNOWN_CODE
+    codebooks = [q.codebook.detach().cpu().numpy().astype(np.float32) for q in quantizers]
+    sizes = [len(cb) for cb in codebooks]
+    counts = torch.from_numpy(code_counts(codes, sizes)).to(ctx.comm_device)
+    if ctx.world_size > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    counts_np = counts.cpu().numpy()
+    recovery = _recovery_report(codes, objective.profile_names, shard, ctx)
+    # rank 0: the objective (identical on every rank) and the version's name and time, for every rank
+    head: list[Any] = [None]
+    if ctx.is_main:
+        rel = save_objective_state(objective, bank_dir)
+        head = [{"objective_file": rel, "objective_sha256": sha256_file(bank_dir / rel)}]
+    part = FeatureBank.build(
+        profile_names=objective.profile_names,
+        codebooks=codebooks,
+        codes=codes,
+        raw_user_ids=_raw_user_ids(shard.users, lo, hi),
+        dataset_hash=shard.content_hash,
+        lm=lm,
+        template=template,
+        config={**(config or {}), **({"quantization": quant_cfg} if quant_cfg else {})},
+        kind=KIND_CODES,
+        extra={"codes_source": "nearest_code"},
+    )
+    digests: list[Any] = [None] * ctx.world_size
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(head, src=0)
+        dist.all_gather_object(digests, part.content_digest())
+    else:
+        digests = [part.content_digest()]
+    created = part.manifest["created"] if ctx.is_main else None
+    stamp: list[Any] = [(created, part.version.split("-")[0])]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(stamp, src=0)
+    created, when = stamp[0]
+    version = f"{when}-{hashlib.sha256(''.join(digests).encode()).hexdigest()[:8]}"
+    part.rename(version, created, num_users=int(counts_np[0, 1:].sum()), extra=head[0])
+    record = part.write_part(bank_dir, ctx.rank, ctx.world_size, lo)
+    records: list[Any] = [None] * ctx.world_size
+    if ctx.world_size > 1:
+        dist.all_gather_object(records, record)
+    else:
+        records = [record]
+    if not ctx.is_main:
+        return part, None
+    FeatureBank.commit_parts(bank_dir, version, records)
+    report = code_report(None, objective.profile_names, sizes, counts_np)
+    if recovery is not None:
+        report["recovery"] = recovery
+    report["bank_version"] = version
+    log.info("feature bank %s written to %s in %d parts", version, bank_dir, len(records))
+    return part, report
+
+
+PROFILE_BLOCK = 65536  # rows per block of the bank step's profile vectors
+
+
+def _code_distances(
+    profile_rows: Callable[[torch.Tensor], torch.Tensor], num_rows: int, quantizers: list[Any]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per profile: (num_rows, K_p) squared distances to the codes (``_scores`` with zero offsets) and a
+    (num_rows,) mask of rows whose profile is finite; from ``profile_rows(local row ids) -> (n, P, D)``."""
+    distances = [torch.empty(num_rows, q.codebook_size) for q in quantizers]
+    finite = [torch.empty(num_rows, dtype=torch.bool) for _ in quantizers]
+    with torch.no_grad():
+        for q in quantizers:
+            q.code_bias.zero_()
+        for start in range(0, num_rows, PROFILE_BLOCK):
+            rows = torch.arange(start, min(start + PROFILE_BLOCK, num_rows))
+            block = profile_rows(rows)
+            for p, q in enumerate(quantizers):
+                x = block[:, p].float()
+                distances[p][rows] = q._scores(x).cpu()
+                finite[p][rows] = torch.isfinite(x).all(-1).cpu()
+    return distances, finite
+
+
+def _raw_user_ids(users: pd.DataFrame, lo: int, hi: int) -> list[str]:
+    ids = users["user_id"].to_numpy()
+    rows = users[(ids >= lo) & (ids < hi)]
+    if not np.array_equal(rows["user_id"].to_numpy(), np.arange(lo, hi)):
+        raise CorruptArtifactError(f"users table: user ids {lo}..{hi - 1} are not all present in order")
+    return rows["raw_user_id"].astype(str).tolist()
+
+
+def _recovery_report(
+    codes: np.ndarray, profile_names: list[str], shard: Any, ctx: DistContext
+) -> dict[str, Any] | None:
+    """``recovery_report`` of every rank's codes, from counts: NMI and ARI depend only on how many users
+    share each (code, true value) pair, so each rank counts its pairs and rank 0 rebuilds equal-count rows."""
+    from userip.codebook.recovery import recovery_report
+
+    if shard.truth is None:
+        return None
+    lo, hi = shard.user_range
+    truth = shard.truth.set_index("user_id")
+    factors = list(truth.columns)
+    local: list[Any] = []
+    for p in range(len(profile_names)):
+        users = np.arange(lo, hi)
+        keep = (codes[:, p] >= 0) & np.isin(users, truth.index.to_numpy())
+        rows = np.column_stack([codes[keep, p], truth.loc[users[keep], factors].to_numpy(np.int64)])
+        pairs, counts = np.unique(rows, axis=0, return_counts=True) if len(rows) else (rows, np.zeros(0))
+        local.append((pairs, counts))
+    everyone: list[Any] = [local]
+    if ctx.world_size > 1:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, local)
+    if not ctx.is_main:
+        return None
+    report: dict[str, Any] = {"profiles": {}}
+    for p, name in enumerate(profile_names):
+        pairs = np.concatenate([e[p][0] for e in everyone]).reshape(-1, 1 + len(factors))
+        counts = np.concatenate([e[p][1] for e in everyone]).astype(np.int64)
+        rows = np.repeat(pairs, counts, axis=0)
+        frame = pd.DataFrame(rows[:, 1:], columns=factors)
+        frame.insert(0, "user_id", np.arange(len(rows)))
+        report["profiles"][name] = recovery_report(rows[:, :1], [name], frame)["profiles"][name]
+    return report
+
+
 # --------------------------------------------------------------------------------------------- the stage
 def run_profile_stage_distributed(
     run_dir: str | Path, config: Any = None, resume: bool = False, ctx: DistContext | None = None
 ) -> Any:
     """``run_profile_stage`` on every rank of an initialised process group; returns the
     ``ProfileStageResult`` on rank 0 and None on the other ranks."""
-    from userip.data.schema import Dataset
     from userip.profile.bank import build_aux
     from userip.profile.lm import load_causal_lm, load_tokenizer
-    from userip.profile.model import resolve_value_words
-    from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE
     from userip.profile.stage import (
         ProfileStageConfig,
-        ProfileStageResult,
         _profile_config,
         bind_checkpoints,
         checkpoint_identity,
-        finish_stage,
         plan_resume,
         resolve_stage_lm,
     )
-    from userip.prompts import build_examples
     from userip.utils.distributed import init_distributed
-    from userip.utils.io import run_relative
     from userip.utils.seed import seed_everything
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
     ctx = ctx or init_distributed(config.lm.device)
-    dataset = Dataset.load(layout.data)
+    # Only the manifest is read here; the whole dataset only if the offline LM must be pre-trained.
+    dataset = _LazyDataset(layout.data)
     # Before any work, on every rank: a resume with another number of ranks is the same named error on each.
     identity = checkpoint_identity(config, dataset, ctx.world_size)
     resume = plan_resume(run_dir, identity, resume)
@@ -346,10 +593,10 @@ def run_profile_stage_distributed(
         config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, device=str(ctx.device)))
     # The offline LM is pre-trained (and cached in RUN/lm) once, by rank 0; the others then find it.
     if ctx.is_main:
-        lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
+        lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)  # type: ignore[arg-type]
     barrier(ctx)
     if not ctx.is_main:
-        lm_path = resolve_stage_lm(run_dir, config, dataset, progress=False)
+        lm_path = resolve_stage_lm(run_dir, config, dataset, progress=False)  # type: ignore[arg-type]
     profile_config = _profile_config(config, lm_path)
     lm_cfg = profile_config.lm
     seed_everything(config.train.seed)
@@ -357,14 +604,12 @@ def run_profile_stage_distributed(
         lm_cfg.name_or_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn(), tf32=lm_cfg.tf32
     )
     builder = PromptBuilder(load_tokenizer(lm_cfg.name_or_path), config.prompt)
-    examples = build_examples(dataset, builder)
-    if len(examples) == 0:
-        raise ValueError("no training examples (every user was skipped: empty targets after filtering)")
-    bounds = shard_bounds(examples.user_ids, dataset.num_users, ctx.world_size)
+    data = load_rank_data(layout.data, config, builder, ctx)
+    bounds, shard_data = data.bounds, data.shard
     lo, hi = int(bounds[ctx.rank]), int(bounds[ctx.rank + 1])
-    shard = local_examples(examples, lo, hi)
+    shard = local_examples(data.examples, lo, hi)
     embeddings = lm.get_input_embeddings().weight
-    value_words = resolve_value_words(config.soft_tokens, config.prompt, dataset.hints)
+    value_words = data.value_words
     table = shard_soft_token_table(
         lo,
         hi,
@@ -376,12 +621,12 @@ def run_profile_stage_distributed(
         lm_cfg.resolved_table_device(hi - lo, config.prompt.num_slots, embeddings.shape[1]),
     )
     model = ProfileModel(lm, table, config.prompt)
-    objective = build_aux(dataset, config.prompt.profiles, embeddings.shape[1], config.quantization)
+    objective = build_aux(shard_data, config.prompt.profiles, embeddings.shape[1], config.quantization)
     aux = ShardObjective(objective.to(model.lm_device), lo, ctx)
-    batches_per_epoch = math.ceil(len(examples) / config.train.batch_size)
+    batches_per_epoch = math.ceil(data.total_examples / config.train.batch_size)
     log.info(
         "rank %d/%d: users [%d, %d) (%d examples of %d), %d batches per epoch",
-        ctx.rank, ctx.world_size, lo, hi, len(shard), len(examples), batches_per_epoch,
+        ctx.rank, ctx.world_size, lo, hi, len(shard), data.total_examples, batches_per_epoch,
     )  # fmt: skip
     trainer = ShardTrainer(
         model,
@@ -394,7 +639,36 @@ def run_profile_stage_distributed(
         checkpoint_root=layout.checkpoints / DIST_CHECKPOINTS,
     )
     result = trainer.train(resume=resume)
+    template = builder.tokenizer.decode(builder.build("<target>").input_ids)
+    return write_rank_outputs(
+        run_dir, config, lm_path, aux.objective, table, model, shard, data, template, result, ctx,
+    )  # fmt: skip
 
+
+def write_rank_outputs(
+    run_dir: Path,
+    config: Any,
+    lm_path: str,
+    objective: JointObjective,
+    table: SoftTokenTable,
+    model: ProfileModel,
+    shard: ExampleSet,
+    data: RankData,
+    template: str,
+    result: Any,
+    ctx: DistContext,
+) -> Any:
+    """After training, on every rank: its soft tokens, its part of the bank; rank 0 also the manifest, the
+    stage record and the report. ``shard``: this rank's examples, local row ids. Returns the
+    ``ProfileStageResult`` on rank 0, None elsewhere."""
+    from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE
+    from userip.profile.stage import ProfileStageResult, finish_stage
+    from userip.utils.io import run_relative
+
+    layout = RunLayout(run_dir)
+    shard_data, value_words = data.shard, data.value_words
+    lo, hi = shard_data.user_range
+    bounds = data.bounds
     # Each rank's soft tokens in its own file (never the whole table on one rank).
     trained = torch.zeros(hi - lo, dtype=torch.bool)
     trained[torch.from_numpy(shard.user_ids)] = True
@@ -404,23 +678,18 @@ def run_profile_stage_distributed(
         {"soft_tokens": table.weight, "trained": trained},
         {"user_lo": str(lo), "user_hi": str(hi)},
     )
-    with torch.no_grad():
-        local_profiles = model.profile_embeds(torch.arange(hi - lo)).float().cpu()
-    profiles = gather_rows_to_main(local_profiles, ctx)
-    out: ProfileStageResult | None = None
     if ctx.is_main:
-        assert profiles is not None
         atomic_write_json(
             layout.profile / MANIFEST_FILE,
             {
                 "lm": run_relative(lm_path, run_dir),
-                "hidden_size": int(embeddings.shape[1]),
+                "hidden_size": int(table.weight.shape[-1]),
                 "profiles": [dataclasses.asdict(p) for p in config.prompt.profiles],
                 "value_words": value_words,
-                "dataset_hash": dataset.content_hash,
-                "num_users": dataset.num_users,
-                "num_examples": len(examples),
-                "num_users_skipped": examples.num_skipped_users,
+                "dataset_hash": shard_data.content_hash,
+                "num_users": shard_data.num_users,
+                "num_examples": data.total_examples,
+                "num_users_skipped": data.total_skipped,
                 "steps": result.steps,
                 "final_lm_loss": result.loss_history[-1] if result.loss_history else None,
                 "distributed": {
@@ -436,18 +705,44 @@ def run_profile_stage_distributed(
         )
         # A single-process table from an earlier run would no longer match this run's bank.
         (layout.profile / SOFT_TOKENS_FILE).unlink(missing_ok=True)
-        template = builder.tokenizer.decode(builder.build("<target>").input_ids)
-        out = finish_stage(
-            run_dir,
-            config,
-            dataset,
-            lm_path,
-            aux.objective,
-            profiles,
-            examples.user_ids,
-            template,
-            result,
-            world_size=ctx.world_size,
+    if objective.without_vq:
+        # k-means over every user's projected profile: the one case still gathered to rank 0
+        with torch.no_grad():
+            local_profiles = model.profile_embeds(torch.arange(hi - lo)).float().cpu()
+        profiles = gather_rows_to_main(local_profiles, ctx)
+        trained_ids = all_gather_rows(torch.from_numpy(shard.user_ids + lo), ctx).numpy()
+        out = None
+        if ctx.is_main:
+            from userip.data.schema import Dataset
+
+            assert profiles is not None
+            out = finish_stage(
+                run_dir, config, Dataset.load(layout.data), lm_path, objective, profiles, trained_ids,
+                template, result, world_size=ctx.world_size,
+            )  # fmt: skip
+        barrier(ctx)
+        return out
+    recorded_lm = run_relative(lm_path, run_dir)
+    bank_config = {**to_dict(config), "distributed": {"world_size": ctx.world_size}}
+    part, report = write_rank_bank(
+        layout.bank, shard_data, objective, lambda rows: model.profile_embeds(rows).float().cpu(),
+        shard.user_ids, ctx,
+        lm=recorded_lm, template=template, config=bank_config,
+    )  # fmt: skip
+    out = None
+    if ctx.is_main:
+        assert report is not None
+        # what finish_stage records, with the bank already written by every rank
+        atomic_write_json(
+            layout.stage_config,
+            {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
         )
+        report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
+        report["lm_loss_history"] = result.loss_history
+        report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
+        report["world_size"] = ctx.world_size
+        atomic_write_json(layout.bank_report, report)
+        # rank 0's part (the version's manifest): loading every user here would undo the sharding
+        out = ProfileStageResult(part, report, lm_path, report["final_lm_loss"], result.steps)
     barrier(ctx)  # nobody exits (and tears the group down) before the bank is written
     return out

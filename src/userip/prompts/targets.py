@@ -70,12 +70,13 @@ def build_examples(dataset: Dataset, builder: PromptBuilder) -> ExampleSet:
         user_ids, pieces = _history_targets(dataset, train, builder)
     else:
         user_ids, pieces = _review_targets(dataset, train, builder)
-    skipped = np.setdiff1d(np.arange(dataset.num_users, dtype=np.int64), user_ids)
+    # a UserShard holds one user range: only its users can be skipped here
+    skipped = np.setdiff1d(np.arange(*dataset.user_range, dtype=np.int64), user_ids)
     if len(skipped):
         log.warning(
             "%d of %d users have no %s target in the training split after filtering; skipped",
             len(skipped),
-            dataset.num_users,
+            dataset.user_range[1] - dataset.user_range[0],
             mode.value,
         )
     return _from_pieces(builder, user_ids, pieces, skipped)
