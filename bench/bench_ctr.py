@@ -90,14 +90,14 @@ def run_ours(data: dict[str, np.ndarray], threads: int, batch_size: int, infer_b
     from userip.ctr.data import SplitTensors
     from userip.ctr.features import FeatureMap, Field
     from userip.ctr.models import build_model
-    from userip.ctr.trainer import Trainer, TrainerConfig, predict_probs
+    from userip.ctr.trainer import CTRTrainerConfig, Trainer, predict_probs
     from userip.evaluation import auc
 
     torch.set_num_threads(threads)
     feature_map = FeatureMap(tuple(Field(f, v) for f, v in zip(FIELDS, vocab_sizes())))
     torch.manual_seed(seed)
     model = build_model("dcn", feature_map, **MODEL)
-    config = TrainerConfig(lr=LR, batch_size=batch_size, max_epochs=1, seed=seed, num_threads=threads)
+    config = CTRTrainerConfig(lr=LR, batch_size=batch_size, max_epochs=1, seed=seed, num_threads=threads)
     trainer = Trainer(model, config)
     train = SplitTensors(torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"]))
     x_test = torch.from_numpy(data["x_test"])

@@ -46,7 +46,7 @@ from userip.profile.model import (
     initial_soft_token_table,
     resolve_value_words,
 )
-from userip.profile.trainer import ProfileTrainer, TrainConfig
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer
 from userip.prompts import PromptBuilder, PromptConfig, build_examples
 from userip.utils.config import from_dict
 
@@ -130,7 +130,7 @@ def fit_soft_tokens(
         dataset.num_users, lm.get_input_embeddings().weight, builder, soft_config, value_words, args.seed
     )
     model = ProfileModel(lm, table, prompt_config)
-    train_config = TrainConfig(
+    train_config = ProfileTrainConfig(
         lr=args.fit_lr,
         batch_size=args.fit_batch_size,
         num_epochs=args.fit_epochs,

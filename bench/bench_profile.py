@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from userip.lm.tokenizer import build_tokenizer
 from userip.profile.lm import freeze, load_causal_lm, use_tf32
 from userip.profile.model import ProfileModel, SoftTokenTable
-from userip.profile.trainer import ProfileTrainer, TrainConfig, plan_batches
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, plan_batches
 from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, collate
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"
@@ -210,7 +210,7 @@ def bench_model(name, make_lm, tokenizer, args) -> dict[str, float]:
         table = SoftTokenTable(num_users, builder.config.num_slots, D, device=args.table_device or "cpu")
         model = ProfileModel(lm, table, builder.config)
         checkpointing = name in args.activation_checkpointing or "all" in args.activation_checkpointing
-        config = TrainConfig(
+        config = ProfileTrainConfig(
             batch_size=B,
             progress=False,
             checkpoint_every=0,

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         initial_soft_token_table,
         resolve_value_words,
     )
-    from userip.profile.trainer import ProfileTrainer, TrainConfig
+    from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer
     from userip.prompts import PromptBuilder, PromptConfig, build_examples
 
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_weight=args.loss_weight, beta=args.beta, without_vq=args.without_vq, seed=args.seed
     )
     aux = build_aux(dataset, prompt_config.profiles, hidden, quant_config)
-    train_config = TrainConfig(
+    train_config = ProfileTrainConfig(
         lr=args.lr, aux_lr=args.aux_lr, batch_size=args.batch_size, num_epochs=args.epochs, seed=args.seed,
         progress=False, checkpoint_every=0, log_every=10**9,
     )  # fmt: skip

@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     from userip.profile.distributed import ShardObjective, ShardTrainer, shard_soft_token_table
     from userip.profile.lm import load_causal_lm, load_tokenizer
     from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenInit
-    from userip.profile.trainer import TrainConfig
+    from userip.profile.trainer import ProfileTrainConfig
     from userip.prompts import ExampleSet, PromptBuilder, PromptConfig
     from userip.utils.distributed import init_distributed
 
@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     aux = ShardObjective(objective, lo, ctx)
     batches = max(1, U // args.batch_size)
-    cfg = TrainConfig(lr=0.02, batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
+    cfg = ProfileTrainConfig(lr=0.02, batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
                       checkpoint_every=0, log_every=10**9)  # fmt: skip
     trainer = ShardTrainer(model, examples, cfg, ctx, np.array([0, U]), batches, aux=aux)
     trainer.train(stop_after_steps=2)  # warm-up
@@ -137,7 +137,7 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     )  # fmt: skip
     from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenInit
     from userip.profile.stage import ProfileStageConfig
-    from userip.profile.trainer import TrainConfig
+    from userip.profile.trainer import ProfileTrainConfig
 
     config = ProfileStageConfig(quantization=QuantizationConfig(kmeans_init_samples=64))
     t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
     objective = build_aux(data.shard, config.prompt.profiles, emb.shape[1], config.quantization)
     aux = ShardObjective(objective, lo, ctx)
     batches = max(1, data.total_examples // args.batch_size)
-    cfg = TrainConfig(lr=0.02, batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
+    cfg = ProfileTrainConfig(lr=0.02, batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
                       checkpoint_every=0, log_every=10**9)  # fmt: skip
     trainer = ShardTrainer(model, shard, cfg, ctx, data.bounds, batches, aux=aux)
     trainer.train(stop_after_steps=2)  # warm-up

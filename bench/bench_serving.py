@@ -51,7 +51,7 @@ PAPER = {"dcn": 0.93, "userip_dcn": 1.21, "kar_dcn": 4.78}
 def build_run(run: Path, seed: int = 0) -> None:
     """Dataset (ML-100K scale), bank (K = 4, 3) and both DCNs, written by the project's own save paths."""
     from userip.ctr.recipe import train_ctr
-    from userip.ctr.trainer import TrainerConfig
+    from userip.ctr.trainer import CTRTrainerConfig
     from userip.data.schema import Dataset
     from userip.feature_bank import FeatureBank
 
@@ -95,7 +95,7 @@ def build_run(run: Path, seed: int = 0) -> None:
         raw_user_ids=user_table["raw_user_id"].tolist(),
         dataset_hash=ds.content_hash,
     ).write(run / "bank")
-    cfg = TrainerConfig(max_epochs=1, batch_size=4096)
+    cfg = CTRTrainerConfig(max_epochs=1, batch_size=4096)
     train_ctr(run, "dcn", config=cfg)
     train_ctr(run, "dcn", with_profiles=True, config=cfg)
 

@@ -2,7 +2,7 @@
 
 Why: under ``DistributedDataParallel`` a dense ``nn.Embedding`` gradient is as large as its table, so every
 step all-reduces (and Adam steps) every row: 64 MB per step at 1M users x 16 dims. With
-``TrainerConfig.sparse_embeddings`` the tables have sparse gradients (only the rows in the batch), DDP
+``CTRTrainerConfig.sparse_embeddings`` the tables have sparse gradients (only the rows in the batch), DDP
 all-reduces them as sparse tensors and ``SparseAdam`` steps only those rows. TorchRec's sharded tables would
 be the next step; they cannot run with this project's torch (docs/distributed.md says why).
 
@@ -39,7 +39,7 @@ def rank_main(rank: int, world: int, store: str, args: argparse.Namespace, out: 
     from userip.ctr.distributed import DistributedTrainer
     from userip.ctr.features import FeatureMap, Field
     from userip.ctr.models import build_model
-    from userip.ctr.trainer import TrainerConfig
+    from userip.ctr.trainer import CTRTrainerConfig
     from userip.utils.distributed import DistContext
 
     torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def rank_main(rank: int, world: int, store: str, args: argparse.Namespace, out: 
     for sparse in (False, True):
         torch.manual_seed(0)
         model = build_model("dcn", feature_map, embedding_dim=16, num_cross_layers=2, hidden_units=(64, 32))
-        config = TrainerConfig(batch_size=args.batch_size, sparse_embeddings=sparse, num_threads=1)
+        config = CTRTrainerConfig(batch_size=args.batch_size, sparse_embeddings=sparse, num_threads=1)
         trainer = DistributedTrainer(model, config, ctx=ctx)
         data = SplitTensors(x, y)
         times = []

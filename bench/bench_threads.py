@@ -48,7 +48,7 @@ def worker(setting: str, rows: int, seed: int) -> None:
     from userip.ctr.data import SplitTensors
     from userip.ctr.features import FeatureMap, Field
     from userip.ctr.models import build_model
-    from userip.ctr.trainer import Trainer, TrainerConfig
+    from userip.ctr.trainer import CTRTrainerConfig, Trainer
     from userip.utils.threads import usable_cpus
 
     data = generate(rows, 1000, seed)
@@ -57,7 +57,7 @@ def worker(setting: str, rows: int, seed: int) -> None:
     model = build_model("dcn", feature_map, **MODEL)
     # "torch" pins torch's own default explicitly: one thread per usable CPU, as before the rule existed.
     threads = usable_cpus() if setting == "torch" else None
-    trainer = Trainer(model, TrainerConfig(batch_size=4096, max_epochs=1, seed=seed, num_threads=threads))
+    trainer = Trainer(model, CTRTrainerConfig(batch_size=4096, max_epochs=1, seed=seed, num_threads=threads))
     train = SplitTensors(torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"]))
     start = time.perf_counter()
     trainer.fit(train, None)

@@ -31,7 +31,7 @@ from userip.ctr.data import SplitTensors, build_ctr_data
 from userip.ctr.features import FeatureMap, Field, FieldSource
 from userip.ctr.layers import LinearTerm
 from userip.ctr.models import build_model
-from userip.ctr.trainer import Trainer, TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig, Trainer
 from userip.data.schema import Dataset
 from userip.evaluation.metrics import auc, paired_test
 from userip.pipeline.experiment import Experiment, ExperimentConfig
@@ -82,7 +82,7 @@ VARIANTS = {  # name -> (columns, leave_one_out, model)
 }
 
 
-def fit_variant(dataset: Dataset, name: str, seed: int, trainer: TrainerConfig) -> tuple[float, float]:
+def fit_variant(dataset: Dataset, name: str, seed: int, trainer: CTRTrainerConfig) -> tuple[float, float]:
     columns, loo, model_name = VARIANTS[name]
     data = build_ctr_data(dataset)
     splits = {}
@@ -109,7 +109,7 @@ def main() -> int:
     config = from_dict(ExperimentConfig, load_yaml(args.config), str(args.config))
     dataset = Experiment(config).prepare_data()  # reused when the experiment already wrote it
     seeds = [int(s) for s in args.seeds.split(",")]
-    trainer = TrainerConfig(
+    trainer = CTRTrainerConfig(
         lr=0.003, embedding_weight_decay=0.001, batch_size=1024, max_epochs=30, patience=5
     )
     scores = {name: [fit_variant(dataset, name, s, trainer) for s in seeds] for name in VARIANTS}

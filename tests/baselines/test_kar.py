@@ -21,7 +21,7 @@ from userip.baselines import (
     train_kar,
 )
 from userip.baselines.llm_text import GENERATIONS_FILE, encode_texts
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 from userip.utils.config import ConfigError, from_dict
 
 from .conftest import NUM_ITEMS, NUM_USERS, make_movie_dataset
@@ -37,7 +37,7 @@ FAST_KAR = dict(
     num_specific_experts=2,
 )
 SMALL_DCN = {"embedding_dim": 4, "num_cross_layers": 1, "hidden_units": (8,), "dropout": 0.0}
-FAST_TRAINER = TrainerConfig(lr=0.02, batch_size=64, max_epochs=8, patience=3)
+FAST_TRAINER = CTRTrainerConfig(lr=0.02, batch_size=64, max_epochs=8, patience=3)
 
 
 def fast_config(**overrides) -> KARConfig:

@@ -7,7 +7,7 @@ from userip.ctr.data import SplitTensors
 from userip.ctr.extend import ExtensionError, extend_model
 from userip.ctr.features import FeatureMap, Field, FieldSource
 from userip.ctr.models import build_model
-from userip.ctr.trainer import Trainer, TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig, Trainer
 
 BASE_FIELDS = (Field("user_id", 31, FieldSource.USER), Field("item_id", 17, FieldSource.ITEM))
 NEW_FIELDS = (Field("hobby", 5, FieldSource.PROFILE), Field("background", 4, FieldSource.PROFILE))
@@ -71,7 +71,7 @@ def test_only_the_new_entries_learn_and_the_start_competes_as_epoch0():
     y_train = (x_train[:, 2] % 2).float()  # the label is carried by a new field only
     masks = extend_model(base, model, x_train[:64])
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    config = TrainerConfig(lr=0.05, batch_size=64, max_epochs=3, patience=3, embedding_weight_decay=0.01)
+    config = CTRTrainerConfig(lr=0.05, batch_size=64, max_epochs=3, patience=3, embedding_weight_decay=0.01)
     fit = Trainer(model, config, masks).fit(
         SplitTensors(x_train, y_train), SplitTensors(x_train, y_train), start_is_candidate=True
     )
@@ -92,7 +92,7 @@ def test_start_is_kept_when_no_epoch_beats_it_on_validation():
     y = (x[:, 2] % 2).float()
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Validation labels are the training labels flipped: every epoch that learns the training rule loses.
-    fit = Trainer(model, TrainerConfig(lr=0.05, batch_size=64, max_epochs=3, patience=3)).fit(
+    fit = Trainer(model, CTRTrainerConfig(lr=0.05, batch_size=64, max_epochs=3, patience=3)).fit(
         SplitTensors(x, y), SplitTensors(x, 1.0 - y), start_is_candidate=True
     )
     assert fit.best_epoch == 0 and all(r.valid_auc < fit.best_valid_auc for r in fit.history[1:])

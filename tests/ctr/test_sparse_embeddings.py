@@ -1,4 +1,4 @@
-"""``TrainerConfig.sparse_embeddings``: embedding tables with sparse gradients stepped by SparseAdam."""
+"""``CTRTrainerConfig.sparse_embeddings``: embedding tables with sparse gradients stepped by SparseAdam."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tests.ctr.test_trainer import SMALL_DCN, feature_map, planted_split
 from userip.ctr.data import SplitTensors
 from userip.ctr.features import FeatureMap, Field
 from userip.ctr.models import MODELS, build_model
-from userip.ctr.trainer import Optimizers, Trainer, TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig, Optimizers, Trainer
 from userip.utils.config import ConfigError
 
 
@@ -17,7 +17,7 @@ def _one_step(sparse: bool, x: torch.Tensor, y: torch.Tensor) -> tuple[Trainer, 
     torch.manual_seed(0)
     model = build_model("dcn", feature_map(), **SMALL_DCN)
     trainer = Trainer(
-        model, TrainerConfig(lr=0.05, batch_size=len(y), max_epochs=1, sparse_embeddings=sparse)
+        model, CTRTrainerConfig(lr=0.05, batch_size=len(y), max_epochs=1, sparse_embeddings=sparse)
     )
     trainer.train_epoch(SplitTensors(x, y), torch.Generator().manual_seed(0))
     return trainer, {k: v.clone() for k, v in model.state_dict().items()}
@@ -59,7 +59,7 @@ def test_later_steps_leave_rows_outside_the_batch_untouched():
     split = planted_split(256, 0)
     torch.manual_seed(0)
     model = build_model("dcn", feature_map(), **SMALL_DCN)
-    trainer = Trainer(model, TrainerConfig(lr=0.05, batch_size=32, max_epochs=1, sparse_embeddings=True))
+    trainer = Trainer(model, CTRTrainerConfig(lr=0.05, batch_size=32, max_epochs=1, sparse_embeddings=True))
     trainer.train_epoch(split, torch.Generator().manual_seed(0))  # moments exist now for the rows seen
     table = model.embedding_parameters()[0]
     before = table.detach().clone()
@@ -81,11 +81,11 @@ def test_every_zoo_model_trains_with_sparse_embeddings(name: str):
     y = (torch.rand(128, generator=gen) < 0.4).float()
     torch.manual_seed(0)
     result = Trainer(
-        build_model(name, fm), TrainerConfig(batch_size=64, max_epochs=1, sparse_embeddings=True)
+        build_model(name, fm), CTRTrainerConfig(batch_size=64, max_epochs=1, sparse_embeddings=True)
     ).fit(SplitTensors(x, y), SplitTensors(x, y))
     assert len(result.history) >= 1 and all(r.train_loss is None or r.train_loss > 0 for r in result.history)
 
 
 def test_sparse_embeddings_refuse_embedding_weight_decay():
     with pytest.raises(ConfigError, match="embedding_weight_decay"):
-        TrainerConfig(sparse_embeddings=True, embedding_weight_decay=1e-3)
+        CTRTrainerConfig(sparse_embeddings=True, embedding_weight_decay=1e-3)

@@ -15,7 +15,7 @@ from userip.ctr.data import BankMismatchError, SplitTensors
 from userip.ctr.features import FeatureMap, Field
 from userip.ctr.models import build_model
 from userip.ctr.recipe import train_ctr
-from userip.ctr.trainer import Trainer, TrainerConfig, parameter_groups, predict_probs
+from userip.ctr.trainer import CTRTrainerConfig, Trainer, parameter_groups, predict_probs
 from userip.data.schema import Dataset
 from userip.evaluation import auc, logloss
 from userip.utils.config import ConfigError, from_dict
@@ -90,16 +90,16 @@ class StubBank:
 # ------------------------------------------------------------------------------------------ config
 def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="batch_size"):
-        TrainerConfig(batch_size=0)
+        CTRTrainerConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr"):
-        TrainerConfig(lr=-1.0)
+        CTRTrainerConfig(lr=-1.0)
     with pytest.raises(ValueError, match="patience"):
-        TrainerConfig(patience=0)
+        CTRTrainerConfig(patience=0)
     with pytest.raises(ValueError, match="min_epochs"):
-        TrainerConfig(max_epochs=5, min_epochs=6)
+        CTRTrainerConfig(max_epochs=5, min_epochs=6)
     with pytest.raises(ConfigError, match="unknown key.*'epochs'"):
-        from_dict(TrainerConfig, {"epochs": 3})
-    assert from_dict(TrainerConfig, {"lr": 1, "max_epochs": 2}).lr == 1.0
+        from_dict(CTRTrainerConfig, {"epochs": 3})
+    assert from_dict(CTRTrainerConfig, {"lr": 1, "max_epochs": 2}).lr == 1.0
 
 
 def test_parameter_groups_separate_embeddings():
@@ -129,7 +129,7 @@ def test_epoch_visits_every_row_once_in_shuffled_batches():
     n = 1003  # not a multiple of the batch size
     x_ids = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1)
     model = RecordingModel()
-    trainer = Trainer(model, TrainerConfig(batch_size=100, max_epochs=2))
+    trainer = Trainer(model, CTRTrainerConfig(batch_size=100, max_epochs=2))
     trainer.fit(SplitTensors(x_ids, torch.ones(n)))
     assert [len(b) for b in model.seen] == [100] * 10 + [3] + [100] * 10 + [3]
     epoch1 = torch.cat(model.seen[:11])[:, 0]
@@ -142,7 +142,7 @@ def test_epoch_visits_every_row_once_in_shuffled_batches():
 def test_learns_planted_signal_and_restores_best(tmp_path):
     train, valid = planted_split(3000, 1), planted_split(600, 2)
     model = build_model("dcn", feature_map(), **SMALL_DCN)
-    trainer = Trainer(model, TrainerConfig(**FAST, seed=3))
+    trainer = Trainer(model, CTRTrainerConfig(**FAST, seed=3))
     fit = trainer.fit(train, valid, checkpoint_path=tmp_path / "best.safetensors")
     aucs = [r.valid_auc for r in fit.history]
     # The checkpoint rule: lowest calibrated valid Logloss among epochs within the tolerance of the best AUC.
@@ -165,7 +165,7 @@ def test_learns_planted_signal_and_restores_best(tmp_path):
 
     # Tolerance 0: the best-AUC epoch, as a pure-AUC rule would choose.
     model = build_model("dcn", feature_map(), **SMALL_DCN)
-    strict = Trainer(model, TrainerConfig(**FAST, seed=3, checkpoint_auc_tolerance=0.0)).fit(train, valid)
+    strict = Trainer(model, CTRTrainerConfig(**FAST, seed=3, checkpoint_auc_tolerance=0.0)).fit(train, valid)
     assert strict.best_epoch == int(np.argmax([r.valid_auc for r in strict.history])) + 1
 
 
@@ -176,13 +176,15 @@ def test_early_stopping_on_noise():
         (torch.rand(400, generator=torch.Generator().manual_seed(6)) < 0.5).float(),
     )
     model = build_model("dcn", feature_map(), **SMALL_DCN)
-    fit = Trainer(model, TrainerConfig(lr=0.05, batch_size=64, max_epochs=30, patience=1)).fit(train, noise)
+    fit = Trainer(model, CTRTrainerConfig(lr=0.05, batch_size=64, max_epochs=30, patience=1)).fit(
+        train, noise
+    )
     assert fit.stopped_early and len(fit.history) < 30
     assert len(fit.history) == fit.best_epoch + 1  # stops right after the first epoch without a gain
 
     # With a floor it keeps going to min_epochs, then stops at the first epoch without a gain after it.
     model = build_model("dcn", feature_map(), **SMALL_DCN)
-    config = TrainerConfig(lr=0.05, batch_size=64, max_epochs=30, patience=1, min_epochs=8)
+    config = CTRTrainerConfig(lr=0.05, batch_size=64, max_epochs=30, patience=1, min_epochs=8)
     floored = Trainer(model, config).fit(train, noise)
     aucs = [r.valid_auc for r in floored.history]
     assert len(aucs) >= 8 and floored.stopped_early
@@ -199,7 +201,7 @@ def test_same_seed_same_model_different_seed_differs():
     def run(seed: int) -> np.ndarray:
         torch.manual_seed(seed)
         model = build_model("dcn", feature_map(), **{**SMALL_DCN, "dropout": 0.2})
-        trainer = Trainer(model, TrainerConfig(**{**FAST, "max_epochs": 2}, seed=seed))
+        trainer = Trainer(model, CTRTrainerConfig(**{**FAST, "max_epochs": 2}, seed=seed))
         trainer.fit(train)
         return trainer.predict(test.x_ids)
 
@@ -228,7 +230,7 @@ def run_dir(tmp_path):
 
 
 def test_train_ctr_writes_artifacts_that_reproduce_predictions(run_dir):
-    result = train_ctr(run_dir, "dcn", model_config=SMALL_DCN, config=TrainerConfig(**FAST), seed=5)
+    result = train_ctr(run_dir, "dcn", model_config=SMALL_DCN, config=CTRTrainerConfig(**FAST), seed=5)
     out = run_dir / "ctr" / "dcn"
     assert result.output_dir == out
     assert {p.name for p in out.iterdir()} == {
@@ -266,7 +268,7 @@ def test_train_ctr_with_profiles_and_bank_checks(run_dir):
         with_profiles=True,
         bank=StubBank(ds.content_hash),
         model_config=SMALL_DCN,
-        config=TrainerConfig(**FAST),
+        config=CTRTrainerConfig(**FAST),
     )
     assert result.data.feature_map.names == ["user_id", "item_id", "parity"]
     assert result.output_dir is None  # a Dataset without output_dir writes nothing
@@ -379,7 +381,7 @@ def test_user_id_dropout_trains_the_unknown_user_row():
         torch.manual_seed(0)
         model = build_model("dcn", feature_map(), **SMALL_DCN)
         before = model.embedding.weight[0].detach().clone()
-        Trainer(model, TrainerConfig(**{**FAST, "max_epochs": 2}, user_id_dropout=p)).fit(train, valid)
+        Trainer(model, CTRTrainerConfig(**{**FAST, "max_epochs": 2}, user_id_dropout=p)).fit(train, valid)
         moved[p] = float((model.embedding.weight[0].detach() - before).abs().max())
     assert moved[0.0] == 0.0 and moved[0.3] > 1e-4
     assert torch.equal(train.x_ids, original)
@@ -388,12 +390,12 @@ def test_user_id_dropout_trains_the_unknown_user_row():
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_user_id_dropout_must_be_a_share(value):
     with pytest.raises(ValueError, match="user_id_dropout"):
-        TrainerConfig(user_id_dropout=value)
+        CTRTrainerConfig(user_id_dropout=value)
 
 
 def test_train_ctr_warm_start_starts_from_the_base_model_and_cannot_lose_on_valid(run_dir):
     ds = Dataset.load(run_dir)
-    config = TrainerConfig(**FAST)
+    config = CTRTrainerConfig(**FAST)
     base = train_ctr(ds, "dcn", model_config=SMALL_DCN, config=config, seed=3)
     result = train_ctr(
         ds,

@@ -31,7 +31,7 @@ from userip.ctr.distributed import DistributedTrainer, shard_rows
 from userip.ctr.features import FeatureMap
 from userip.ctr.models import build_model
 from userip.ctr.recipe import train_ctr
-from userip.ctr.trainer import Trainer, TrainerConfig, parameter_groups, predict_probs
+from userip.ctr.trainer import CTRTrainerConfig, Trainer, parameter_groups, predict_probs
 from userip.data.schema import Dataset
 from userip.evaluation import auc
 from userip.feature_bank import FeatureBank
@@ -116,7 +116,7 @@ def test_two_gloo_ranks_write_single_process_artifacts_and_match_its_auc(
         "dcn",
         with_profiles=True,
         model_config={**SMALL_DCN},
-        config=TrainerConfig(**TRAINER),
+        config=CTRTrainerConfig(**TRAINER),
         output_dir=tmp_path / "single",
     )
     assert single.test["auc"] > 0.75  # the comparison below is between two trained models
@@ -147,7 +147,7 @@ def test_warm_start_trains_its_base_model_distributed_too(run_dir: Path, tmp_pat
         "dcn",
         with_profiles=True,
         model_config={**SMALL_DCN},
-        config=TrainerConfig(**trainer),
+        config=CTRTrainerConfig(**trainer),
         save=False,
     )
     # epoch 0 is the extended base model: the base was trained by the 2 ranks as the single process trains it
@@ -200,7 +200,7 @@ def test_one_rank_ddp_trainer_reproduces_the_single_process_trainer(one_rank_gro
     which checks that the hooks (rows, batch size, wrapped forward, loss, evaluation) keep the single-process
     arithmetic."""
     train, valid = planted_split(600, 0), planted_split(200, 1)
-    config = TrainerConfig(lr=0.02, batch_size=64, max_epochs=3, patience=1, user_id_dropout=0.2)
+    config = CTRTrainerConfig(lr=0.02, batch_size=64, max_epochs=3, patience=1, user_id_dropout=0.2)
     runs = []
     for make in (Trainer, lambda m, c: DistributedTrainer(m, c, ctx=one_rank_group)):
         torch.manual_seed(0)
@@ -233,7 +233,7 @@ def test_sparse_embeddings_all_reduce_as_sparse_and_match_the_single_process_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_json(run / "ctr" / "dcn+profiles" / "metrics.json")
     single = train_ctr(
-        run, "dcn", with_profiles=True, model_config=model, config=TrainerConfig(**trainer), save=False
+        run, "dcn", with_profiles=True, model_config=model, config=CTRTrainerConfig(**trainer), save=False
     )
     np.testing.assert_allclose(
         [r["train_loss"] for r in metrics["history"]],

@@ -99,7 +99,7 @@ def test_rerun_skips_finished_cells(tiny_experiment):
         ({"source": "netflix"}, "netflix"),
         ({"trainer_search": {"grid": {"momentum": [0.9]}}}, "momentum"),
         ({"trainer_search": {"grid": {"lr": []}}}, "trainer_search.grid.lr"),
-        ({"trainer_search": {"grid": {"lr": [-1.0]}}}, "TrainerConfig.lr must be a finite number > 0"),
+        ({"trainer_search": {"grid": {"lr": [-1.0]}}}, "CTRTrainerConfig.lr must be a finite number > 0"),
         ({"trainer_search": {"grid": {"lr": [1e-3]}, "seeds": [0, 1]}}, "at least 3 distinct seeds"),
         ({"trainer_search": {"se_threshold": -1}}, "trainer_search.se_threshold"),
         ({"trainer_search": {"prune_margin": -0.1}}, "trainer_search.prune_margin"),

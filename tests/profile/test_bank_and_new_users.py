@@ -144,7 +144,7 @@ def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
 
     from userip.profile.lm import load_causal_lm
     from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
-    from userip.profile.trainer import ProfileTrainer, TrainConfig
+    from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer
     from userip.prompts import PromptBuilder, PromptConfig, build_examples
 
     tokenizer = make_word_tokenizer(with_bos=True)
@@ -156,7 +156,7 @@ def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     model = ProfileModel(lm, table, builder.config)
     examples = build_examples(tiny_dataset, builder)
     aux = build_aux(tiny_dataset, PROFILES, 32, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0))
-    train_cfg = TrainConfig(batch_size=8, num_epochs=2, progress=False, checkpoint_every=0)
+    train_cfg = ProfileTrainConfig(batch_size=8, num_epochs=2, progress=False, checkpoint_every=0)
     result = ProfileTrainer(model, examples, train_cfg, aux=aux, checkpoint_dir=tmp_path / "ckpt").train()
     assert result.steps == 6 and "rec_loss" in result.aux_metrics and "perplexity_hobby" in result.aux_metrics
     assert all(bool(q.initialized) for q in aux.quantizer.quantizers) and int(aux.step) == 6

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from userip.codebook.config import QuantizationConfig
 from userip.profile.bank import build_aux
 from userip.profile.lm import LMConfig, auto_table_device, load_causal_lm
-from userip.profile.trainer import ProfileTrainer, TrainConfig, plan_batches
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, plan_batches
 from userip.prompts import collate
 from userip.utils.config import ConfigError
 
@@ -89,7 +89,7 @@ def _trainer(lm, tokenizer, **overrides) -> ProfileTrainer:
     model, examples = make_setup(lm, tokenizer, history_dataset(num_users=24))
     config = dict(lr=0.05, batch_size=4, num_epochs=2, checkpoint_every=0, seed=3, progress=False)
     config.update(overrides)
-    return ProfileTrainer(model, examples, TrainConfig(**config))
+    return ProfileTrainer(model, examples, ProfileTrainConfig(**config))
 
 
 def _groups(trainer: ProfileTrainer, count: int) -> list[list]:
@@ -150,7 +150,7 @@ def _joint_trainer(
     aux.to(device)
     config = dict(lr=0.05, batch_size=4, num_epochs=2, checkpoint_every=0, seed=3, progress=False)
     config.update(overrides)
-    trainer = ProfileTrainer(model, examples, TrainConfig(**config), aux=aux)
+    trainer = ProfileTrainer(model, examples, ProfileTrainConfig(**config), aux=aux)
     trainer.aux.train()
     return trainer
 
@@ -302,7 +302,9 @@ def test_cuda_steps_never_synchronize(word_tokenizer, table_device):
     assert torch.backends.cuda.matmul.allow_tf32  # load_causal_lm on CUDA turns TF32 on by default
     model, examples = make_setup(lm, word_tokenizer, history_dataset(num_users=12))
     model.table.to(table_device)
-    trainer = ProfileTrainer(model, examples, TrainConfig(batch_size=4, progress=False, checkpoint_every=0))
+    trainer = ProfileTrainer(
+        model, examples, ProfileTrainConfig(batch_size=4, progress=False, checkpoint_every=0)
+    )
     assert trainer.pad_to_multiple_of == 64
     groups = _groups(trainer, 4)
     trainer._step(groups[0])

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from userip.profile.optim import RowAdam
-from userip.profile.trainer import ProfileTrainer, TrainConfig, plan_batches
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, plan_batches
 from userip.prompts import collate
 from userip.utils.config import ConfigError
 
@@ -16,7 +16,7 @@ from .conftest import history_dataset, make_setup
 def _config(**kw):
     base = dict(lr=0.05, batch_size=4, num_epochs=3, checkpoint_every=0, seed=3, progress=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return ProfileTrainConfig(**base)
 
 
 def test_frozen_lm_untouched_rows_and_loss_falls(tiny_llama, word_tokenizer):

@@ -64,7 +64,7 @@ def test_file_then_flags_then_set_each_update_the_one_below(tmp_path: Path) -> N
 
 
 def test_a_partial_run_setting_keeps_the_runs_trainer_and_profile_defaults() -> None:
-    assert RUN_TRAINER.max_epochs == 60 and RUN_TRAINER.min_epochs == 20  # the run's, not TrainerConfig's
+    assert RUN_TRAINER.max_epochs == 60 and RUN_TRAINER.min_epochs == 20  # the run's, not CTRTrainerConfig's
     built = _run_config("--set", "trainer.lr=0.02", "--set", "profile.train.lr=0.05")
     assert built.trainer == dataclasses.replace(RUN_TRAINER, lr=0.02)
     assert built.profile.train == dataclasses.replace(STAGE_TRAIN, lr=0.05)
@@ -275,7 +275,7 @@ def test_a_cuda_index_beyond_this_machine_is_named(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert _run_config("--set", "trainer.device=cuda:1").trainer.device == "cuda:1"
-    with pytest.raises(ConfigError, match=r"TrainerConfig.device is 'cuda:2' but this machine has 2 CUDA"):
+    with pytest.raises(ConfigError, match=r"CTRTrainerConfig.device is 'cuda:2' but this machine has 2 CUDA"):
         _run_config("--set", "trainer.device=cuda:2")
     with pytest.raises(ConfigError, match=r"lm.table_device is 'cuda:5'"):
         _run_config("--set", "profile.lm.table_device=cuda:5")
@@ -301,3 +301,12 @@ def test_a_run_recorded_on_cuda_opens_on_a_cpu_machine(
     path.write_text(json.dumps(stage))
     with pytest.raises(ConfigError, match=r"lm.device must be 'cpu' or 'cuda\[:N\]', got 'tpu'"):
         read_stage_config(run_copy)
+
+
+def test_stage_config_names_say_their_stage_and_old_names_still_import():
+    from userip.ctr.trainer import CTRTrainerConfig, TrainerConfig
+    from userip.profile.trainer import ProfileTrainConfig, TrainConfig
+
+    assert TrainConfig is ProfileTrainConfig and TrainerConfig is CTRTrainerConfig
+    assert CTRTrainerConfig.__name__ == "CTRTrainerConfig"
+    assert ProfileTrainConfig.__name__ == "ProfileTrainConfig"

@@ -12,7 +12,7 @@ import pytest
 from tests.serving.serving_helpers import free_port, make_bank, make_dataset
 
 from userip.ctr.recipe import train_ctr
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds = make_dataset()
     ds.save(run / "data")
     make_bank(ds).write(run / "bank")
-    cfg = TrainerConfig(lr=0.02, batch_size=128, max_epochs=3, patience=3)
+    cfg = CTRTrainerConfig(lr=0.02, batch_size=128, max_epochs=3, patience=3)
     train_ctr(run, "dcn", config=cfg)
     train_ctr(run, "dcn", with_profiles=True, config=cfg)
     train_ctr(

@@ -12,7 +12,7 @@ import pytest
 from tests.serving.serving_helpers import N_USERS
 
 from userip.ctr.recipe import train_ctr
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 from userip.feature_bank import FeatureBank, FeatureBankError
 from userip.serving.redis_bank import RedisBank, publish_bank
 from userip.serving.scorer import Scorer
@@ -49,7 +49,7 @@ def test_serving_and_ctr_training_read_a_multi_part_bank(run_dir: Path, multi_ru
     got = Scorer.from_run_dir(multi_run, model="dcn+profiles").score(users, items)
     np.testing.assert_array_equal(got.probs, want.probs)
     assert got.bank_version == want.bank_version
-    cfg = TrainerConfig(lr=0.02, batch_size=128, max_epochs=1, patience=1)
+    cfg = CTRTrainerConfig(lr=0.02, batch_size=128, max_epochs=1, patience=1)
     one = train_ctr(run_dir, "dcn", with_profiles=True, config=cfg, output_dir=multi_run / "ctr" / "one")
     multi = train_ctr(
         multi_run, "dcn", with_profiles=True, config=cfg, output_dir=multi_run / "ctr" / "multi"

@@ -14,7 +14,7 @@ from torch import nn
 from userip.cli import main
 from userip.ctr.features import FeatureMap, Field
 from userip.ctr.models import build_model
-from userip.ctr.trainer import Trainer, TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig, Trainer
 from userip.utils import threads
 from userip.utils.config import ConfigError
 
@@ -93,9 +93,9 @@ def test_ctr_trainer_runs_a_small_model_on_one_thread_unless_asked(monkeypatch):
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     model = build_model("dcn", FeatureMap((Field("user", 50), Field("item", 30))), embedding_dim=4)
     torch.set_num_threads(2)
-    Trainer(model, TrainerConfig(batch_size=256))
+    Trainer(model, CTRTrainerConfig(batch_size=256))
     assert torch.get_num_threads() == 1  # a DCN step is far below one thread's grain
-    Trainer(model, TrainerConfig(batch_size=256, num_threads=2))
+    Trainer(model, CTRTrainerConfig(batch_size=256, num_threads=2))
     assert torch.get_num_threads() == 2
 
 

@@ -57,7 +57,7 @@ from userip.ctr.features import FeatureMap, Field, FieldSource
 from userip.ctr.layers import FieldEmbedding
 from userip.ctr.models import build_model, model_arguments
 from userip.ctr.recipe import CTRResult, score_test
-from userip.ctr.trainer import Trainer, TrainerConfig, save_state_dict
+from userip.ctr.trainer import CTRTrainerConfig, Trainer, save_state_dict
 from userip.data.schema import SPLITS, Dataset
 from userip.utils.config import ConfigError, check_fields, choice, to_dict
 from userip.utils.io import atomic_dir, atomic_write_json, user_cache_dir
@@ -549,7 +549,7 @@ def train_kar(
     config: KARConfig | None = None,
     seed: int = 0,
     *,
-    trainer_config: TrainerConfig | None = None,
+    trainer_config: CTRTrainerConfig | None = None,
     model_config: Mapping[str, Any] | None = None,
     user_features: Sequence[str] = (),
     cache_dir: str | os.PathLike[str] | None = None,
@@ -565,7 +565,7 @@ def train_kar(
     ``model.safetensors`` (best checkpoint), ``config.json`` and, last, ``metrics.json``.
     """
     config = config or KARConfig()
-    trainer_config = dataclasses.replace(trainer_config or TrainerConfig(), seed=seed)
+    trainer_config = dataclasses.replace(trainer_config or CTRTrainerConfig(), seed=seed)
     model_config = dict(model_config or {})
     if isinstance(lm, str):
         lm = load_text_lm(lm, dataset=dataset, dtype=config.lm_dtype, device=config.lm_device)

@@ -20,7 +20,7 @@ from userip.baselines.kar import KARConfig, KARResult, KnowledgeMode, train_kar
 from userip.baselines.llm_text import TextLM
 from userip.baselines.pepler import PEPLERConfig, PEPLERResult, train_pepler
 from userip.baselines.rella import ReLLaConfig, ReLLaResult, train_rella
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.schema import Dataset
 from userip.utils.config import to_dict
 
@@ -108,7 +108,7 @@ def train_row(
     configs: BaselineConfigs,
     seed: int,
     *,
-    trainer_config: TrainerConfig,
+    trainer_config: CTRTrainerConfig,
     model_config: Mapping[str, Any],
     cache_dir: str | os.PathLike[str],
     progress: bool = False,

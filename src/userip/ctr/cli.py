@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-config",
         type=Path,
         default=None,
-        help="YAML: model keyword arguments, or sections `model:` and `trainer:` (TrainerConfig keys)",
+        help="YAML: model keyword arguments, or sections `model:` and `trainer:` (CTRTrainerConfig keys)",
     )
     add_set_argument(parser, "trainer.patience=3 (sections model and trainer, as in --model-config)")
     parser.add_argument("--seed", type=int, default=None, help="seed for init, shuffling and dropout")
@@ -98,7 +98,7 @@ def results_table(valid: dict[str, float] | None, test: dict[str, float]) -> str
 def run(args: argparse.Namespace) -> int:
     from userip.ctr.models import check_model_config, model_section
     from userip.ctr.recipe import output_name, train_ctr  # heavy imports only when the command runs
-    from userip.ctr.trainer import TrainerConfig
+    from userip.ctr.trainer import CTRTrainerConfig
     from userip.utils.distributed import distributed_requested, rank_log_file
     from userip.utils.logging import setup_logging
 
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--set: unknown section(s) {unknown}; accepted: {list(_SECTIONS)}")
     where = f"{args.model_config}:trainer" if args.model_config else "trainer options"
-    config = from_dict(TrainerConfig, data["trainer"], where)
+    config = from_dict(CTRTrainerConfig, data["trainer"], where)
     check_model_config(args.model, data["model"], str(args.model_config or "model options"))
     options = {
         "with_profiles": args.with_profiles,

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from userip.ctr.calibration import Calibration
 from userip.ctr.data import SplitTensors
 from userip.ctr.recipe import CTRResult, train_ctr
-from userip.ctr.trainer import Trainer, TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig, Trainer
 from userip.data.schema import Dataset
 from userip.utils.distributed import DistContext, DistributedError, all_reduce_sum
 
@@ -72,12 +72,12 @@ class DistributedTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module,
-        config: TrainerConfig | None = None,
+        config: CTRTrainerConfig | None = None,
         fixed_masks: dict[str, torch.Tensor] | None = None,
         *,
         ctx: DistContext,
     ) -> None:
-        config = config or TrainerConfig()
+        config = config or CTRTrainerConfig()
         self._local_batch = local_batch_size(config.batch_size, ctx.world_size)
         if ctx.device.type == "cuda":  # NCCL: this rank's GPU (cuda:LOCAL_RANK), whatever index config names
             config = dataclasses.replace(config, device=str(ctx.device))
@@ -141,7 +141,7 @@ def train_ctr_distributed(
     model_name: str = "dcn",
     *,
     ctx: DistContext,
-    config: TrainerConfig | None = None,
+    config: CTRTrainerConfig | None = None,
     seed: int | None = None,
     **kwargs: Any,
 ) -> CTRResult:
@@ -151,7 +151,7 @@ def train_ctr_distributed(
     test split itself); only rank 0 writes the outputs (the single-process layout) and shows a progress bar.
     A warm start trains its base model the same way.
     """
-    config = config or TrainerConfig()
+    config = config or CTRTrainerConfig()
     local_batch_size(config.batch_size, ctx.world_size)  # before loading anything
     save = bool(kwargs.pop("save", True)) and ctx.is_main
     if not ctx.is_main:

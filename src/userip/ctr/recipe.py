@@ -1,10 +1,10 @@
 """The CTR stage as one plain recipe: setup (data, fields, model) -> train -> evaluate -> save.
 
 ``train_ctr`` is a library call: it prints nothing (logging goes to the ``userip`` logger, silent unless a
-handler is configured; ``TrainerConfig.progress`` turns the tqdm bar on) and returns a ``CTRResult`` holding
-valid/test AUC and Logloss (calibrated on validation, ``userip.ctr.calibration``; the raw Logloss beside
-it) plus the calibrated test probabilities, so an experiment runner can call it per seed and pair
-the results. Given a run directory it reads ``RUN/data`` (and ``RUN/bank`` with profiles) and writes
+handler is configured; ``CTRTrainerConfig.progress`` turns the tqdm bar on) and returns a ``CTRResult``
+holding valid/test AUC and Logloss (calibrated on validation, ``userip.ctr.calibration``; the raw Logloss
+beside it) plus the calibrated test probabilities, so an experiment runner can call it per seed and pair the
+results. Given a run directory it reads ``RUN/data`` (and ``RUN/bank`` with profiles) and writes
 ``RUN/ctr/<model>[+profiles]/``: ``model.safetensors`` (weights and calibration), ``feature_map.json``,
 ``encoder.json``, ``config.json`` and, last, ``metrics.json`` (its presence marks a complete run). The folder
 is built under a temporary name and moved into place only when training succeeds (``atomic_dir``): a run that
@@ -29,7 +29,7 @@ from userip.ctr.calibration import IDENTITY, Calibration
 from userip.ctr.data import CTRData, ProfileBank, SplitTensors, build_ctr_data, freeze_field_rows
 from userip.ctr.extend import extend_model
 from userip.ctr.models import build_model, model_arguments
-from userip.ctr.trainer import FitResult, Trainer, TrainerConfig, calibrated_metrics, predict_logits
+from userip.ctr.trainer import CTRTrainerConfig, FitResult, Trainer, calibrated_metrics, predict_logits
 from userip.data.schema import Dataset
 from userip.utils.artifacts import check_record
 from userip.utils.config import to_dict
@@ -130,7 +130,7 @@ def train_ctr(
     bank: ProfileBank | str | Path | None = None,
     user_features: Sequence[str] = (),
     model_config: Mapping[str, Any] | None = None,
-    config: TrainerConfig | None = None,
+    config: CTRTrainerConfig | None = None,
     seed: int | None = None,
     output_dir: str | Path | None = None,
     save: bool = True,
@@ -147,7 +147,7 @@ def train_ctr(
     ``output_dir`` or when ``save`` is False. ``trainer_factory(model, config, fixed_masks)`` makes the
     trainer (``userip.ctr.distributed`` passes its DDP trainer; a warm start's base model uses it too).
     """
-    config = config or TrainerConfig()
+    config = config or CTRTrainerConfig()
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)
     model_config = dict(model_config or {})
@@ -234,7 +234,7 @@ def train_ctr(
 def model_record(
     model_name: str,
     model_config: Mapping[str, Any],
-    config: TrainerConfig,
+    config: CTRTrainerConfig,
     with_profiles: bool,
     user_features: Sequence[str],
     dataset: Dataset,
@@ -280,7 +280,7 @@ def _fit_and_save(
     data: CTRData,
     model_name: str,
     model_config: Mapping[str, Any],
-    config: TrainerConfig,
+    config: CTRTrainerConfig,
     *,
     with_profiles: bool,
     user_features: Sequence[str],

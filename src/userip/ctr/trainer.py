@@ -46,7 +46,7 @@ DEFAULT_EVAL_BATCH = 8192
 
 
 @dataclasses.dataclass
-class TrainerConfig:
+class CTRTrainerConfig:
     """Optimisation settings for one CTR training run (keys equal constructor arguments).
 
     The default batch size, 1024, is a compromise for CTR tables of 10^4-10^6 rows: the paper's 128 (used for
@@ -114,15 +114,19 @@ class TrainerConfig:
         )
         if not isinstance(self.min_epochs, int) or not 0 <= self.min_epochs <= self.max_epochs:
             raise ConfigError(
-                f"TrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r} "
+                f"CTRTrainerConfig.min_epochs must be an integer in [0, max_epochs], got {self.min_epochs!r} "
                 f"with max_epochs {self.max_epochs!r} (a trainer section updates its defaults: lowering "
                 "max_epochs may need min_epochs too)"
             )
         if self.sparse_embeddings and self.embedding_weight_decay > 0:
             raise ConfigError(
-                "TrainerConfig.sparse_embeddings: SparseAdam has no weight decay; set "
+                "CTRTrainerConfig.sparse_embeddings: SparseAdam has no weight decay; set "
                 f"embedding_weight_decay to 0 (got {self.embedding_weight_decay})"
             )
+
+
+# The name this config had before it said which stage it belongs to (issue 28); kept for old code.
+TrainerConfig = CTRTrainerConfig
 
 
 @dataclasses.dataclass
@@ -184,7 +188,7 @@ class Optimizers:
             optimizer.step()
 
 
-def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer | Optimizers:
+def build_optimizer(model: nn.Module, config: CTRTrainerConfig) -> torch.optim.Optimizer | Optimizers:
     """Adam over ``parameter_groups``; with ``sparse_embeddings``, the model's ``nn.Embedding`` tables switch
     to sparse gradients and go to ``SparseAdam`` (same lr), everything else stays with Adam.
 
@@ -201,7 +205,7 @@ def build_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Opti
             module.sparse = True
             sparse.append(module.weight)
     if not sparse:
-        raise ConfigError("TrainerConfig.sparse_embeddings: the model has no trainable nn.Embedding table")
+        raise ConfigError("CTRTrainerConfig.sparse_embeddings: the model has no trainable nn.Embedding table")
     sparse_ids = {id(p) for p in sparse}
     dense = [{**g, "params": [p for p in g["params"] if id(p) not in sparse_ids]} for g in groups]
     dense = [g for g in dense if g["params"]]
@@ -262,10 +266,10 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        config: TrainerConfig | None = None,
+        config: CTRTrainerConfig | None = None,
         fixed_masks: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        self.config = config or TrainerConfig()
+        self.config = config or CTRTrainerConfig()
         self.calibration = IDENTITY  # set by fit from the validation split
         self.device = torch.device(self.config.device)
         set_intra_op_threads(

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from userip.baselines.rows import BASELINE_ROWS, cell_key, changes_lm, lm_placement
 from userip.ctr.recipe import CTRResult, train_ctr
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.prepare import prepare
 from userip.data.protocols import apply_protocol, known_rows_of
 from userip.data.schema import MANIFEST, Dataset
@@ -115,7 +115,7 @@ class Experiment:
         self.run_dir = Path(config.run_dir)
         self.dataset: Dataset | None = None
         self.banks: dict[str, FeatureBank] = {}
-        self.chosen: dict[tuple[str, str], TrainerConfig] = {}  # (model, search variant) -> trainer
+        self.chosen: dict[tuple[str, str], CTRTrainerConfig] = {}  # (model, search variant) -> trainer
         self.search_results: pd.DataFrame | None = None
         self._text_lms: dict[tuple[str, str], Any] = {}  # (dtype, device) -> the LLM baselines' TextLM
         self._finished: dict[Path, dict[str, Any] | None] = {}  # cell file -> its valid record (or None)
@@ -302,7 +302,7 @@ class Experiment:
         variant = self._canonical(cell.variant)
         return "userip" if variant.startswith(("hobby", "background")) else variant
 
-    def search_cells(self) -> list[tuple[Cell, TrainerConfig]]:
+    def search_cells(self) -> list[tuple[Cell, CTRTrainerConfig]]:
         """(cell, candidate trainer) pairs of the trainer search: rows x grid x search seeds."""
         search = self.config.trainer_search
         if not search.grid:
@@ -320,7 +320,7 @@ class Experiment:
             for seed in search.seeds
         ]
 
-    def trainer_for(self, cell: Cell) -> TrainerConfig:
+    def trainer_for(self, cell: Cell) -> CTRTrainerConfig:
         return self.chosen.get((cell.model, self.search_variant(cell)), self.config.trainer)
 
     def select_trainers(self) -> None:
@@ -396,7 +396,7 @@ class Experiment:
         atomic_write_text(self.out / "trainer_search.csv", ranked.to_csv(index=False))
         self.search_results = ranked
 
-    def cell_key(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any]:
+    def cell_key(self, cell: Cell, trainer: CTRTrainerConfig) -> dict[str, Any]:
         """Everything a cell's numbers depend on besides its model, variant and seed (in its file name): the
         trainer and model config, the profile config, the dataset and the main bank."""
         assert self.dataset is not None
@@ -415,7 +415,7 @@ class Experiment:
             "bank": self.banks["userip"].version if "userip" in self.banks else None,
         }
 
-    def cell_path(self, cell: Cell, trainer: TrainerConfig) -> Path:
+    def cell_path(self, cell: Cell, trainer: CTRTrainerConfig) -> Path:
         """Cells are named by what they depend on (``cell_key``), so a rerun with another config retrains
         instead of reusing stale numbers; a search cell whose candidate wins is the same file as the final
         cell of that seed, so it is trained once."""
@@ -423,7 +423,7 @@ class Experiment:
         name = f"{cell.model}__{self._canonical(cell.variant)}__seed{cell.seed}__{digest}.json"
         return self.out / "cells" / name
 
-    def finished_cell(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any] | None:
+    def finished_cell(self, cell: Cell, trainer: CTRTrainerConfig) -> dict[str, Any] | None:
         """The cell's record when a valid one computed under the same key exists, else None (a stale or
         invalid file is logged once and recomputed)."""
         path = self.cell_path(cell, trainer)
@@ -432,7 +432,7 @@ class Experiment:
             self._finished[path] = reuse_cached(path, key, f"cell {cell.key}", check_cell)
         return self._finished[path]
 
-    def run_cell(self, cell: Cell, trainer: TrainerConfig) -> dict[str, Any]:
+    def run_cell(self, cell: Cell, trainer: CTRTrainerConfig) -> dict[str, Any]:
         finished = self.finished_cell(cell, trainer)
         if finished is not None:
             return finished
@@ -461,7 +461,7 @@ class Experiment:
         return record
 
     def _run_llm_baseline_cell(
-        self, cell: Cell, trainer: TrainerConfig, path: Path, key: dict[str, Any]
+        self, cell: Cell, trainer: CTRTrainerConfig, path: Path, key: dict[str, Any]
     ) -> dict[str, Any]:
         """One seed of an LLM baseline row (``userip.baselines.rows``). Offline work that does not depend
         on the seed (KAR's generation and encoding, ReLLa's item embeddings) is cached in ``RUN/baselines``

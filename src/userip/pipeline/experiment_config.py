@@ -15,7 +15,7 @@ from userip.baselines.pepler import PEPLERConfig
 from userip.baselines.rella import ReLLaConfig
 from userip.baselines.rows import BASELINE_ROWS, BaselineConfigs
 from userip.ctr.models import MODELS, check_model_config
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.preprocess import PrepareConfig, SplitMode
 from userip.data.protocols import Protocol, ProtocolConfig
 from userip.pipeline.run import PipelineConfig
@@ -32,7 +32,8 @@ CONTROLS = ("bag_of_items", "attributes")
 # The paper's LLM-based rows (docs/llm_baselines.md) are userip.baselines.rows.BASELINE_ROWS.
 
 
-# TrainerConfig keys a search may vary; the rest (seed, device, threads, progress) are not hyper-parameters.
+# CTRTrainerConfig keys a search may vary; the rest (seed, device, threads, progress) are not
+# hyper-parameters.
 SEARCHABLE_TRAINER_KEYS = (
     "lr",
     "batch_size",
@@ -61,7 +62,7 @@ class TrainerSearchConfig:
     The paper sets every baseline "to obtain their optimal performance"; one trainer setting for all models
     does not do that: on the synthetic default the MLP-based models sit on a plateau near AUC 0.63 at lr 1e-3
     and need a higher lr and embedding L2 to leave it, while FM-type models do not. ``grid`` maps a
-    TrainerConfig key to its candidate values (every combination is tried; empty turns the search off).
+    CTRTrainerConfig key to its candidate values (every combination is tried; empty turns the search off).
     Candidates are ordered simplest first: the first key varies slowest and each key's first value is its
     simplest (list ``warm_start: [true, false]`` first: the warm start keeps the model without profiles).
 
@@ -101,7 +102,7 @@ class TrainerSearchConfig:
         if self.prune_margin is not None:
             check_fields(self, nonnegative_numbers=("prune_margin",), where="trainer_search")
 
-    def candidates(self, base: TrainerConfig) -> list[TrainerConfig]:
+    def candidates(self, base: CTRTrainerConfig) -> list[CTRTrainerConfig]:
         """Every combination of the grid applied to ``base`` (just ``[base]`` without a grid)."""
         keys = list(self.grid)
         out = []
@@ -134,7 +135,7 @@ class ExperimentConfig:
     background_sizes: list[int] = dataclasses.field(default_factory=lambda: [3, 9, 27, 81])
     requantize_epochs: int = 30  # passes over the users when re-training codebooks on fixed profiles
     model_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    trainer: CTRTrainerConfig = dataclasses.field(default_factory=CTRTrainerConfig)
     trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
     controls: list[str] = dataclasses.field(default_factory=list)  # see CONTROLS

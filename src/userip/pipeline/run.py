@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from userip.ctr.recipe import CONFIG_FILE, METRICS_FILE, check_metrics, model_record, train_ctr
-from userip.ctr.trainer import TrainerConfig
+from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.preprocess import PrepareConfig
 from userip.data.schema import MANIFEST, Dataset
 from userip.evaluation.tables import compare_with_base, markdown_table
@@ -45,12 +45,12 @@ def _default_profile() -> ProfileStageConfig:
     return ProfileStageConfig()
 
 
-def _default_trainer() -> TrainerConfig:
+def _default_trainer() -> CTRTrainerConfig:
     # On the synthetic default DCN stalls near AUC 0.63 at lr 1e-3 (valid AUC peaks in epoch 2-3). These are
     # the settings the synthetic experiment's trainer search (configs/experiment_synthetic.yaml) chose on
     # validation AUC for both DCN and UserIP-DCN; min_epochs 20 keeps a run that sits on the plateau longer
     # than `patience` from stopping there.
-    return TrainerConfig(lr=1e-2, embedding_weight_decay=1e-3, max_epochs=60, patience=10, min_epochs=20)
+    return CTRTrainerConfig(lr=1e-2, embedding_weight_decay=1e-3, max_epochs=60, patience=10, min_epochs=20)
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ class PipelineConfig:
     profile: ProfileStageConfig = dataclasses.field(default_factory=_default_profile)
     ctr_model: str = "dcn"
     ctr_model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    trainer: TrainerConfig = dataclasses.field(default_factory=_default_trainer)
+    trainer: CTRTrainerConfig = dataclasses.field(default_factory=_default_trainer)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
 
     def __post_init__(self) -> None:

@@ -61,7 +61,7 @@ from userip.profile.model import (
     SoftTokenTable,
     init_token_ids,
 )
-from userip.profile.trainer import ProfileTrainer, TrainConfig, micro_batch_mean
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, micro_batch_mean
 from userip.prompts import ExampleSet, PromptBuilder
 from userip.utils.artifacts import CorruptArtifactError, save_tensors
 from userip.utils.config import to_dict
@@ -226,7 +226,7 @@ class ShardTrainer(ProfileTrainer):
         self,
         model: ProfileModel,
         examples: ExampleSet,
-        config: TrainConfig,
+        config: ProfileTrainConfig,
         ctx: DistContext,
         bounds: np.ndarray,
         batches_per_epoch: int,

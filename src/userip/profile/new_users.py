@@ -197,8 +197,9 @@ def trainer_fit_profiles(
     """A ``fit_profiles`` that trains fresh soft tokens with ``userip.profile``'s trainer, aux frozen.
 
     ``lm`` is the frozen LM of the original run, ``prompt_config`` its ``PromptConfig``, ``train_config`` its
-    ``TrainConfig`` (``train_aux`` is forced off, checkpoints off); ``soft_token_config`` and ``value_words``
-    (the original run's, from its profile manifest) start the new rows where the original ones started.
+    ``ProfileTrainConfig`` (``train_aux`` is forced off, checkpoints off); ``soft_token_config`` and
+    ``value_words`` (the original run's, from its profile manifest) start the new rows where the original
+    ones started.
     """
     soft_token_config = soft_token_config or SoftTokenConfig()
 

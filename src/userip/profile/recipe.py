@@ -26,7 +26,7 @@ from userip.profile.model import (
     initial_soft_token_table,
     resolve_value_words,
 )
-from userip.profile.trainer import ProfileTrainer, TrainConfig, TrainResult
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, TrainResult
 from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
 from userip.utils.artifacts import CorruptArtifactError, check_record, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
@@ -45,7 +45,7 @@ class ProfileConfig:
     lm: LMConfig = dataclasses.field(default_factory=LMConfig)
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     soft_tokens: SoftTokenConfig = dataclasses.field(default_factory=SoftTokenConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    train: ProfileTrainConfig = dataclasses.field(default_factory=ProfileTrainConfig)
 
     def __post_init__(self) -> None:
         if not self.lm.name_or_path:

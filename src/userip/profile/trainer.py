@@ -57,7 +57,7 @@ _RESUME_KEYS = (
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class ProfileTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     aux_lr: float = 1e-3
@@ -103,6 +103,10 @@ class TrainConfig:
             fractions=("min_epoch_improvement",),
             where="train",
         )
+
+
+# The name this config had before it said which stage it belongs to (issue 28); kept for old code.
+TrainConfig = ProfileTrainConfig
 
 
 def plan_batches(
@@ -162,7 +166,7 @@ class ProfileTrainer:
         self,
         model: ProfileModel,
         examples: ExampleSet,
-        config: TrainConfig,
+        config: ProfileTrainConfig,
         aux: nn.Module | None = None,
         checkpoint_dir: str | Path | None = None,
         batches_per_epoch: int | None = None,
