@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
+
+ERROR_EXIT = 2  # what every refused command exits with (userip.cli.EXIT_ERROR)
 
 # Small enough for seconds on one core; every stage still runs for real (offline LM, Algorithm 1, DCN).
 PROFILE_YAML = """\
@@ -20,3 +23,11 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and "logs" not in p.relative_to(folder).parts
     }
+
+
+def assert_named_error(rc: int | str | None, text: str, expected: Iterable[str]) -> None:
+    """The one shape of a refused command: exit code 2, each expected fragment in its output, no traceback."""
+    assert rc == ERROR_EXIT, text
+    assert "Traceback" not in text
+    for fragment in expected:
+        assert fragment in text, f"{fragment!r} not in {text!r}"

@@ -21,13 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.reliability.reliability_helpers import snapshot
+from tests.reliability.reliability_helpers import ERROR_EXIT, assert_named_error, snapshot
 
 from userip.cli import main
 from userip.feature_bank import FeatureBank
 from userip.utils.io import atomic_write_json
-
-ERROR_EXIT = 2
 
 TINY_SETTINGS = """\
 source_options: {num_users: 60, num_items: 24}
@@ -46,10 +44,7 @@ def _fails_cleanly(argv: list[str], folder: Path, capsys: pytest.CaptureFixture,
     rc = main(argv)
     captured = capsys.readouterr()
     text = captured.err + captured.out
-    assert rc == ERROR_EXIT, text
-    assert "Traceback" not in text
-    for expected in expect:
-        assert expected in text, f"{expected!r} not in {text!r}"
+    assert_named_error(rc, text, expect)
     assert snapshot(folder) == before, "an artifact changed after a failed command"
     return text
 

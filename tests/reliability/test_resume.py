@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.reliability.reliability_helpers import snapshot
+from tests.reliability.reliability_helpers import ERROR_EXIT, snapshot
 
 from userip.cli import main
 from userip.feature_bank import FeatureBank
@@ -36,7 +36,6 @@ from userip.utils.config import ConfigError
 from userip.utils.distributed import DistributedError
 
 HERE = Path(__file__).parent
-ERROR_EXIT = 2
 PROFILE_SECTION = """\
   offline_lm: {max_steps: 5, hidden_size: 32, num_layers: 1}
   train: {lr: 0.02, num_epochs: 2, batch_size: 16, progress: false, checkpoint_every: 2}
