@@ -191,3 +191,18 @@ def test_simplest_within_noise_edge_cases():
         choose_simplest_within_noise([[np.nan, 0.7]])
     with pytest.raises(ValueError, match="threshold"):
         choose_simplest_within_noise([[0.7, 0.7]], threshold=-1)
+
+
+def test_complexity_ranks_protect_the_simpler_model_but_not_a_grid_order():
+    simple_model = [0.700, 0.704, 0.699]  # e.g. warm start, lr 1e-3
+    simple_model_lr = [0.701, 0.704, 0.700]  # warm start, another lr: not simpler than the first
+    richer_noisy = [0.704, 0.703, 0.703]  # joint training: best mean, gain within noise
+    scores = [simple_model, simple_model_lr, richer_noisy]
+    assert _paired_t(richer_noisy, simple_model_lr) < 2 and _paired_t(richer_noisy, simple_model) < 2
+    choice = choose_simplest_within_noise(scores, 2.0, complexity=[0, 0, 1])
+    assert choice.best == 2 and choice.chosen == 1  # the simpler model, and its best setting
+    assert choose_simplest_within_noise(scores, 2.0).chosen == 0  # no ranks: the order decides
+    # All of one complexity: the best mean, whatever the noise.
+    assert choose_simplest_within_noise(scores, 2.0, complexity=[0, 0, 0]).chosen == 2
+    with pytest.raises(ValueError, match="one rank per candidate"):
+        choose_simplest_within_noise(scores, 2.0, complexity=[0, 1])

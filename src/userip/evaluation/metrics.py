@@ -154,18 +154,26 @@ class NoiseAwareChoice:
 
 
 def choose_simplest_within_noise(
-    scores: Sequence[Sequence[float]] | ArrayLike, threshold: float = 2.0
+    scores: Sequence[Sequence[float]] | ArrayLike,
+    threshold: float = 2.0,
+    complexity: Sequence[int] | None = None,
 ) -> NoiseAwareChoice:
     """The simplest candidate whose validation score is not clearly below the best one's.
 
     ``scores[c][s]``: candidate ``c``'s score (higher is better) on seed ``s``, the same seeds for every
-    candidate, candidates ordered simplest first; NaN marks a cell that was not run (a pruned candidate),
+    candidate; NaN marks a cell that was not run (a pruned candidate),
     which makes that candidate ineligible. The best candidate has the highest mean over seeds (ties: the
-    simpler). A candidate is within noise of it when the mean of the paired differences best - candidate is
+    earlier). A candidate is within noise of it when the mean of the paired differences best - candidate is
     at most ``threshold`` standard errors of those differences, i.e. the paired t statistic of the best
     against it is at most ``threshold``; with one seed there is no error estimate and only ties are within
-    noise. The choice is the first (simplest) candidate within noise: a richer setting wins only when its
-    gain over every simpler one is above noise.
+    noise. The choice is the simplest candidate within noise: a richer setting wins only when its gain over
+    every simpler one is above noise.
+
+    ``complexity[c]`` (lower = simpler) says which candidates are simpler than which; among the simplest
+    candidates within noise the highest mean wins. None: the order itself (candidate c has complexity c).
+    Give equal complexity to settings that are not simpler than one another (two learning rates), so that
+    the rule protects the simpler *model* (a warm start that keeps DCN, fewer fields) without handing a
+    hyper-parameter grid to its first value whenever the seeds are noisy.
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or s.size == 0:
@@ -184,7 +192,11 @@ def choose_simplest_within_noise(
     # A difference that is constant up to float rounding has no spread: compare the gap with 0 alone.
     ses = np.where(ses < 1e-12 * np.maximum(1.0, np.abs(gaps)), 0.0, ses)
     within = complete & (gaps <= threshold * ses)
-    chosen = int(np.flatnonzero(within)[0])
+    rank = np.arange(len(s)) if complexity is None else np.asarray(complexity, dtype=np.int64)
+    if rank.shape != (len(s),):
+        raise ValueError(f"complexity must give one rank per candidate ({len(s)}), got {len(rank)}")
+    simplest = within & (rank == rank[within].min())
+    chosen = int(np.flatnonzero(simplest)[np.argmax(means[simplest])])
     return NoiseAwareChoice(
         chosen,
         best,

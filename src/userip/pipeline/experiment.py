@@ -365,8 +365,12 @@ class Experiment:
                             bar.total -= len(pruned[row]) * (len(search.seeds) - 1)
                             bar.refresh()
         table = []
+        # What is simpler: a warm start (the extended model keeps DCN unless the fields beat it on
+        # validation) over joint training. Learning rates, weight decays and dropouts are not simpler than one
+        # another: among those the best mean wins once the simpler model is settled.
+        complexity = [0 if getattr(t, "warm_start", False) else 1 for t in candidates]
         for row in rows:
-            choice = choose_simplest_within_noise(scores[row], search.se_threshold)
+            choice = choose_simplest_within_noise(scores[row], search.se_threshold, complexity)
             self.chosen[row] = candidates[choice.chosen]
             for c, trainer in enumerate(candidates):
                 ran = scores[row][c][~np.isnan(scores[row][c])]

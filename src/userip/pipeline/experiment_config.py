@@ -63,15 +63,16 @@ class TrainerSearchConfig:
     does not do that: on the synthetic default the MLP-based models sit on a plateau near AUC 0.63 at lr 1e-3
     and need a higher lr and embedding L2 to leave it, while FM-type models do not. ``grid`` maps a
     CTRTrainerConfig key to its candidate values (every combination is tried; empty turns the search off).
-    Candidates are ordered simplest first: the first key varies slowest and each key's first value is its
-    simplest (list ``warm_start: [true, false]`` first: the warm start keeps the model without profiles).
+    The first key varies slowest (list ``warm_start: [true, false]`` first: the warm start keeps the model
+    without profiles, and the first candidate is never pruned).
 
     Each row (a CTR model without profiles, with the main bank's IDs, or without VQ) gets, over ``seeds``
-    (at least 3, the same for every candidate), the simplest candidate whose mean validation AUC is within
-    ``se_threshold`` paired standard errors of the best candidate's (``evaluation.metrics.
-    choose_simplest_within_noise``). After the first seed, candidates more than ``prune_margin`` validation
-    AUC below that seed's best are dropped (the simplest never is): far beyond seed noise, they cannot
-    become the choice. The codebook-size sweeps reuse UserIP-<model>'s choice, so their curves differ only
+    (at least 3, the same for every candidate), among the candidates whose mean validation AUC is within
+    ``se_threshold`` paired standard errors of the best candidate's, the simplest model (a warm start before
+    joint training; other keys are not simpler than one another) and among those the best mean
+    (``evaluation.metrics.choose_simplest_within_noise`` with complexity ranks). After the first seed,
+    candidates more than ``prune_margin`` validation AUC below that seed's best are dropped (the first
+    candidate never is): far beyond seed noise, they cannot become the choice. The codebook-size sweeps reuse UserIP-<model>'s choice, so their curves differ only
     in the codebooks.
     """
 

@@ -146,8 +146,9 @@ def write_tables(
                 "",
                 "## Trainer settings chosen on validation AUC",
                 "",
-                f"Grid (simplest first): {grid}; validation AUC over seeds {search.seeds}. Each row keeps "
-                f"the simplest candidate within {search.se_threshold:g} paired standard errors of the best "
+                f"Grid: {grid}; validation AUC over seeds {search.seeds}. Among the candidates within "
+                f"{search.se_threshold:g} paired standard errors of the best, each row keeps the simplest "
+                "model (a warm start before joint training) and, among those, the best mean "
                 "(`gap_to_best`, `gap_se`: the chosen one's); every candidate's score is in "
                 "`trainer_search.csv`. Codebook-size sweeps use "
                 f"UserIP-{main.upper()}'s choice.",
