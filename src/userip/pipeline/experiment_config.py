@@ -72,8 +72,8 @@ class TrainerSearchConfig:
     joint training; other keys are not simpler than one another) and among those the best mean
     (``evaluation.metrics.choose_simplest_within_noise`` with complexity ranks). After the first seed,
     candidates more than ``prune_margin`` validation AUC below that seed's best are dropped (the first
-    candidate never is): far beyond seed noise, they cannot become the choice. The codebook-size sweeps reuse UserIP-<model>'s choice, so their curves differ only
-    in the codebooks.
+    candidate never is): far beyond seed noise, they cannot become the choice. The codebook-size sweeps
+    reuse UserIP-<model>'s choice, so their curves differ only in the codebooks.
     """
 
     grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
