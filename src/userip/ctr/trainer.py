@@ -152,18 +152,21 @@ class FitResult:
         return dataclasses.asdict(self)
 
 
+def embedding_table_ids(model: nn.Module) -> set[int]:
+    """``id`` of each embedding table: the model's ``embedding_parameters()`` hook (every zoo model has one),
+    else every ``nn.Embedding``'s weight."""
+    hook = getattr(model, "embedding_parameters", None)
+    tables = hook() if callable(hook) else [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    return {id(p) for p in tables}
+
+
 def parameter_groups(
     model: nn.Module, weight_decay: float, embedding_weight_decay: float
 ) -> list[dict[str, Any]]:
-    """Split parameters into embedding tables and the rest, so each gets its own weight decay.
-
-    Uses the model's ``embedding_parameters()`` hook (every zoo model has one), else any ``nn.Embedding``.
-    """
+    """Split parameters into embedding tables and the rest, so each gets its own weight decay."""
     if isinstance(model, DistributedDataParallel):  # the hook lives on the wrapped model
         model = model.module
-    hook = getattr(model, "embedding_parameters", None)
-    tables = hook() if callable(hook) else [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    embedding_ids = {id(p) for p in tables}
+    embedding_ids = embedding_table_ids(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if id(p) in embedding_ids], "weight_decay": embedding_weight_decay},
@@ -198,7 +201,7 @@ def build_optimizer(model: nn.Module, config: CTRTrainerConfig) -> torch.optim.O
     groups = parameter_groups(model, config.weight_decay, config.embedding_weight_decay)
     if not config.sparse_embeddings:
         return torch.optim.Adam(groups, lr=config.lr)
-    tables = {id(p) for p in groups[0]["params"]} if len(groups) == 2 else set()
+    tables = embedding_table_ids(model)
     sparse = []
     for module in model.modules():
         if isinstance(module, nn.Embedding) and id(module.weight) in tables and module.weight.requires_grad:

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from userip.data.schema import Dataset
 from userip.evaluation.tables import markdown_table
-from userip.utils.threads import requested_threads, threads_for_work
+from userip.utils.threads import choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,7 @@ def probe_auc(
         return float("nan")
     outer = StratifiedKFold(folds, shuffle=True, random_state=seed)
     # BLAS threads by the project's rule (userip.utils.threads): an L-BFGS iteration is ~4 x N x D FLOPs.
-    # requested_threads() is the user's override; a single pass over a small matrix stays on one thread.
-    threads = requested_threads() or threads_for_work(4.0 * x.shape[0] * x.shape[1])
+    threads, _ = choose_threads(None, 4.0 * x.shape[0] * x.shape[1])
     with threadpool_limits(limits=threads):
         scores = cross_val_predict(
             _probe_model(sp.issparse(x), C, seed), x, y, cv=outer, method="predict_proba"

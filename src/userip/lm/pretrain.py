@@ -98,7 +98,8 @@ def pretrain_model(
     """Train ``model`` in place with AdamW + warmup/cosine on the examples; returns the loss record."""
     if not prompt_examples and not plain_examples:
         raise ConfigError("offline LM pre-training: no training examples (empty training split?)")
-    longest = max(len(e) for e in [*prompt_examples, *plain_examples])
+    lengths = [len(e) for e in [*prompt_examples, *plain_examples]]
+    longest = max(lengths)
     if longest > config.max_length:
         raise ConfigError(
             f"OfflineLMConfig.max_length ({config.max_length}) is shorter than the longest pre-training "
@@ -113,8 +114,9 @@ def pretrain_model(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    mean_length = float(np.mean([len(e) for e in [*prompt_examples, *plain_examples]]))
-    flops_per_step = 6.0 * sum(p.numel() for p in model.parameters()) * mean_length * config.batch_size
+    flops_per_step = (
+        6.0 * sum(p.numel() for p in model.parameters()) * float(np.mean(lengths)) * config.batch_size
+    )
     set_intra_op_threads(None, flops_per_step, "offline LM pre-training")
     model.train()
     optimizer = torch.optim.AdamW(

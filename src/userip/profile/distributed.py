@@ -662,7 +662,12 @@ def write_rank_outputs(
     stage record and the report. ``shard``: this rank's examples, local row ids. Returns the
     ``ProfileStageResult`` on rank 0, None elsewhere."""
     from userip.profile.recipe import MANIFEST_FILE, SOFT_TOKENS_FILE
-    from userip.profile.stage import ProfileStageResult, finish_stage
+    from userip.profile.stage import (
+        ProfileStageResult,
+        finish_stage,
+        write_bank_report,
+        write_stage_record,
+    )
     from userip.utils.io import run_relative
 
     layout = RunLayout(run_dir)
@@ -733,15 +738,8 @@ def write_rank_outputs(
     if ctx.is_main:
         assert report is not None
         # what finish_stage records, with the bank already written by every rank
-        atomic_write_json(
-            layout.stage_config,
-            {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
-        )
-        report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
-        report["lm_loss_history"] = result.loss_history
-        report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
-        report["world_size"] = ctx.world_size
-        atomic_write_json(layout.bank_report, report)
+        write_stage_record(run_dir, config, lm_path)
+        write_bank_report(run_dir, report, result, ctx.world_size)
         # rank 0's part (the version's manifest): loading every user here would undo the sharding
         out = ProfileStageResult(part, report, lm_path, report["final_lm_loss"], result.steps)
     barrier(ctx)  # nobody exits (and tears the group down) before the bank is written

@@ -239,11 +239,7 @@ def finish_stage(
     bank_config = to_dict(config)
     if world_size is not None:
         bank_config["distributed"] = {"world_size": world_size}
-    recorded_lm = run_relative(lm_path, run_dir)  # a copied run must use its own LM, never the original's
-    atomic_write_json(
-        layout.stage_config,
-        {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
-    )
+    recorded_lm = write_stage_record(run_dir, config, lm_path)
     bank, report = write_bank(
         layout.bank,
         dataset,
@@ -254,14 +250,32 @@ def finish_stage(
         template=template,
         config=bank_config,
     )
+    write_bank_report(run_dir, report, result, world_size)
+    return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
+
+
+def write_stage_record(run_dir: Path, config: ProfileStageConfig, lm_path: str) -> str:
+    """``RUN/profile/stage_config.json`` of a finished stage; returns the LM path as recorded (relative to the
+    run: a copied run must use its own LM, never the original's)."""
+    recorded_lm = run_relative(lm_path, run_dir)
+    atomic_write_json(
+        RunLayout(run_dir).stage_config,
+        {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
+    )
+    return recorded_lm
+
+
+def write_bank_report(
+    run_dir: Path, report: dict[str, Any], result: TrainResult, world_size: int | None = None
+) -> None:
+    """The bank's ``report.json``: ``report`` (code usage, recovery) plus this call's training (a resumed run
+    counts only its own steps) and, for a distributed run, its number of ranks."""
     report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
     report["lm_loss_history"] = result.loss_history
-    # this call's training (a resumed run counts only its own steps)
     report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
     if world_size is not None:
         report["world_size"] = world_size
-    atomic_write_json(layout.bank_report, report)
-    return ProfileStageResult(bank, report, lm_path, report["final_lm_loss"], result.steps)
+    atomic_write_json(RunLayout(run_dir).bank_report, report)
 
 
 def read_stage_config(run_dir: str | Path) -> tuple[dict[str, Any], ProfileStageConfig]:

@@ -350,7 +350,7 @@ class ProfileTrainer:
         # One leaf for every row of the step: gradients of repeated users (review mode, accumulation) add up.
         row_ids, inverse = np.unique(np.concatenate(batch_users), return_inverse=True)  # sorted (R,)
         rows = model.gather_rows(torch.from_numpy(row_ids)).requires_grad_(True)  # (R, S, D) fp32, LM device
-        inverse_on_device = _to_device(inverse, device)
+        inverse_on_device = host_to_device(inverse, device, np.int64)
         losses, aux_metrics, start = [], {}, 0
         for batch, users in zip(batches, batch_users):
             rows_of_batch = rows[inverse_on_device[start : start + len(users)]]
@@ -361,7 +361,7 @@ class ProfileTrainer:
             if self.aux is not None:
                 unique_users = np.unique(users)
                 embeds = model.profile_embeds_from(
-                    rows[_to_device(np.searchsorted(row_ids, unique_users), device)]
+                    rows[host_to_device(np.searchsorted(row_ids, unique_users), device, np.int64)]
                 )
                 # host ids: the objective samples each user's interactions on the host, no copy back
                 aux_loss, aux_metrics = self.aux(unique_users, embeds)
@@ -490,8 +490,3 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
         stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in tensors.values()])
         values = dict(zip(tensors, stacked.cpu().tolist()))
     return {k: values[k] if k in values else float(v) for k, v in metrics.items()}
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host int64 array on ``device`` without waiting for it (``host_to_device``)."""
-    return host_to_device(array, device, np.int64)

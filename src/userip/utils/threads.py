@@ -81,15 +81,20 @@ def requested_threads() -> int | None:
     return int(value)
 
 
+def choose_threads(requested: int | None, flops_per_step: float) -> tuple[int, str]:
+    """The thread count of a stage and why: ``requested``, else the override, else the rule."""
+    chosen = requested or requested_threads()
+    if chosen is not None:
+        return chosen, "requested"
+    why = f"{flops_per_step / 1e9:.3g} GFLOP per step, {usable_cpus()} usable CPUs"
+    return threads_for_work(flops_per_step), why
+
+
 def set_intra_op_threads(requested: int | None, flops_per_step: float, stage: str) -> int:
-    """Set torch's intra-op threads for ``stage``: ``requested``, else the override, else the rule; logged."""
+    """Set torch's intra-op threads for ``stage`` (``choose_threads``); logged."""
     import torch
 
-    chosen = requested or requested_threads()
-    why = "requested"
-    if chosen is None:
-        chosen = threads_for_work(flops_per_step)
-        why = f"{flops_per_step / 1e9:.3g} GFLOP per step, {usable_cpus()} usable CPUs"
+    chosen, why = choose_threads(requested, flops_per_step)
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
     log.info("%s: %d intra-op thread(s) (%s)", stage, chosen, why)
