@@ -32,6 +32,16 @@ def test_terminal_line_rule():
     assert terminal_lines("a\nb") == 2
 
 
+def assert_quiet_terminal(out: str, err: str, bars: tuple[str, ...]) -> None:
+    """A short terminal: fewer than MAX_TERMINAL_LINES lines, each stage's bar, no INFO record (the details
+    are in the log file)."""
+    seen = terminal_lines(out) + terminal_lines(err)
+    assert seen < MAX_TERMINAL_LINES, f"{seen} lines on the terminal:\n{out}{err}"
+    assert " INFO " not in out + err
+    for bar in bars:
+        assert bar in err, f"no {bar!r} progress bar"
+
+
 def test_run_prints_bars_and_summary_and_logs_every_epoch(tmp_path, capfd):
     config = {
         **TINY,
@@ -45,11 +55,7 @@ def test_run_prints_bars_and_summary_and_logs_every_epoch(tmp_path, capfd):
     assert main(["run", "--config", str(path), "--run-dir", str(run_dir)]) == 0
 
     out, err = capfd.readouterr()
-    seen = terminal_lines(out) + terminal_lines(err)
-    assert seen < MAX_TERMINAL_LINES, f"{seen} lines on the terminal:\n{out}{err}"
-    assert " INFO " not in out + err  # the details are in the log file, not on the terminal
-    for bar in ("prepare synthetic", "offline LM pre-training", "profile", "ctr"):
-        assert bar in err, f"no {bar!r} progress bar"
+    assert_quiet_terminal(out, err, ("prepare synthetic", "offline LM pre-training", "profile", "ctr"))
     assert "| UserIP-DCN |" in out and str(run_dir / LOG_FILE) in out
 
     log = (run_dir / LOG_FILE).read_text()
@@ -78,11 +84,9 @@ def test_experiment_prints_bars_and_tables_and_logs_every_epoch(tmp_path, capfd,
     assert main(["experiment", "--config", str(path), "--out-dir", str(out_dir)]) == 0
 
     out, err = capfd.readouterr()
-    seen = terminal_lines(out) + terminal_lines(err)
-    assert seen < MAX_TERMINAL_LINES, f"{seen} lines on the terminal:\n{out}{err}"
-    assert " INFO " not in out + err
-    for bar in ("prepare synthetic", "offline LM pre-training", "profile", "experiment cells"):
-        assert bar in err, f"no {bar!r} progress bar"
+    assert_quiet_terminal(
+        out, err, ("prepare synthetic", "offline LM pre-training", "profile", "experiment cells")
+    )
     assert "| UserIP-DCN |" in out and str(out_dir / EXPERIMENT_LOG) in out
     log = (out_dir / EXPERIMENT_LOG).read_text()
     assert len(EPOCH_LINE.findall(log)) == 2 * 2  # DCN and UserIP-DCN, 2 epochs each
