@@ -9,8 +9,11 @@
 With ``trainer_search`` set, each row of the tables (a CTR model with or without profile IDs) first gets its
 own trainer settings, chosen on validation AUC over a small grid and at least 3 seeds, keeping the simplest
 setting unless a richer one is better beyond noise (``TrainerSearchConfig``; the test split is never
-consulted); the seeds then run with the chosen settings. Every row's Logloss is calibrated on validation
-(``userip.ctr.calibration``); the raw one is kept as ``logloss_raw``.
+consulted); the seeds then run with the chosen settings. With ``profile_search`` set, the profile setting is
+chosen the same way first (``ProfileSearchConfig``): every candidate setting gets its own cached profile stage
+(``Experiment.profile_stage``: ``RUN/profiles/<name>-<digest>``, sharing ``RUN/data`` and the keyed offline LM
+in ``RUN/lm``), scored by UserIP-<model>'s validation AUC, and the chosen one is the main bank. Every row's
+Logloss is calibrated on validation (``userip.ctr.calibration``); the raw one is kept as ``logloss_raw``.
 
 Every (table, model, variant, seed) cell is a JSON file under ``OUT/cells/`` holding the key it was computed
 under (trainer, model and profile configs, dataset and bank identity, the LLM baseline's section); a rerun
@@ -19,7 +22,8 @@ reuses a cell only when that key is the one asked now and its metrics are valid 
 cell is recomputed. Soft tokens are inferred once (``userip profile``); the ablation and the codebook sweeps
 re-train only the quantization module (codebooks + surrogate, eq. 5) on those fixed profiles: with the
 paper's lambda = 0.001 the LM term dominates the soft tokens' updates anyway, and re-running the frozen LLM
-for each of ~10 codebook settings would multiply the cost for no change in method.
+for each of ~10 codebook settings would multiply the cost for no change in method. ``codebook_sweep: retrain``
+(or ``both``: two curves) runs the whole profile stage per size instead, each cached like a search candidate.
 
 This module runs the cells; the config is ``experiment_config``, the tables and diagnostics
 ``experiment_report``, the re-quantization ``userip.profile.requantize``.
@@ -61,7 +65,7 @@ from userip.pipeline.experiment_config import (
     sweep_suffixes,
 )
 from userip.pipeline.experiment_report import row_name, write_diagnostics, write_tables
-from userip.pipeline.run import finished_profile_stage, profile_stage
+from userip.pipeline.run import finished_profile_stage, reuse_or_run_profile_stage
 from userip.profile.requantize import requantize
 from userip.profile.stage import ProfileStageConfig, add_new_users, reopen_profile
 from userip.prompts.template import HistoryFeedback
@@ -127,7 +131,9 @@ class Experiment:
     write no tables, so that rows can be farmed out to other processes or machines (a GPU for the LLM
     baselines) whose ``OUT/cells`` are then copied into one folder; a run without ``rows`` reuses them and
     writes the tables. ``finished_only``: compute nothing, table the cells that exist (a row short of seeds
-    gets a ``seeds`` column entry and its p-value pairs only the seeds it has)."""
+    gets a ``seeds`` column entry and its p-value pairs only the seeds it has). With ``profile_search``
+    every process (rows or not) first makes the same choice: its stages and cells are reused from ``RUN`` and
+    ``OUT/cells`` when they are there (copy them along when farming rows out), else computed."""
 
     def __init__(
         self, config: ExperimentConfig, rows: list[str] | None = None, finished_only: bool = False
@@ -145,6 +151,7 @@ class Experiment:
         self.search_results: pd.DataFrame | None = None
         self.profile_search_results: pd.DataFrame | None = None
         self._stages: dict[str, ProfileStage] = {}  # key_digest of a profile setting -> its stage
+        self._unfinished: set[str] = set()  # settings whose stage a look-up (compute=False) found unfinished
         self._text_lms: dict[tuple[str, str], Any] = {}  # (dtype, device) -> the LLM baselines' TextLM
         self._finished: dict[Path, dict[str, Any] | None] = {}  # cell file -> its valid record (or None)
 
@@ -246,12 +253,15 @@ class Experiment:
         if compute:
             if run_dir != self.run_dir:
                 self._link_shared(run_dir)
-            bank, report = profile_stage(profile, run_dir, self.dataset)
+            bank, report = reuse_or_run_profile_stage(profile, run_dir, self.dataset)
             if known_rows is not None:
                 bank = self._add_new_users(bank, known_rows, run_dir)
         else:
+            if digest in self._unfinished:
+                return None
             found = finished_profile_stage(profile, run_dir, self.dataset)
             if found is None or (known_rows is not None and _num_pending(found[0], known_rows)):
+                self._unfinished.add(digest)
                 return None
             bank, report = found
         self._stages[digest] = ProfileStage(profile, run_dir, bank, report)
@@ -260,17 +270,18 @@ class Experiment:
     def _link_shared(self, stage_dir: Path) -> None:
         """``stage_dir/data`` and ``stage_dir/lm`` as relative links to RUN's: one prepared dataset and one
         keyed LM cache for every setting (a moved RUN keeps them)."""
-        for name in ("data", "lm"):
-            target = RunLayout(self.run_dir).root / name
-            link = RunLayout(stage_dir).root / name
-            target.mkdir(parents=True, exist_ok=True)
+        shared, own = RunLayout(self.run_dir), RunLayout(stage_dir)
+        shared.lm.mkdir(parents=True, exist_ok=True)  # the first setting may be the first to need an LM
+        for target, link in ((shared.data, own.data), (shared.lm, own.lm)):
             relative = os.path.relpath(target, link.parent)
             if link.is_symlink() and os.readlink(link) == relative:
                 continue
             if link.is_symlink():
                 link.unlink()
             elif link.exists():
-                raise ConfigError(f"{link}: expected a link to the experiment's {target}, found a folder")
+                raise ConfigError(
+                    f"{link}: expected a link to the experiment's {target}, found a file or folder"
+                )
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(relative, target_is_directory=True)
 
@@ -749,9 +760,8 @@ class Experiment:
         for cell in tqdm(cells, desc="experiment cells", unit="cell"):
             records.append(self.run_cell(cell, self.trainer_for(cell)))
         # The config is written once its cells are: an experiment that fails leaves the earlier one in place.
-        atomic_write_json(
-            self.out / "config.json", to_dict(self.requested)
-        )  # as asked (the choice: OUT/profile_search.csv)
+        # As asked: a profile search's choice is in OUT/profile_search.csv.
+        atomic_write_json(self.out / "config.json", to_dict(self.requested))
         if self.rows is not None:  # a share of the cells: the run without rows writes the tables
             return {
                 "cells": records,

@@ -129,10 +129,10 @@ def _data_key(data_dir: Path) -> dict[str, Any]:
 def stage_profile(
     config: PipelineConfig, run_dir: Path, dataset: Dataset
 ) -> tuple[FeatureBank, dict[str, Any]]:
-    return profile_stage(config.profile, run_dir, dataset)
+    return reuse_or_run_profile_stage(config.profile, run_dir, dataset)
 
 
-def profile_stage(
+def reuse_or_run_profile_stage(
     profile: ProfileStageConfig, run_dir: Path, dataset: Dataset
 ) -> tuple[FeatureBank, dict[str, Any]]:
     """The profile stage of ``profile`` in ``run_dir`` (which holds or links ``data``): its bank and report,
@@ -155,14 +155,14 @@ def finished_profile_stage(
     if not bank_manifest.exists():
         return None
     if _recorded_profile_config(layout.stage_config) != canonical(to_dict(profile)):
-        log.info("profile: the stage config changed since %s was written; rebuilding", layout.bank)
+        log.info("profile: %s was written for another stage config; not reused", layout.bank)
         return None
     try:
         bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
         report = read_json(bank_manifest)
         check_record(report, bank_manifest, {"profiles": dict})
     except Exception as e:  # a stale or broken bank is rebuilt, not trusted
-        log.warning("profile: existing bank unusable (%s); rebuilding", e)
+        log.warning("profile: existing bank %s unusable (%s); not reused", layout.bank, e)
         return None
     log.info("profile: reusing bank %s", bank.version)
     return bank, report
