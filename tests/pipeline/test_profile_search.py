@@ -158,6 +158,12 @@ def test_rerun_reuses_every_stage_and_cell(searched):
     assert len([p for p in before if p.name == "report.json"]) == 3  # RUN, loss_weight=0.1, hobby6
     _run(config)
     assert _mtimes(config) == before
+    # The retrained sweep is a row like any other: it can be farmed out alone (and is reused here).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Experiment, "diagnostics", lambda self: None)
+        share = run_experiment(config, rows=["hobby6_retrain"])
+    assert [(c["variant"], c["seed"]) for c in share["cells"]] == [("hobby6_retrain", 0)]
+    assert _mtimes(config) == before
 
 
 def test_a_changed_setting_gets_its_stage_and_a_changed_record_is_retrained(searched):

@@ -95,9 +95,6 @@ __all__ = [  # the config and report names live in experiment_config / experimen
 log = logging.getLogger(__name__)
 
 NEW_USERS_FILE = "new_users.parquet"  # cold_start: the cold users' known rows, as a --new-users file
-# RUN/profiles/<name>-<digest of the setting>: the profile stage of each setting other than the experiment's
-# own (profile search candidates, retrained codebook sizes); each links RUN/data and RUN/lm.
-PROFILES_DIR = "profiles"
 RETRAIN_SUFFIX = "_retrain"  # a codebook-size variant whose whole profile stage ran at that size
 
 
@@ -234,7 +231,7 @@ class Experiment:
         if canonical(to_dict(profile)) == canonical(to_dict(self.requested.profile)):
             return self.run_dir
         safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")[:60] or "setting"
-        return self.run_dir / PROFILES_DIR / f"{safe}-{key_digest(to_dict(profile))}"
+        return RunLayout(self.run_dir).profiles / f"{safe}-{key_digest(to_dict(profile))}"
 
     def profile_stage(
         self, profile: ProfileStageConfig, name: str, compute: bool = True
