@@ -20,6 +20,7 @@ from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.preprocess import PrepareConfig, SplitMode
 from userip.data.protocols import Protocol, ProtocolConfig
 from userip.pipeline.run import PipelineConfig
+from userip.profile.stage import _NOT_IDENTITY as TRAIN_KEYS_WITHOUT_NUMBERS
 from userip.profile.stage import ProfileStageConfig
 from userip.utils.artifacts import key_digest
 from userip.utils.config import ConfigError, check_fields, choice, to_dict
@@ -93,9 +94,6 @@ class TrainerSearchConfig:
             raise ConfigError(
                 f"trainer_search.grid: unknown key(s) {bad}; accepted: {list(SEARCHABLE_TRAINER_KEYS)}"
             )
-        for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"trainer_search.grid.{key}: expected a non-empty list, got {values!r}")
         _check_search_rule(self, "trainer_search")
 
     def candidates(self, base: CTRTrainerConfig) -> list[CTRTrainerConfig]:
@@ -111,7 +109,11 @@ class TrainerSearchConfig:
 
 
 def _check_search_rule(search: TrainerSearchConfig | ProfileSearchConfig, where: str) -> None:
-    """The checks both searches share: >= ``MIN_SEARCH_SEEDS`` seeds when a grid is set, the thresholds."""
+    """The checks both searches share: non-empty value lists, >= ``MIN_SEARCH_SEEDS`` seeds when a grid is
+    set, the thresholds."""
+    for key, values in search.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.grid.{key}: expected a non-empty list, got {values!r}")
     if search.grid and len(set(search.seeds)) < MIN_SEARCH_SEEDS:
         raise ConfigError(
             f"{where}.seeds: at least {MIN_SEARCH_SEEDS} distinct seeds are required to tell a "
@@ -122,8 +124,8 @@ def _check_search_rule(search: TrainerSearchConfig | ProfileSearchConfig, where:
         check_fields(search, nonnegative_numbers=("prune_margin",), where=where)
 
 
-# Profile-config leaves a profile search may not vary: they change no number (train.progress, log_every).
-_NOT_SEARCHABLE_PROFILE_KEYS = ("train.progress", "train.log_every")
+# Profile-config leaves a profile search may not vary: the train settings that change no number.
+_NOT_SEARCHABLE_PROFILE_KEYS = tuple(f"train.{key}" for key in TRAIN_KEYS_WITHOUT_NUMBERS)
 PROFILE_SEARCH_EXAMPLES = (
     "prompt.history_feedback",
     "quantization.loss_weight",
@@ -158,12 +160,10 @@ class ProfileSearchConfig:
     prune_margin: float | None = 0.01  # as in TrainerSearchConfig
 
     def __post_init__(self) -> None:
-        for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"profile_search.grid.{key}: expected a non-empty list, got {values!r}")
-            if len({key_digest(v) for v in values}) != len(values):
-                raise ConfigError(f"profile_search.grid.{key}: repeated values in {values!r}")
         _check_search_rule(self, "profile_search")
+        for key, values in self.grid.items():
+            if len({key_digest(v) for v in values}) != len(values):  # two candidates would be one stage
+                raise ConfigError(f"profile_search.grid.{key}: repeated values in {values!r}")
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of the grid, the first key varying slowest (the first point is the simplest)."""
