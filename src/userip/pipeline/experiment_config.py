@@ -272,6 +272,7 @@ class ExperimentConfig:
     model_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     trainer: CTRTrainerConfig = dataclasses.field(default_factory=CTRTrainerConfig)
     trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
+    # The profile setting chosen on validation before the trainer search (empty grid: ``profile`` as is).
     profile_search: ProfileSearchConfig = dataclasses.field(default_factory=ProfileSearchConfig)
     codebook_sweep: CodebookSweep = CodebookSweep.REQUANTIZE  # Figures 5-6, see CodebookSweep
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
