@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from userip.codebook import CodebookError, MultiProfileQuantizer, ProfileQuantizer, QuantizationConfig
+from userip.codebook import (
+    CodebookError,
+    MultiProfileQuantizer,
+    ProfileQuantizer,
+    QuantizationConfig,
+    quantizer,
+)
 from userip.codebook.quantizer import column_logsumexp, floor_sinkhorn_offsets, kth_smallest, local_rows
 from userip.utils.config import ConfigError
 
@@ -175,7 +181,7 @@ def _reference_sinkhorn(cost: torch.Tensor, floor: int, iters_per_eps: int = 60)
     return g * scale
 
 
-def test_floor_sinkhorn_offsets_equal_the_plain_iterations():
+def test_floor_sinkhorn_offsets_equal_the_plain_iterations(monkeypatch):
     points = _skewed()
     q = _skewed_quantizer(points)
     cost = q._scores(points).double()
@@ -183,4 +189,8 @@ def test_floor_sinkhorn_offsets_equal_the_plain_iterations():
     assert got.any()
     torch.testing.assert_close(got, _reference_sinkhorn(cost, 50), rtol=1e-9, atol=1e-12)
     x = torch.randn(30, 4, dtype=torch.float64)
-    torch.testing.assert_close(column_logsumexp(x, local_rows), torch.logsumexp(x, 0), rtol=1e-12, atol=0)
+    streamed = column_logsumexp([x[:7], x[7:7], 3.0 + x[7:20], x[20:]], 4, local_rows)
+    torch.testing.assert_close(streamed, torch.logsumexp(torch.cat([x[:7], 3.0 + x[7:20], x[20:]]), 0))
+    # rows in several blocks (one short): the same offsets as in one block
+    monkeypatch.setattr(quantizer, "SINKHORN_BLOCK", 300)
+    torch.testing.assert_close(floor_sinkhorn_offsets(cost, 50), got, rtol=1e-9, atol=1e-12)

@@ -65,7 +65,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -395,11 +395,27 @@ def _max_or_zero(t: torch.Tensor) -> torch.Tensor:
     return t.amax().reshape(1) if t.numel() else t.new_zeros(1)
 
 
-def column_logsumexp(x: torch.Tensor, reduce: RowReduce) -> torch.Tensor:
-    """(K,) log-sum-exp over the rows of ``x`` (N, K) of every process (``torch.logsumexp(x, 0)`` for one)."""
-    top = x.amax(0) if x.shape[0] else x.new_full(x.shape[1:], -math.inf)
-    top = reduce(top, "max")
-    return top + torch.log(reduce(torch.exp(x - top).sum(0), "sum"))
+def column_logsumexp(blocks: Iterable[torch.Tensor], num_cols: int, reduce: RowReduce) -> torch.Tensor:
+    """(K,) log-sum-exp over the rows of every block (n_b, K) of every process: ``torch.logsumexp(x, 0)`` of
+    their concatenation, streamed (a running maximum and a sum rescaled to it), so no (N, K) copy is made."""
+    top = total = None
+    for x in blocks:
+        if not x.shape[0]:
+            continue
+        m = x.amax(0)
+        if top is None:
+            top, total = m, torch.exp(x - m).sum(0)
+        else:
+            new = torch.maximum(top, m)
+            total = total * torch.exp(top - new) + torch.exp(x - new).sum(0)
+            top = new
+    if top is None or total is None:  # no row here
+        top, total = (
+            torch.full((num_cols,), -math.inf, dtype=torch.float64),
+            torch.zeros(num_cols, dtype=torch.float64),
+        )
+    overall = reduce(top, "max")
+    return overall + torch.log(reduce(total * torch.exp(top - overall), "sum"))
 
 
 def kth_smallest(values: torch.Tensor, k: int, reduce: RowReduce) -> float:
@@ -437,19 +453,28 @@ def floor_sinkhorn_offsets(
     scale = float(total[0] / total[1])
     if not scale > 0.0:
         return torch.zeros(cost.shape[1], dtype=cost.dtype, device=cost.device)
-    c = c / scale
-    g = torch.zeros(cost.shape[1], dtype=cost.dtype, device=cost.device)
+    c /= scale
+    num_rows, num_codes = c.shape
+    g = torch.zeros(num_codes, dtype=cost.dtype, device=cost.device)
+    f = torch.empty(num_rows, dtype=cost.dtype, device=cost.device)
     log_floor = math.log(floor)
+    # rows in blocks of SINKHORN_BLOCK: an iteration's (rows, K) temporaries stay one block's
+    spans = [(a, min(a + SINKHORN_BLOCK, num_rows)) for a in range(0, num_rows, SINKHORN_BLOCK)]
     for eps in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001):
         for _ in range(iters_per_eps):
-            f = -eps * torch.logsumexp((g - c) / eps, dim=1)  # (N,) every point's mass is 1
-            g_new = (eps * log_floor - eps * column_logsumexp((f[:, None] - c) / eps, reduce)).clamp(min=0.0)
+            for a, b in spans:  # every point's mass is 1
+                f[a:b] = -eps * torch.logsumexp((g - c[a:b]) / eps, dim=1)
+            columns = column_logsumexp(((f[a:b, None] - c[a:b]) / eps for a, b in spans), num_codes, reduce)
+            g_new = (eps * log_floor - eps * columns).clamp(min=0.0)
             # a maximum is exact in any order: every process stops at the same iteration
             done = float(reduce((g_new - g).abs().amax().reshape(1), "max")) < 1e-9
             g = g_new
             if done:
                 break
     return g * scale
+
+
+SINKHORN_BLOCK = 65536  # rows per block of floor_sinkhorn_offsets' iterations
 
 
 class MultiProfileQuantizer(nn.Module):
