@@ -19,7 +19,9 @@ jobs, 2 ranks share the same 2 cores: the number shows the overhead of DDP/gloo 
 reviews), and every rank starts as the stage does (``load_rank_data``: per-user example counts read one row
 group at a time, its users' row groups only, its users' targets tokenized), trains, and writes its part of
 the bank (``write_rank_bank``); peak RSS then covers start-up and the bank step, and the Redis part publishes
-the largest size's multi-part bank (its user count replaces ``--redis-users``).
+the largest size's multi-part bank (its user count replaces ``--redis-users``). ``truth_hints_mb``: the
+rank's rows of the truth and hints tables, held but not counted in ``shard_mb`` ("beyond the shard" includes
+them).
 
 Redis part: a bank of ``--redis-users`` users (2 profiles) published with ``publish_bank`` (pipelined HSET
 chunks) into a private redis-server: load time, Redis ``used_memory``, p50/p99 latency of single-user
@@ -177,7 +179,11 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
         + (0 if sampler is None else sampler.item_ids.nbytes + sampler.labels.nbytes)
     )  # fmt: skip
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the rank's rows of the other per-user tables (held, not counted in shard_mb above)
+    tables = [t for t in (data.shard.truth, data.shard.hints) if t is not None]
+    tables_mb = sum(int(t.memory_usage(deep=True).sum()) for t in tables) / 2**20
     record = {
+        "truth_hints_mb": tables_mb,
         "rank": ctx.rank, "world": ctx.world_size, "users": args.users, "steps": args.steps,
         "seconds": seconds, "users_per_s": args.steps * args.batch_size / seconds, "peak_rss_mb": peak_mb,
         "shard_mb": shard_bytes / 2**20, "beyond_shard_mb": peak_mb - shard_bytes / 2**20,
@@ -355,6 +361,7 @@ def main() -> None:
                 tag = f"{u // 1000}k" if u < 10**6 else f"{u // 10**6}m"
                 result[f"startup_s_{tag}"] = max(r["startup_s"] for r in two[u])
                 result[f"bank_s_{tag}"] = max(r["bank_s"] for r in two[u])
+                result[f"truth_hints_mb_{tag}"] = max(r["truth_hints_mb"] for r in two[u])
         result["users_per_s_2rank"] = two[sizes[0]][0]["users_per_s"]
         result["s_per_user_2rank"] = 1 / result["users_per_s_2rank"]
         if args.redis_users > 0:
