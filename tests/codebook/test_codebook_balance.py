@@ -189,7 +189,7 @@ def test_floor_sinkhorn_offsets_equal_the_plain_iterations(monkeypatch):
     assert got.any()
     torch.testing.assert_close(got, _reference_sinkhorn(cost, 50), rtol=1e-9, atol=1e-12)
     x = torch.randn(30, 4, dtype=torch.float64)
-    streamed = column_logsumexp([x[:7], x[7:7], 3.0 + x[7:20], x[20:]], 4, local_rows)
+    streamed = column_logsumexp([x[:7], x[7:7], 3.0 + x[7:20], x[20:]], x[0], local_rows)
     torch.testing.assert_close(streamed, torch.logsumexp(torch.cat([x[:7], 3.0 + x[7:20], x[20:]]), 0))
     # rows in several blocks (one short): the same offsets as in one block
     monkeypatch.setattr(quantizer, "SINKHORN_BLOCK", 300)

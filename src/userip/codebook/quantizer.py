@@ -395,9 +395,10 @@ def _max_or_zero(t: torch.Tensor) -> torch.Tensor:
     return t.amax().reshape(1) if t.numel() else t.new_zeros(1)
 
 
-def column_logsumexp(blocks: Iterable[torch.Tensor], num_cols: int, reduce: RowReduce) -> torch.Tensor:
+def column_logsumexp(blocks: Iterable[torch.Tensor], like: torch.Tensor, reduce: RowReduce) -> torch.Tensor:
     """(K,) log-sum-exp over the rows of every block (n_b, K) of every process: ``torch.logsumexp(x, 0)`` of
-    their concatenation, streamed (a running maximum and a sum rescaled to it), so no (N, K) copy is made."""
+    their concatenation, streamed (a running maximum and a sum rescaled to it), so no (N, K) copy is made.
+    ``like``: a (K,) tensor of the result's dtype and device (for a process without rows)."""
     top = total = None
     for x in blocks:
         if not x.shape[0]:
@@ -410,10 +411,7 @@ def column_logsumexp(blocks: Iterable[torch.Tensor], num_cols: int, reduce: RowR
             total = total * torch.exp(top - new) + torch.exp(x - new).sum(0)
             top = new
     if top is None or total is None:  # no row here
-        top, total = (
-            torch.full((num_cols,), -math.inf, dtype=torch.float64),
-            torch.zeros(num_cols, dtype=torch.float64),
-        )
+        top, total = torch.full_like(like, -math.inf), torch.zeros_like(like)
     overall = reduce(top, "max")
     return overall + torch.log(reduce(total * torch.exp(top - overall), "sum"))
 
@@ -464,7 +462,7 @@ def floor_sinkhorn_offsets(
         for _ in range(iters_per_eps):
             for a, b in spans:  # every point's mass is 1
                 f[a:b] = -eps * torch.logsumexp((g - c[a:b]) / eps, dim=1)
-            columns = column_logsumexp(((f[a:b, None] - c[a:b]) / eps for a, b in spans), num_codes, reduce)
+            columns = column_logsumexp(((f[a:b, None] - c[a:b]) / eps for a, b in spans), g, reduce)
             g_new = (eps * log_floor - eps * columns).clamp(min=0.0)
             # a maximum is exact in any order: every process stops at the same iteration
             done = float(reduce((g_new - g).abs().amax().reshape(1), "max")) < 1e-9
