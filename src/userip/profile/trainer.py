@@ -205,6 +205,25 @@ class ProfileTrainer:
         # Step losses not read yet (device tensors, or floats from a subclass): ``_read_losses``.
         self._unread_losses: list[torch.Tensor | float] = []
         self._ema: float | None = None
+        self._plan: tuple[int, list[np.ndarray]] | None = None  # (epoch, its batches): _epoch_batches
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """``plan_batches`` of ``epoch``, planned once per epoch (not once per step: the plan permutes every
+        example of the shard)."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = None  # the previous epoch's plan goes before the next is built
+            cfg = self.config
+            plan = plan_batches(
+                self.lengths,
+                cfg.batch_size,
+                cfg.seed,
+                epoch,
+                cfg.bucket_by_length,
+                cfg.bucket_window,
+                self.batches_per_epoch,
+            )
+            self._plan = (epoch, plan)
+        return self._plan[1]
 
     # ------------------------------------------------------------------ training
     def train(self, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
@@ -230,15 +249,7 @@ class ProfileTrainer:
             while self.state.step < self.total_steps and not self.state.stopped_early:
                 if stop_after_steps is not None and self.state.step >= stop_after_steps:
                     break
-                batches = plan_batches(
-                    self.lengths,
-                    cfg.batch_size,
-                    cfg.seed,
-                    self.state.epoch,
-                    cfg.bucket_by_length,
-                    cfg.bucket_window,
-                    self.batches_per_epoch,
-                )
+                batches = self._epoch_batches(self.state.epoch)
                 k = self.state.step_in_epoch
                 group = batches[k * cfg.grad_accum_steps : (k + 1) * cfg.grad_accum_steps]
                 if not group:  # epoch finished
