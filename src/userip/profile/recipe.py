@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,16 +28,13 @@ from userip.profile.model import (
     initial_soft_token_table,
     resolve_value_words,
 )
-from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, TrainResult
-from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, TrainingExamples, TrainResult
+from userip.prompts import PromptBuilder, PromptConfig, build_examples
 from userip.utils.artifacts import CorruptArtifactError, check_record, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
 from userip.utils.io import atomic_write_json, read_json
 from userip.utils.run_layout import RunLayout
 from userip.utils.seed import seed_everything
-
-if TYPE_CHECKING:
-    from userip.profile.no_lm import UserExamples
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +58,7 @@ class ProfileConfig:
 class ProfileSetup:
     dataset: Dataset
     builder: PromptBuilder | None  # None: no LM (``userip.profile.no_lm``), no prompt text
-    examples: ExampleSet | UserExamples  # no LM: one per user, no text
+    examples: TrainingExamples  # an ExampleSet; no LM: ``no_lm.UserExamples``, one per user, no text
     model: ProfileModel | SoftTokenModel
     value_words: dict[str, list[str]]  # profile -> the words its soft tokens started from ([]: the phrase)
     trainer_class: type[ProfileTrainer] = ProfileTrainer

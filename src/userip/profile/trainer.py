@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -150,6 +150,20 @@ class TrainState:
     tokens: int = 0
     loss_history: list[float] = dataclasses.field(default_factory=list)
     stopped_early: bool = False  # the stopping rule ended training (a resume does not continue it)
+
+
+class TrainingExamples(Protocol):
+    """What the training loop reads of its examples (``ExampleSet``; the no-LM ``UserExamples``)."""
+
+    user_ids: np.ndarray  # (N,) the user of each example
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self) -> np.ndarray: ...  # (N,) for length bucketing
+
+    @property
+    def num_skipped_users(self) -> int: ...
 
 
 @dataclasses.dataclass
