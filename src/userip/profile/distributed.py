@@ -569,8 +569,10 @@ def run_profile_stage_distributed(
 ) -> Any:
     """``run_profile_stage`` on every rank of an initialised process group; returns the
     ``ProfileStageResult`` on rank 0 and None on the other ranks."""
+    from userip.lm.resolve import NO_LM_SPEC, is_no_lm
     from userip.profile.bank import build_aux
     from userip.profile.lm import load_causal_lm, load_tokenizer
+    from userip.profile.no_lm import NoLMError
     from userip.profile.stage import (
         ProfileStageConfig,
         _profile_config,
@@ -585,6 +587,10 @@ def run_profile_stage_distributed(
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
+    if is_no_lm(config.lm.name_or_path):  # its examples and trainer are the single-process stage's
+        raise NoLMError(
+            f"lm {NO_LM_SPEC} is single-process only: run `userip profile` without --distributed / torchrun"
+        )
     ctx = ctx or init_distributed(config.lm.device)
     # Only the manifest is read here; the whole dataset only if the offline LM must be pre-trained.
     dataset = _LazyDataset(layout.data)
