@@ -72,6 +72,16 @@ def test_p_values_and_gaps_match_scipy(folders: dict[str, Path], tmp_path: Path)
     assert len(pd.read_csv(tmp_path / "out" / "compare.csv")) == 3
 
 
+def test_an_optional_row_not_run_is_listed(folders: dict[str, Path], tmp_path: Path) -> None:
+    config = _config(folders, tmp_path)
+    config.rows.append(CompareRow("GPU row", str(tmp_path / "not_yet"), required=False))
+    table = compare(config)["table"].set_index("row")
+    assert table.at["GPU row", "RelaImpr AUC"] == "not run" and table.at["GPU row", "seeds"] == 0
+    config.rows[-1].required = True
+    with pytest.raises(ConfigError, match=r"rows\[2\].experiment: .*not_yet.*does not exist"):
+        compare(config)
+
+
 def test_rows_of_other_data_are_refused(folders: dict[str, Path], tmp_path: Path) -> None:
     other = _experiment(tmp_path / "other", {("dcn", "userip"): LM_AUC}, protocol={"name": "cold_start"})
     config = _config(folders, tmp_path)

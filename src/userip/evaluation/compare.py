@@ -54,6 +54,8 @@ class CompareRow:
     experiment: str
     variant: str = "userip"
     model: str = ""
+    # false: an experiment not run yet (e.g. one that needs a GPU) is listed as "not run" instead of an error
+    required: bool = True
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -156,7 +158,11 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     base_exp = experiment_of(config.base, "base")
     base = _row_scores(config.base, base_exp, "base")
     scores: dict[str, pd.DataFrame] = {}
+    not_run: list[str] = []
     for i, row in enumerate(config.rows):
+        if not row.required and not (Path(row.experiment) / RESULTS_FILE).is_file():
+            not_run.append(row.label)
+            continue
         exp = experiment_of(row, f"rows[{i}]")
         _check_same_data(base_exp, exp, f"rows[{i}] ({row.label})")
         scores[row.label] = _row_scores(row, exp, f"rows[{i}] ({row.label})")
@@ -180,7 +186,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             "RelaImpr Logloss": f"{100 * rela_impr_logloss(float(s['logloss'].mean()), base_ll):+.2f}%",
             f"p vs {config.base.label}": "" if s is base else paired(s, base)[1],
         }
-        if config.reference:
+        if config.reference in scores:
             ref = scores[config.reference]
             seeds = s.index.intersection(ref.index)
             gap = float((s.loc[seeds, "auc"] - ref.loc[seeds, "auc"]).mean()) if len(seeds) else np.nan
@@ -193,6 +199,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             for target, kept in probe_lift_kept(probes).items():
                 record[f"codes keep ({target})"] = f"{100 * kept:.0f}%" if np.isfinite(kept) else "n/a"
         records.append(record)
+    records += [{"row": label, "seeds": 0, "RelaImpr AUC": "not run"} for label in not_run]
     table = pd.DataFrame(records)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
