@@ -68,6 +68,7 @@ def test_p_values_and_gaps_match_scipy(folders: dict[str, Path], tmp_path: Path)
     assert table.at["offline LM", "auc_mean"] == pytest.approx(sum(LM_AUC) / 5)
     # (0.70 - 0.5) / (0.75 - 0.5) of the soft tokens' lift
     assert table.at["offline LM", "codes keep (pos_rate)"] == "80%"
+    assert table.at["DCN", "codes keep (pos_rate)"] == ""  # probes describe an experiment's main bank only
     assert (tmp_path / "out" / "compare.md").read_text().startswith("# LM share")
     assert len(pd.read_csv(tmp_path / "out" / "compare.csv")) == 3
 
@@ -111,9 +112,10 @@ def test_config_validation() -> None:
             {"label": "DCN", "experiment": "x"}]})  # fmt: skip
 
 
-def test_probe_lift_below_chance_is_nan() -> None:
-    table = pd.DataFrame({"t": [0.49, 0.6]}, index=["soft_tokens", "codes"])
-    assert pd.isna(probe_lift_kept(table)["t"])
+def test_probe_lift_near_chance_is_nan() -> None:
+    table = pd.DataFrame({"t": [0.49, 0.6], "u": [0.515, 0.6]}, index=["soft_tokens", "codes"])
+    kept = probe_lift_kept(table)
+    assert pd.isna(kept["t"]) and pd.isna(kept["u"])  # below chance; a lift under 0.02 is noise
 
 
 def test_cli_exit_code_2_on_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,6 +43,9 @@ PROBES_FILE = "probes.csv"
 # The settings that make an experiment's rows: rows of experiments that agree on all of them pair by seed.
 DATA_KEYS = ("source", "source_options", "prepare", "protocol")
 CHANCE_AUC = 0.5
+# A probe's share is shown only where the soft tokens clearly beat chance: with a few hundred users a probe
+# AUC moves by 0.01-0.02 between folds and samples, and a ratio over a smaller lift is noise.
+MIN_PROBE_LIFT = 0.02
 
 
 @dataclasses.dataclass
@@ -134,14 +137,15 @@ def _check_same_data(base: _Experiment, other: _Experiment, where: str) -> None:
 
 def probe_lift_kept(probes: pd.DataFrame) -> dict[str, float]:
     """Per probe target, the share of the soft tokens' AUC lift over chance that the codes keep:
-    ``(auc_codes - 0.5) / (auc_soft_tokens - 0.5)`` (NaN where the soft tokens are at or below chance)."""
+    ``(auc_codes - 0.5) / (auc_soft_tokens - 0.5)`` (NaN where the soft tokens are less than
+    ``MIN_PROBE_LIFT`` above chance)."""
     if not {"codes", "soft_tokens"} <= set(probes.index):
         return {}
     out = {}
     for target in probes.columns:
         soft, codes = float(probes.at["soft_tokens", target]), float(probes.at["codes", target])
         lift = soft - CHANCE_AUC
-        out[target] = (codes - CHANCE_AUC) / lift if lift > 0 else float("nan")
+        out[target] = (codes - CHANCE_AUC) / lift if lift >= MIN_PROBE_LIFT else float("nan")
     return out
 
 
@@ -194,13 +198,17 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             record[f"AUC - {config.reference}"] = "" if same else f"{gap:+.4f}"
             record[f"p vs {config.reference}"] = "" if same else paired(s, ref)[1]
         row = next((r for r in config.rows if r.label == label), None)
-        probes = experiments[Path(row.experiment)].probes if row is not None else None
+        # The experiment's probes describe its main bank: the row of that bank only, not its controls.
+        main_bank = row is not None and row.variant == "userip"
+        probes = experiments[Path(row.experiment)].probes if main_bank else None
         if probes is not None:
             for target, kept in probe_lift_kept(probes).items():
                 record[f"codes keep ({target})"] = f"{100 * kept:.0f}%" if np.isfinite(kept) else "n/a"
         records.append(record)
     records += [{"row": label, "seeds": 0, "RelaImpr AUC": "not run"} for label in not_run]
     table = pd.DataFrame(records)
+    text_columns = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+    table[text_columns] = table[text_columns].fillna("")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = "\n".join(f"- {label}: `{r.experiment}` ({r.variant})" for label, r in
@@ -212,7 +220,8 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             "Test metrics over the seeds each row shares with the base row (mean, std); Logloss calibrated "
             "on validation; p: paired t-test of test AUC over shared seeds. `codes keep (target)`: "
             "(probe AUC of the codes - 0.5) / (probe AUC of the soft tokens - 0.5), from the row's "
-            "experiment diagnostics (the main bank's codes; blank where it wrote none).",
+            f"experiment diagnostics (its main bank's codes; n/a where the soft tokens are less than "
+            f"{MIN_PROBE_LIFT} above chance).",
             "",
             markdown_table(table, {"auc_mean": True, "logloss_mean": False}),
             "Rows from:",
