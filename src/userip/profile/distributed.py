@@ -581,6 +581,7 @@ def run_profile_stage_distributed(
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
+    config.quantization.check_distributed()
     ctx = ctx or init_distributed(config.lm.device)
     # Only the manifest is read here; the whole dataset only if the offline LM must be pre-trained.
     dataset = _LazyDataset(layout.data)
