@@ -155,6 +155,7 @@ def test_multi_profile_fields_are_profile_major_with_the_level_sizes():
     assert code_ids.shape == (30, 6) and torch.equal(mq.nearest(table), code_ids)
     assert torch.equal(mq.ids_to_vectors(code_ids), quantized)
     assert torch.equal(code_ids[:, 3:], mq.quantizers[1].nearest(table[:, 1]))  # background's levels
+    assert mq.codebook("background") is mq.field_codebooks()[3]  # a profile's codebook: its level 0
     one = MultiProfileQuantizer(["hobby", "background"], [4, 3], 6)
     assert one.field_names == one.profile_names and one.field_sizes == [4, 3]
 

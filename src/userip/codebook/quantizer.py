@@ -513,7 +513,9 @@ class MultiProfileQuantizer(nn.Module):
             q.init_from(profile_embeds[:, p])
 
     def codebook(self, profile: int | str) -> torch.Tensor:
-        return self.quantizers[self.index(profile)].codebook
+        """The profile's codebook (K, D); with residual levels, level 0's (``field_codebooks``: all)."""
+        quantizer = self.quantizers[self.index(profile)]
+        return quantizer.codebook if self.num_levels == 1 else quantizer.levels[0].codebook  # type: ignore[union-attr]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[1] != len(self.quantizers) or x.shape[2] != self.dim:
