@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--sizes", type=int, nargs=2, default=[4, 3], help="hobby and background codebook sizes")
+    p.add_argument(
+        "--residual-size",
+        type=int,
+        default=0,
+        help="codebook size of every level past the first (0: --sizes)",
+    )
     p.add_argument("--epochs", type=int, default=15, help="profile epochs when the run has no soft tokens")
     p.add_argument("--num-users", type=int, default=2000, help="synthetic users (new run only)")
     p.add_argument("--requantize-epochs", type=int, default=30)
@@ -78,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     features: dict[str, np.ndarray] = {"soft_tokens": profiles.flatten(1).numpy()}
     timings = {}
     for levels in args.levels:
+        residual_sizes = (args.residual_size,) * (levels - 1) if args.residual_size else ()
         quant = dataclasses.replace(
-            config.profile.quantization, num_levels=levels, seed=args.seed, kmeans_init_samples=256
+            config.profile.quantization,
+            num_levels=levels,
+            residual_sizes=residual_sizes,
+            seed=args.seed,
+            kmeans_init_samples=256,
         )
         t = time.perf_counter()
         bank = requantize(
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             config.profile,
             quant,
             list(args.sizes),
-            args.run_dir / f"bench_residual_bank_L{levels}",
+            args.run_dir / f"bench_residual_bank_L{levels}_r{args.residual_size}",
             epochs=args.requantize_epochs,
         )
         timings[levels] = time.perf_counter() - t

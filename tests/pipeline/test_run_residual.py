@@ -78,3 +78,12 @@ def test_distributed_profile_stage_refuses_levels_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and "num_levels > 1 is single-process only for now" in err and "Traceback" not in err
     assert not (tmp_path / "profile").exists() and not (tmp_path / "lm").exists()
+    from userip.codebook import QuantizationConfig
+    from userip.profile.distributed import run_profile_stage_distributed
+    from userip.profile.stage import ProfileStageConfig
+    from userip.utils.config import ConfigError
+
+    config = ProfileStageConfig(quantization=QuantizationConfig(num_levels=2))
+    with pytest.raises(ConfigError, match="single-process only"):  # callers of the function, no process group
+        run_profile_stage_distributed(tmp_path, config)
+    assert not (tmp_path / "profile").exists()

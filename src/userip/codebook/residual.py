@@ -135,7 +135,7 @@ class ResidualQuantizer(nn.Module):
             # The chosen codewords, indexed after the level's forward: revival only moves unchosen codes.
             chosen = level.codebook[level_ids].detach()  # (B, D)
             total = chosen if total is None else total + chosen
-            residual = residual - chosen.to(residual)
+            residual = residual - chosen.to(residual.device)  # float32 codewords: no rounding to bf16
             ids.append(level_ids)
         assert total is not None  # at least one level
         loss = torch.stack(losses).sum()
