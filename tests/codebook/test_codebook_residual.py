@@ -9,7 +9,7 @@ import torch
 
 from userip.codebook import MultiProfileQuantizer, ProfileQuantizer, QuantizationConfig
 from userip.codebook.quantizer import CodebookError
-from userip.codebook.residual import ResidualQuantizer, residual_level_sizes
+from userip.codebook.residual import LEVEL_SEED_STRIDE, ResidualQuantizer, residual_level_sizes
 from userip.utils.config import ConfigError
 
 from .conftest import planted_clusters
@@ -20,8 +20,15 @@ def _points(n: int = 60, dim: int = 6, seed: int = 3) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
 
 
+def _residual(sizes, seed: int = 0, dim: int = 6, **options) -> ResidualQuantizer:
+    """Levels of these sizes, seeded as ``MultiProfileQuantizer`` seeds them."""
+    return ResidualQuantizer(
+        [ProfileQuantizer(dim, k, seed=seed + LEVEL_SEED_STRIDE * i, **options) for i, k in enumerate(sizes)]
+    )
+
+
 def _initialised(sizes=(3, 3), dim: int = 6, **options) -> ResidualQuantizer:
-    rq = ResidualQuantizer(dim, list(sizes), seed=1, **options)
+    rq = _residual(sizes, seed=1, dim=dim, **options)
     rq.init_from(_points(dim=dim))
     return rq
 
@@ -44,7 +51,7 @@ def test_one_level_is_a_profile_quantizer_exactly():
     """Same seed, same k-means init from the training batches, same optimizer steps: every number equal."""
     options = {"kmeans_init_samples": 20, "dead_code_threshold": 2, "beta": 0.25}
     single = ProfileQuantizer(6, 3, seed=4, **options)
-    residual = ResidualQuantizer(6, [3], seed=4, **options)
+    residual = _residual([3], seed=4, **options)
     opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
     opt_residual = torch.optim.SGD(residual.parameters(), lr=0.1)
     points, _ = planted_clusters(n_per=10, k=3)
@@ -108,7 +115,7 @@ def test_loss_is_eq5_per_level_and_one_straight_through_on_the_sum():
 def test_kmeans_init_per_level_on_the_residuals():
     """The first batches' profiles are held; then level 0 is set to their k-means centroids and level 1 to
     those of what level 0 leaves of the same profiles. Until then the profile passes through unchanged."""
-    rq = ResidualQuantizer(6, [3, 3], seed=2, kmeans_init_samples=30, dead_code_threshold=0)
+    rq = _residual([3, 3], seed=2, kmeans_init_samples=30, dead_code_threshold=0)
     rq.train()
     first, second = _points(20, seed=5), _points(20, seed=6)
     out, _, loss = rq(first)
@@ -119,7 +126,7 @@ def test_kmeans_init_per_level_on_the_residuals():
     held = torch.cat([first, second])
     level0 = ProfileQuantizer(6, 3, seed=2)
     level0.init_from(held)
-    level1 = ProfileQuantizer(6, 3, seed=2 + 1_000_003)  # level 1's seed
+    level1 = ProfileQuantizer(6, 3, seed=2 + LEVEL_SEED_STRIDE)  # level 1's seed
     level1.init_from(held - level0.codebook.detach()[level0.nearest(held)])
     assert torch.equal(rq.levels[0].codebook, level0.codebook)
     assert torch.equal(rq.levels[1].codebook, level1.codebook)
@@ -167,7 +174,9 @@ def test_level_settings_are_checked():
     with pytest.raises(CodebookError, match="single level"):
         MultiProfileQuantizer(["hobby"], [4], 6, residual_sizes=(3,))
     with pytest.raises(CodebookError, match="at least 2 codes"):
-        ResidualQuantizer(6, [4, 1])
+        MultiProfileQuantizer(["hobby"], [4], 6, num_levels=2, residual_sizes=(1,))
+    with pytest.raises(CodebookError, match="same width"):
+        ResidualQuantizer([ProfileQuantizer(6, 3), ProfileQuantizer(5, 3)])
     with pytest.raises(ConfigError, match="num_levels"):
         QuantizationConfig(num_levels=0)
     with pytest.raises(ConfigError, match="residual_sizes"):

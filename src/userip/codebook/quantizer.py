@@ -64,7 +64,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from userip.codebook.errors import CodebookError, check_codebook_size
 from userip.codebook.kmeans import kmeans
+from userip.codebook.residual import LEVEL_SEED_STRIDE, ResidualQuantizer, residual_level_sizes
+from userip.feature_bank.base import level_field_names
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +75,6 @@ log = logging.getLogger(__name__)
 class CodebookInit(enum.Enum):
     RANDOM = "random"  # N(0, 1/D) vectors: norm about 1
     KMEANS = "kmeans"  # k-means on the first training profiles (or on ``init_from``)
-
-
-class CodebookError(ValueError):
-    """A codebook argument is invalid (size below 2, bad shape, unknown profile)."""
-
-
-def check_codebook_size(size: int, where: str = "codebook_size") -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-        raise CodebookError(
-            f"{where}: a codebook needs at least 2 codes (one code carries no information), got {size!r}"
-        )
-    return size
 
 
 class ProfileQuantizer(nn.Module):
@@ -432,14 +423,13 @@ class MultiProfileQuantizer(nn.Module):
             self.quantizers = nn.ModuleList(
                 ProfileQuantizer(dim, size, seed=seed + p, **options) for p, size in enumerate(codebook_sizes)
             )
-        else:
-            # residual.py builds on ProfileQuantizer, so it is imported here (not at the top: no cycle).
-            from userip.codebook.residual import ResidualQuantizer, residual_level_sizes
-            from userip.feature_bank.base import level_field_names
-
+        else:  # level l of profile p seeded seed + p + LEVEL_SEED_STRIDE * l: level 0 as with one level
             self.quantizers = nn.ModuleList(
                 ResidualQuantizer(
-                    dim, residual_level_sizes(size, num_levels, residual_sizes), seed=seed + p, **options
+                    [
+                        ProfileQuantizer(dim, k, seed=seed + p + LEVEL_SEED_STRIDE * level, **options)
+                        for level, k in enumerate(residual_level_sizes(size, num_levels, residual_sizes))
+                    ]
                 )
                 for p, size in enumerate(codebook_sizes)
             )

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from userip.codebook.quantizer import CodebookError, ProfileQuantizer, check_codebook_size
+from userip.codebook.errors import CodebookError
 
-# Level l's codebook is seeded ``seed + LEVEL_SEED_STRIDE * l``: level 0 keeps the profile's own seed (so a
-# one-level quantizer draws exactly what a ``ProfileQuantizer`` draws); the stride keeps the levels of
-# neighbouring profiles (seeded seed + p) apart.
+# Level l's codebook is seeded ``seed + LEVEL_SEED_STRIDE * l`` (by ``MultiProfileQuantizer``): level 0 keeps
+# the profile's own seed (so level 0 draws exactly what the one-level ``ProfileQuantizer`` draws); the stride
+# keeps the levels of neighbouring profiles (seeded seed + p) apart.
 LEVEL_SEED_STRIDE = 1_000_003
 
 
@@ -59,24 +59,22 @@ def residual_level_sizes(
 
 
 class ResidualQuantizer(nn.Module):
-    """``len(level_sizes)`` ``ProfileQuantizer`` levels over residuals of one profile's vectors (B, D).
-
-    ``options`` are ``ProfileQuantizer``'s keyword arguments (``beta``, ``init``, ``dead_code_threshold``,
-    ``kmeans_init_samples``, ``kmeans_iters``), the same for every level.
+    """Residual quantization of one profile's vectors (B, D) by ``levels``, ``ProfileQuantizer``s of one width
+    (``MultiProfileQuantizer(num_levels=...)`` builds them; level l seeded ``seed + LEVEL_SEED_STRIDE * l``).
+    The levels are given, not built here: ``userip.codebook.quantizer`` builds on this module, not the other
+    way round.
     """
 
-    def __init__(self, dim: int, level_sizes: Sequence[int], *, seed: int = 0, **options: Any) -> None:
+    def __init__(self, levels: Sequence[nn.Module]) -> None:
         super().__init__()
-        if not level_sizes:
+        if not levels:
             raise CodebookError("a residual quantizer needs at least one level")
-        self.level_sizes = [
-            check_codebook_size(k, f"codebook size of level {i}") for i, k in enumerate(level_sizes)
-        ]
-        self.dim = dim
-        self.levels = nn.ModuleList(
-            ProfileQuantizer(dim, size, seed=seed + LEVEL_SEED_STRIDE * level, **options)
-            for level, size in enumerate(self.level_sizes)
-        )
+        dims = {int(level.dim) for level in levels}
+        if len(dims) != 1:
+            raise CodebookError(f"every level must have the same width, got {sorted(dims)}")
+        self.dim = dims.pop()
+        self.levels = nn.ModuleList(levels)
+        self.level_sizes = [int(level.codebook_size) for level in levels]
         # The pending k-means samples are collected here (held in level 0's ``init_samples`` buffer), so that
         # every level is initialised at once from the same profiles (``init_from``), not each level from
         # later batches.
@@ -178,7 +176,7 @@ class ResidualQuantizer(nn.Module):
         return counts
 
     @staticmethod
-    def _leftover(level: ProfileQuantizer, residual: torch.Tensor) -> torch.Tensor:
+    def _leftover(level: Any, residual: torch.Tensor) -> torch.Tensor:
         """``residual`` minus its (biased) nearest codeword of ``level``."""
         residual = residual.to(level.codebook.device)
         return residual - level.codebook.detach().float()[level.nearest(residual)]
