@@ -7,10 +7,12 @@ probes every bank like ``userip experiment``'s diagnostics do (``userip.evaluati
 codes are probed as all their fields (one-hot of every level).
 
     python bench/bench_residual_probes.py --run-dir /tmp/syn                 # synthetic default, seed 0
-    python bench/bench_residual_probes.py --run-dir RUN --levels 1 2 3      # a finished run's soft tokens
+    python bench/bench_residual_probes.py --run-dir RUN --bank-root /tmp/b  # a finished run's soft tokens
 
-A run folder without soft tokens gets them first: ``userip run``'s prepare + profile stages on the embedded
-synthetic default (``--num-users``, ``--epochs``). Ends with one line
+A run folder with soft tokens is re-quantized with the profile config it recorded (``stage_config.json``);
+one without gets them first: ``userip run``'s prepare + profile stages on the embedded synthetic default
+(``--num-users``, ``--epochs``). Synthetic data is implicit feedback (no held-out positive rate to probe):
+pass e.g. ``--target heldout_top_genre_is_outdoors`` there. Ends with one line
 ``RESULT soft_auc=... codes_L1_auc=... codes_L2_auc=... kept_L2=...`` for the ``--target`` probe, where
 kept_L = (codes AUC - 0.5) / (soft-token AUC - 0.5), the share of the soft tokens' lift over chance.
 """
@@ -33,7 +35,9 @@ from userip.pipeline.run import PipelineConfig, stage_prepare, stage_profile
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
 from userip.profile.requantize import requantize
+from userip.profile.stage import ProfileStageConfig
 from userip.utils.config import from_dict
+from userip.utils.io import read_json
 from userip.utils.run_layout import RunLayout
 
 
@@ -53,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requantize-epochs", type=int, default=30)
     p.add_argument("--target", default="heldout_positive_rate_high", help="the probe row of the RESULT line")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bank-root",
+        type=Path,
+        default=None,
+        help="where the re-quantized banks go (default: the run folder); with it the run is only read",
+    )
     return p.parse_args(argv)
 
 
@@ -73,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         "bench config",
     )
     start = time.perf_counter()
-    dataset = stage_prepare(config, args.run_dir)
-    if not (RunLayout(args.run_dir).profile / "soft_tokens.safetensors").exists():
-        stage_profile(config, args.run_dir, dataset)
+    layout = RunLayout(args.run_dir)
+    if (layout.profile / "soft_tokens.safetensors").exists():  # a finished stage: read with its own config
+        config.profile = ProfileStageConfig.from_dict(read_json(layout.stage_config)["config"])
+    else:
+        stage_profile(config, args.run_dir, stage_prepare(config, args.run_dir))
     profile_s = time.perf_counter() - start
+    bank_root = args.bank_root or args.run_dir
     dataset = Dataset.load(args.run_dir)
     soft_tokens, trained_mask, _ = load_soft_tokens(RunLayout(args.run_dir).profile)
     users = torch.nonzero(trained_mask).squeeze(1).numpy()
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             config.profile,
             quant,
             list(args.sizes),
-            args.run_dir / f"bench_residual_bank_L{levels}_r{args.residual_size}",
+            bank_root / f"bench_residual_bank_L{levels}_r{args.residual_size}",
             epochs=args.requantize_epochs,
         )
         timings[levels] = time.perf_counter() - t
@@ -110,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     held_out = ("train", "valid", "test") if len(dataset.split(HISTORY_SPLIT)) else ("valid", "test")
     table = probe_report(dataset, features, dataset.profile_rows(), users, held_out)
     print(probe_markdown(table))
-    if args.target not in table.index:
-        print(f"target {args.target!r} not among the probes {list(table.index)}", file=sys.stderr)
+    if args.target not in table.columns:  # rows: feature sets, columns: probe targets
+        print(f"target {args.target!r} not among the probe targets {list(table.columns)}", file=sys.stderr)
         return 2
-    row = table.loc[args.target]
+    row = table[args.target]
     soft = float(row["soft_tokens"])
     parts = [f"soft_auc={soft:.3f}"]
     for levels in args.levels:
