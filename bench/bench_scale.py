@@ -1,24 +1,27 @@
 """Scale benchmark of the distributed profile stage (torch.distributed, gloo, CPU) and of a large Redis bank.
 
     python bench/bench_scale.py [--users 100000,1000000] [--steps 8] [--batch-size 64] \
-        [--redis-users 10000000]
+        [--redis-users 10000000] [--from-data] [--hidden 64] [--worker-timeout 900]
 
-Profile part: the offline LM's architecture (a small Llama pre-trained for a few steps on a 300-user synthetic
-set: its weights do not matter for speed or memory) and synthetic users at each size in ``--users``. Each
-rank builds only its own shard (contiguous user range): its rows of the soft-token table
-(``shard_soft_token_table``), their RowAdam state, its users' examples (random 24-40-token targets, CSR) and
-interactions, and trains with the real ``ShardTrainer`` + ``ShardObjective`` (DDP over codebooks and
-surrogate) for ``--steps`` measured steps after 2 warm-up steps, under ``torchrun --standalone``. Reported per
-rank: peak RSS (``resource.getrusage``), the shard's own bytes (table + Adam moments + step counts + example
-and interaction arrays), and their difference ("beyond the shard"); users/s = global batch users per second.
-Throughput with 1 and 2 ranks at the smallest size. (On a 2-core machine shared with other jobs, 2 ranks
-share the same 2 cores: the number shows the overhead of DDP/gloo more than a speed-up.)
+Profile part: the offline LM's architecture (a small Llama of hidden size ``--hidden``, 2 layers, pre-trained
+for a few steps on a 300-user synthetic set: its weights do not matter for speed or memory) and synthetic
+users at each size in ``--users``. Each rank builds only its own shard (contiguous user range): its rows of
+the soft-token table (``shard_soft_token_table``), their RowAdam state, its users' examples (random
+24-40-token targets, CSR) and interactions, and trains with the real ``ShardTrainer`` + ``ShardObjective``
+(DDP over codebooks and surrogate) for ``--steps`` measured steps after 2 warm-up steps, under ``torchrun
+--standalone``.
+Reported per rank: peak RSS (``resource.getrusage``), the shard's own bytes (table + Adam moments + step
+counts + example and interaction arrays), and their difference ("beyond the shard"); users/s = global batch
+users per second. Throughput with 1 and 2 ranks at the smallest size. (On a 2-core machine shared with other
+jobs, 2 ranks share the same 2 cores: the number shows the overhead of DDP/gloo more than a speed-up.)
 
 ``--from-data``: each size is first prepared as a synthetic data set (about 7 interactions per user, no
 reviews), and every rank starts as the stage does (``load_rank_data``: per-user example counts read one row
 group at a time, its users' row groups only, its users' targets tokenized), trains, and writes its part of
 the bank (``write_rank_bank``); peak RSS then covers start-up and the bank step, and the Redis part publishes
-the largest size's multi-part bank (its user count replaces ``--redis-users``).
+the largest size's multi-part bank (its user count replaces ``--redis-users``). ``truth_hints_mb``: the
+rank's rows of the truth and hints tables, held but not counted in ``shard_mb`` ("beyond the shard" includes
+them).
 
 Redis part: a bank of ``--redis-users`` users (2 profiles) published with ``publish_bank`` (pipelined HSET
 chunks) into a private redis-server: load time, Redis ``used_memory``, p50/p99 latency of single-user
@@ -176,7 +179,11 @@ def data_worker(args: argparse.Namespace, ctx, lm, builder) -> None:  # noqa: AN
         + (0 if sampler is None else sampler.item_ids.nbytes + sampler.labels.nbytes)
     )  # fmt: skip
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the rank's rows of the other per-user tables (held, not counted in shard_mb above)
+    tables = [t for t in (data.shard.truth, data.shard.hints) if t is not None]
+    tables_mb = sum(int(t.memory_usage(deep=True).sum()) for t in tables) / 2**20
     record = {
+        "truth_hints_mb": tables_mb,
         "rank": ctx.rank, "world": ctx.world_size, "users": args.users, "steps": args.steps,
         "seconds": seconds, "users_per_s": args.steps * args.batch_size / seconds, "peak_rss_mb": peak_mb,
         "shard_mb": shard_bytes / 2**20, "beyond_shard_mb": peak_mb - shard_bytes / 2**20,
@@ -209,7 +216,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def build_lm(folder: Path) -> str:
+def build_lm(folder: Path, hidden_size: int = 64) -> str:
     from userip.data.prepare import prepare_to_run_dir
     from userip.data.schema import Dataset
     from userip.lm.offline import OfflineLMConfig
@@ -218,8 +225,8 @@ def build_lm(folder: Path) -> str:
 
     prepare_to_run_dir(folder, "synthetic", {"num_users": 300, "num_items": 36}, None)
     dataset = Dataset.load(folder / "data")
-    return resolve_lm("offline", dataset, folder, prompt_config=PromptConfig(),
-                      config=OfflineLMConfig(max_steps=5), progress=False)  # fmt: skip
+    config = OfflineLMConfig(hidden_size=hidden_size, max_steps=5)
+    return resolve_lm("offline", dataset, folder, prompt_config=PromptConfig(), config=config, progress=False)
 
 
 def run_profile(lm: str, users: int, world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -230,7 +237,7 @@ def run_profile(lm: str, users: int, world: int, args: argparse.Namespace, tmp: 
            "--batch-size", str(args.batch_size), "--out", str(out)]  # fmt: skip
     if args.from_data:
         cmd += ["--data", str(prepare_data(users, tmp))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.worker_timeout)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({users} users, {world} ranks):\n{proc.stderr[-3000:]}")
     records = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
@@ -315,6 +322,14 @@ def main() -> None:
     p.add_argument("--redis-users", type=int, default=10_000_000)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument(
+        "--hidden",
+        type=int,
+        default=64,
+        help="the offline LM's hidden size (the soft tokens' width: the shard's table is users x 2 x hidden "
+        "x 4 B, x3 with RowAdam's moments); a smaller one fits more users in memory",
+    )
+    p.add_argument("--worker-timeout", type=int, default=900, help="seconds per torchrun run (one size)")
+    p.add_argument(
         "--from-data",
         action="store_true",
         help="ranks start from a prepared synthetic data set (the stage's own start-up: row groups, "
@@ -328,7 +343,7 @@ def main() -> None:
     sizes = [int(s) for s in args.users.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp_name:
         tmp = Path(tmp_name)
-        lm = build_lm(tmp / "seed")
+        lm = build_lm(tmp / "seed", args.hidden)
         result: dict[str, float] = {}
         two = {u: run_profile(lm, u, 2, args, tmp) for u in sizes}
         one = run_profile(lm, sizes[0], 1, args, tmp) if not args.from_data else None
@@ -346,6 +361,7 @@ def main() -> None:
                 tag = f"{u // 1000}k" if u < 10**6 else f"{u // 10**6}m"
                 result[f"startup_s_{tag}"] = max(r["startup_s"] for r in two[u])
                 result[f"bank_s_{tag}"] = max(r["bank_s"] for r in two[u])
+                result[f"truth_hints_mb_{tag}"] = max(r["truth_hints_mb"] for r in two[u])
         result["users_per_s_2rank"] = two[sizes[0]][0]["users_per_s"]
         result["s_per_user_2rank"] = 1 / result["users_per_s_2rank"]
         if args.redis_users > 0:
@@ -356,7 +372,8 @@ def main() -> None:
     fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()]
     start = "from_prepared_data_with_bank_parts" if args.from_data else "random_shards"
     fields.append(
-        f"measured=2ranks_gloo_cpu_{args.steps}steps_batch{args.batch_size}_peak_rss_per_rank_{start}"
+        f"measured=2ranks_gloo_cpu_{args.steps}steps_batch{args.batch_size}_hidden{args.hidden}"
+        f"_peak_rss_per_rank_{start}"
     )
     print("RESULT " + " ".join(fields))
 

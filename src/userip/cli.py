@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the paper's tables and figures over seeds, from a config",
     ),
     "explain": ("userip.evaluation.explain_cli", "nearest vocabulary words of users' learned soft tokens"),
+    "compare": (
+        "userip.evaluation.compare_cli",
+        "rows of several experiments on the same data in one paired table (e.g. what the LLM adds)",
+    ),
 }
 
 

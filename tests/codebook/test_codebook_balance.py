@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from userip.codebook import CodebookError, MultiProfileQuantizer, ProfileQuantizer, QuantizationConfig
+from userip.codebook import (
+    CodebookError,
+    MultiProfileQuantizer,
+    ProfileQuantizer,
+    QuantizationConfig,
+    quantizer,
+)
+from userip.codebook.quantizer import column_logsumexp, floor_sinkhorn_offsets, kth_smallest, local_rows
 from userip.utils.config import ConfigError
 
 
@@ -142,3 +151,46 @@ def test_balance_min_share_is_checked_against_the_codebook_size():
         QuantizationConfig(balance_min_share=0.25).check_codebook_sizes([4, 3])
     with pytest.raises(CodebookError, match="min_share"):
         ProfileQuantizer(8, 4).fit_balance(_skewed(), 0.25)
+
+
+def test_kth_smallest_bisects_to_the_sorted_value():
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.rand(500, generator=gen) * 40.0, torch.zeros(7), torch.full((5,), 2.5)])
+    values = values[torch.randperm(len(values), generator=gen)]
+    expected = torch.sort(values).values
+    for k in (1, 7, 8, 100, 255, len(values)):
+        assert kth_smallest(values, k, local_rows) == float(expected[k - 1])
+    assert kth_smallest(torch.tensor([-0.0, 3.0]), 1, local_rows) == 0.0
+
+
+def _reference_sinkhorn(cost: torch.Tensor, floor: int, iters_per_eps: int = 60) -> torch.Tensor:
+    """The offsets' iterations written plainly with torch.logsumexp over whole rows and columns."""
+    c = cost - cost.min(-1, keepdim=True).values
+    scale = float(c.mean())
+    c = c / scale
+    g = torch.zeros(cost.shape[1], dtype=cost.dtype)
+    for eps in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001):
+        for _ in range(iters_per_eps):
+            f = -eps * torch.logsumexp((g - c) / eps, dim=1)
+            column = torch.logsumexp((f[:, None] - c) / eps, dim=0)
+            g_new = (eps * math.log(floor) - eps * column).clamp(min=0)
+            done = bool((g_new - g).abs().max() < 1e-9)
+            g = g_new
+            if done:
+                break
+    return g * scale
+
+
+def test_floor_sinkhorn_offsets_equal_the_plain_iterations(monkeypatch):
+    points = _skewed()
+    q = _skewed_quantizer(points)
+    cost = q._scores(points).double()
+    got = floor_sinkhorn_offsets(cost, 50)
+    assert got.any()
+    torch.testing.assert_close(got, _reference_sinkhorn(cost, 50), rtol=1e-9, atol=1e-12)
+    x = torch.randn(30, 4, dtype=torch.float64)
+    streamed = column_logsumexp([x[:7], x[7:7], 3.0 + x[7:20], x[20:]], x[0], local_rows)
+    torch.testing.assert_close(streamed, torch.logsumexp(torch.cat([x[:7], 3.0 + x[7:20], x[20:]]), 0))
+    # rows in several blocks (one short): the same offsets as in one block
+    monkeypatch.setattr(quantizer, "SINKHORN_BLOCK", 300)
+    torch.testing.assert_close(floor_sinkhorn_offsets(cost, 50), got, rtol=1e-9, atol=1e-12)

@@ -49,6 +49,41 @@ def objective_for(dataset: Dataset, table: torch.Tensor):  # noqa: ANN201 - Join
     return aux
 
 
+def skewed_distances(num_rows: int = 1000, num_codes: int = 4) -> torch.Tensor:
+    """(N, K) squared distances of points in a 95% / 5% pair of blobs to K codes, two of them far off: the
+    plain nearest-code counts miss any floor above 0 (the fit needs its Sinkhorn and repair steps)."""
+    gen = torch.Generator().manual_seed(5)
+    dim = 8
+    points = torch.cat(
+        [
+            0.3 * torch.randn(num_rows * 95 // 100, dim, generator=gen),
+            3.0 + 0.3 * torch.randn(num_rows - num_rows * 95 // 100, dim, generator=gen),
+        ]
+    )
+    codes = torch.randn(num_codes, dim, generator=gen)
+    codes[0], codes[1] = points[:950].mean(0), points[950:].mean(0)
+    return ((points[:, None, :] - codes[None]) ** 2).sum(-1)
+
+
+# (rows of rank 0, floor share): uneven halves, and every row on rank 0 (rank 1 holds none)
+SPLITS = ((700, 0.05), (1000, 0.2))
+
+
+def balance_on_split_rows(ctx) -> list[dict]:  # noqa: ANN001 - DistContext
+    """``fit_balance_distances`` on ``skewed_distances`` split over the ranks (rank 0 the first rows)."""
+    from userip.codebook.quantizer import ProfileQuantizer
+    from userip.utils.distributed import rank_reduce
+
+    d2 = skewed_distances()
+    out = []
+    for rows0, share in SPLITS:
+        mine = d2[:rows0] if ctx.rank == 0 else d2[rows0:]
+        q = ProfileQuantizer(8, d2.shape[1])
+        counts = q.fit_balance_distances(mine, share, reduce=rank_reduce(ctx))
+        out.append({"code_bias": q.code_bias.tolist(), "counts": counts.tolist()})
+    return out
+
+
 def main(data_dir: Path, out_dir: Path) -> None:
     ctx = init_distributed("cpu")
     num_users = int(Dataset.read_manifest(data_dir)["counts"]["users"])
@@ -72,6 +107,8 @@ def main(data_dir: Path, out_dir: Path) -> None:
         "rows": len(users), "min_user": int(users.min()), "max_user": int(users.max()),
         "users_rows": len(shard.users), "num_users": shard.num_users,
     }  # fmt: skip
+    record["code_bias"] = [q.code_bias.tolist() for q in objective.quantizer.quantizers]
+    record["balance"] = balance_on_split_rows(ctx)
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(record))
     if report is not None:
         (out_dir / "report.json").write_text(json.dumps(report))

@@ -58,10 +58,9 @@ def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProc
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RUN/data (planted parity) and RUN/bank whose one profile is the planted factor (user parity)."""
-    run = tmp_path_factory.mktemp("ctr_ddp")
+def make_ctr_run(run: Path, trainer: dict) -> Path:
+    """RUN/data (planted parity), RUN/bank whose one profile is the planted factor (user parity), and
+    RUN/model.yaml (the small DCN, ``trainer``)."""
     ds = planted_dataset()
     ds.save(run / "data")
     num_users = len(ds.users)
@@ -73,8 +72,13 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dataset_hash=ds.content_hash,
     ).write(run / "bank")
     model = {**SMALL_DCN, "hidden_units": [8]}
-    (run / "model.yaml").write_text(yaml.safe_dump({"model": model, "trainer": TRAINER}))
+    (run / "model.yaml").write_text(yaml.safe_dump({"model": model, "trainer": trainer}))
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_ctr_run(tmp_path_factory.mktemp("ctr_ddp"), TRAINER)
 
 
 def _train_args(run: Path, *extra: str) -> list[str]:

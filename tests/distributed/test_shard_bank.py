@@ -5,6 +5,7 @@ profile vectors and codebooks (codes after the balance fit, manifest, report, re
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,12 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.distributed.bank_worker import objective_for, profile_table, trained_users
+import torch
+import torch.distributed as dist
+from tests.distributed.bank_worker import (
+    SPLITS,
+    objective_for,
+    profile_table,
+    skewed_distances,
+    trained_users,
+)
 
+from userip.codebook.quantizer import ProfileQuantizer
 from userip.data.prepare import prepare
 from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
 from userip.profile.bank import write_bank
+from userip.utils.distributed import DistContext, rank_reduce
 from userip.utils.io import read_json
 
 HERE = Path(__file__).parent
@@ -85,3 +96,35 @@ def test_multi_part_bank_equals_the_single_process_bank(two_rank_bank: dict, tmp
     dist_report = json.loads((root / "report.json").read_text())
     report.pop("bank_version"), dist_report.pop("bank_version")
     assert "recovery" in dist_report and dist_report == json.loads(json.dumps(report))
+
+
+def test_balance_fit_on_rows_split_over_ranks_equals_the_fit_on_all_rows(two_rank_bank: dict) -> None:
+    """Each rank holds its rows only and all-reduces per-code numbers: the offsets (and every row's counts)
+    are the single-process fit's on the concatenated rows, on both ranks, also when one rank holds none."""
+    d2 = skewed_distances()
+    for case, (_, share) in enumerate(SPLITS):
+        single = ProfileQuantizer(8, d2.shape[1])
+        counts = single.fit_balance_distances(d2, share)
+        assert single.code_bias.any() and int(counts.min()) >= math.ceil(share * len(d2))
+        for rank in two_rank_bank["ranks"]:
+            got = rank["balance"][case]
+            assert got["counts"] == counts.tolist()
+            np.testing.assert_allclose(got["code_bias"], single.code_bias.numpy(), rtol=1e-6, atol=1e-6)
+    # the bank step's fit: the same offsets on both ranks, bit for bit (rank 0's are broadcast)
+    assert two_rank_bank["ranks"][0]["code_bias"] == two_rank_bank["ranks"][1]["code_bias"]
+
+
+def test_one_rank_group_fit_equals_the_single_process_fit(tmp_path: Path) -> None:
+    """The all-reduce path with one gloo rank: every collective runs and the numbers are the ones of the fit
+    without a process group, bit for bit."""
+    d2 = skewed_distances()
+    single = ProfileQuantizer(8, d2.shape[1])
+    counts = single.fit_balance_distances(d2, 0.05)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(0, 1, 0, "gloo", torch.device("cpu"))
+        grouped = ProfileQuantizer(8, d2.shape[1])
+        got = grouped.fit_balance_distances(d2, 0.05, reduce=rank_reduce(ctx))
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(got, counts) and torch.equal(grouped.code_bias, single.code_bias)

@@ -12,7 +12,7 @@ from userip.evaluation import (
     rela_impr_auc,
     rela_impr_logloss,
 )
-from userip.evaluation.metrics import choose_simplest_within_noise
+from userip.evaluation.metrics import choose_simplest_within_noise, hopeless_candidates
 
 
 def mann_whitney_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -206,3 +206,9 @@ def test_complexity_ranks_protect_the_simpler_model_but_not_a_grid_order():
     assert choose_simplest_within_noise(scores, 2.0, complexity=[0, 0, 0]).chosen == 2
     with pytest.raises(ValueError, match="one rank per candidate"):
         choose_simplest_within_noise(scores, 2.0, complexity=[0, 1])
+
+
+def test_hopeless_candidates_are_far_below_the_first_seeds_best_and_never_the_first():
+    assert hopeless_candidates([0.60, 0.70, 0.695, 0.68], 0.01) == {3}
+    assert hopeless_candidates([0.50, 0.70], 0.01) == set()  # the simplest stays to fall back on
+    assert hopeless_candidates([0.50, 0.70, 0.40], None) == set()

@@ -238,3 +238,16 @@ def test_resolve_lm_errors(tmp_path, toy_dataset):
         resolve_lm("not a model!")
     with pytest.raises(ConfigError, match="expected 'offline'"):
         resolve_lm("  ")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_embedding_init_std_is_the_built_models(architecture, toy_dataset, prompt_config, tiny_lm_config):
+    """The no-LM mode starts its soft tokens at this scale: it must be what the offline LM's embeddings start
+    from (measured on a freshly built model)."""
+    from userip.lm import build_model
+    from userip.lm.pretrain import embedding_init_std
+
+    config = dataclasses.replace(tiny_lm_config, architecture=architecture)
+    model = build_model(config, build_dataset_tokenizer(toy_dataset, prompt_config, config))
+    measured = model.get_input_embeddings().weight.detach().std().item()
+    assert embedding_init_std(config) == pytest.approx(measured, rel=0.05)

@@ -181,6 +181,35 @@ def test_joint_objective_steps_never_wait_on_the_device(tiny_llama, word_tokeniz
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
 
 
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_no_lm_steps_never_wait_on_the_device(grad_accum_steps):
+    """``lm: none`` (``SurrogateOnlyTrainer``): the objective alone, the same no-read step; the objective
+    draws its interactions once per micro-batch, as in the LM step."""
+    from userip.lm.offline_config import OfflineLMConfig
+    from userip.profile.model import SoftTokenModel
+    from userip.profile.no_lm import SurrogateOnlyTrainer, initial_table, user_examples
+    from userip.prompts import PromptConfig
+
+    dataset = history_dataset(num_users=24)
+    prompt = PromptConfig()
+    model = SoftTokenModel(initial_table(24, prompt, OfflineLMConfig(hidden_size=32), 0), prompt)
+    quantization = QuantizationConfig(kmeans_init_samples=4, loss_weight=1.0, dead_code_threshold=50)
+    aux = build_aux(dataset, prompt.profiles, 32, quantization)
+    config = ProfileTrainConfig(
+        lr=0.05, batch_size=4, num_epochs=2, checkpoint_every=0, seed=3, progress=False,
+        grad_accum_steps=grad_accum_steps,
+    )  # fmt: skip
+    trainer = SurrogateOnlyTrainer(model, user_examples(dataset), config, aux=aux)
+    trainer.aux.train()
+    groups = _groups(trainer, 6 // grad_accum_steps)
+    trainer._step(groups[0])  # the k-means init
+    with record_host_syncs(_adamw_steps(trainer)) as rec:
+        for group in groups[1:]:
+            losses, tokens, _ = trainer._step(group)
+    assert rec.events == []
+    assert losses.shape == (grad_accum_steps,) and tokens == 0 and int(trainer.aux.step) == 6
+
+
 def test_joint_objective_metrics_are_read_only_when_logging(tiny_llama, word_tokenizer):
     """6 steps, log_every 3: per log one copy of the losses and one of the aux metrics; the rest of the
     reads are the one-off k-means init at step 1 (no read from the revival check: threshold 50)."""

@@ -47,6 +47,13 @@ of "assign every point to a code, each code gets >= floor points, minimum total 
 2. an exact auction-style repair on the very numbers ``nearest`` computes: while some code has fewer than
    ``floor`` points, raise its offset just past the gap of its ``floor - count``-th cheapest outside point.
 
+Rows split over processes (the distributed profile stage, each rank holding its users' rows only): every
+step above reads the rows through per-code sums, maxima and counts, so ``fit_balance_distances(...,
+reduce=...)`` runs the same code on each process's rows with ``reduce`` summing / taking the maximum of those
+(K,)-sized numbers over the processes (an all-reduce); the repair's k-th cheapest gap is found by bisection
+on its float32 bits over the reduced counts of gaps below each candidate, so it is exact without gathering a
+row. One process is the case ``reduce = local_rows`` (the identity).
+
 It is written here, not taken from a library: POT's ``sinkhorn`` solves equality marginals only (it would
 force equal-size codes instead of a floor), its output is a soft plan whose hard argmin does not guarantee
 the floor, and the repair must use exactly the float32 distances that ``nearest`` uses. Everything is
@@ -58,7 +65,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -259,11 +266,20 @@ class ProfileQuantizer(nn.Module):
 
     @torch.no_grad()
     def fit_balance_distances(
-        self, distances: torch.Tensor, min_share: float, *, sinkhorn_iters: int = 60, max_repairs: int = 200
+        self,
+        distances: torch.Tensor,
+        min_share: float,
+        *,
+        sinkhorn_iters: int = 60,
+        max_repairs: int = 200,
+        reduce: RowReduce | None = None,
     ) -> torch.Tensor:
         """``fit_balance`` from the points' (N, K) squared distances to the codes (``_scores`` with zero
-        offsets): all the fit reads of the points, so the rows of many processes can be fitted at once
-        (the distributed profile stage gathers these, K numbers per user, not the D-dim profiles)."""
+        offsets): all the fit reads of the points. ``reduce``: when the rows are split over processes, each
+        process passes its rows and a ``RowReduce`` over the processes (e.g. ``utils.distributed.
+        rank_reduce``); every process then sets the offsets the fit on all rows gives and returns every
+        row's counts. None: this process holds every row."""
+        reduce = reduce or local_rows
         size = self.codebook_size
         if isinstance(min_share, bool) or not 0.0 <= float(min_share) < 1.0 / size:
             raise CodebookError(
@@ -271,32 +287,32 @@ class ProfileQuantizer(nn.Module):
             )
         d2 = distances.float().to(self.codebook.device)
         self.code_bias.zero_()
-        n = d2.shape[0]
+        n = int(reduce(torch.tensor([d2.shape[0]], dtype=torch.long, device=d2.device), "sum"))
         floor = min(math.ceil(float(min_share) * n - 1e-9), n // size)
-        if floor <= 0:
-            return torch.bincount(d2.argmin(-1), minlength=size) if n else torch.zeros(size, dtype=torch.long)
-        scores = d2  # (N, K) squared distances (offsets are zero here)
-        counts = torch.bincount(scores.argmin(-1), minlength=size)
-        if int(counts.min()) >= floor:
+
+        def counts_of(scores: torch.Tensor) -> torch.Tensor:  # every row's nearest-code counts (K,)
+            return reduce(code_counts(scores.argmin(-1), size), "sum")
+
+        counts = counts_of(d2)  # (the offsets are zero here)
+        if floor <= 0 or int(counts.min()) >= floor:
             return counts
-        bias = floor_sinkhorn_offsets(scores.double(), floor, sinkhorn_iters)
+        bias = floor_sinkhorn_offsets(d2.double(), floor, sinkhorn_iters, reduce)
         self.code_bias.copy_(bias.to(self.code_bias))
         # Exact repair on the float32 numbers nearest() uses: raise a short code's offset just past the gap of
         # its (floor - count)-th cheapest outside point. tol: a few float32 ulps of the largest score.
         for _ in range(max_repairs):
             scores = d2 - self.code_bias.float()
             assign = scores.argmin(-1)
-            counts = torch.bincount(assign, minlength=size)
+            counts = reduce(code_counts(assign, size), "sum")
             if int(counts.min()) >= floor:
                 break
             k = int(counts.argmin())  # the shortest code (first on ties)
             outside = assign != k
-            gaps = (scores[:, k] - scores.min(-1).values)[outside]  # (N - count_k,) >= 0
-            need = floor - int(counts[k])
-            gap = float(torch.sort(gaps).values[need - 1])
-            tol = 1e-6 * float(scores.abs().max()) + 1e-30
+            gaps = (scores[:, k] - scores.min(-1).values)[outside]  # (rows outside k,) >= 0
+            gap = kth_smallest(gaps, floor - int(counts[k]), reduce)
+            tol = 1e-6 * float(reduce(_max_or_zero(scores.abs()), "max")) + 1e-30
             self.code_bias[k] += gap + tol
-        counts = torch.bincount((d2 - self.code_bias.float()).argmin(-1), minlength=size)
+        counts = counts_of(d2 - self.code_bias.float())
         if int(counts.min()) < floor:
             log.warning(
                 "fit_balance: could not give every code %d of %d points (counts %s); identical codes?",
@@ -355,30 +371,99 @@ def split_seed(group: torch.Tensor) -> torch.Tensor:
     return centre + step * direction
 
 
-def floor_sinkhorn_offsets(cost: torch.Tensor, floor: int, iters_per_eps: int = 60) -> torch.Tensor:
+RowReduce = Callable[[torch.Tensor, str], torch.Tensor]
+"""``reduce(t, op)``, op "sum" or "max": the element-wise sum / maximum of ``t`` (the same shape on every
+process, computed from that process's rows) over every process holding rows; the same result everywhere."""
+
+
+def local_rows(t: torch.Tensor, op: str) -> torch.Tensor:
+    """The ``RowReduce`` of one process holding every row: nothing to combine."""
+    return t
+
+
+def _max_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """(1,) largest entry of ``t`` (0 when it is empty: a process may hold no row of the fit)."""
+    return t.amax().reshape(1) if t.numel() else t.new_zeros(1)
+
+
+def column_logsumexp(blocks: Iterable[torch.Tensor], like: torch.Tensor, reduce: RowReduce) -> torch.Tensor:
+    """(K,) log-sum-exp over the rows of every block (n_b, K) of every process: ``torch.logsumexp(x, 0)`` of
+    their concatenation, streamed (a running maximum and a sum rescaled to it), so no (N, K) copy is made.
+    ``like``: a (K,) tensor of the result's dtype and device (for a process without rows)."""
+    top = total = None
+    for x in blocks:
+        if not x.shape[0]:
+            continue
+        m = x.amax(0)
+        if top is None:
+            top, total = m, torch.exp(x - m).sum(0)
+        else:
+            new = torch.maximum(top, m)
+            total = total * torch.exp(top - new) + torch.exp(x - new).sum(0)
+            top = new
+    if top is None or total is None:  # no row here
+        top, total = torch.full_like(like, -math.inf), torch.zeros_like(like)
+    overall = reduce(top, "max")
+    return overall + torch.log(reduce(total * torch.exp(top - overall), "sum"))
+
+
+def kth_smallest(values: torch.Tensor, k: int, reduce: RowReduce) -> float:
+    """The k-th smallest (1-based) of every process's ``values`` (non-negative float32), exactly.
+
+    Non-negative floats order as their int32 bit patterns, so a bisection over those bits with the reduced
+    count of values at or below each candidate finds it in 31 steps, whatever the number of values (no
+    process sends a value)."""
+    bits = values.float().abs().contiguous().view(torch.int32)  # abs: -0.0 counts as +0.0
+    lo, hi = 0, 0x7F800000  # +0.0 .. +inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = reduce((bits <= mid).sum().reshape(1), "sum")
+        if int(below) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32))
+
+
+def floor_sinkhorn_offsets(
+    cost: torch.Tensor, floor: int, iters_per_eps: int = 60, reduce: RowReduce | None = None
+) -> torch.Tensor:
     """Code offsets b (K,) >= 0 from entropic OT with floor-constrained code marginals on ``cost`` (N, K).
 
     Maximizes the smoothed dual of min <P, C> s.t. P 1 = 1, P^T 1 >= floor by block coordinate ascent
     (log-domain Sinkhorn whose column step is clipped at 0: a code already at its floor keeps b = 0), eps
     annealed from the mean (row-shifted) cost down to 1e-3 of it. The hard argmin of cost - b is close to
-    the floor; ``ProfileQuantizer.fit_balance`` makes it exact.
+    the floor; ``ProfileQuantizer.fit_balance`` makes it exact. ``reduce``: see ``fit_balance_distances``
+    (each process's rows of ``cost``; the row step is local, the column step reduces (K,) numbers).
     """
+    reduce = reduce or local_rows
     c = cost - cost.min(-1, keepdim=True).values  # a per-row shift changes no assignment
-    scale = float(c.mean())
+    total = reduce(torch.stack([c.sum(), c.new_tensor(float(c.numel()))]), "sum")
+    scale = float(total[0] / total[1])
     if not scale > 0.0:
         return torch.zeros(cost.shape[1], dtype=cost.dtype, device=cost.device)
-    c = c / scale
-    g = torch.zeros(cost.shape[1], dtype=cost.dtype, device=cost.device)
+    c /= scale
+    num_rows, num_codes = c.shape
+    g = torch.zeros(num_codes, dtype=cost.dtype, device=cost.device)
+    f = torch.empty(num_rows, dtype=cost.dtype, device=cost.device)
     log_floor = math.log(floor)
+    # rows in blocks of SINKHORN_BLOCK: an iteration's (rows, K) temporaries stay one block's
+    spans = [(a, min(a + SINKHORN_BLOCK, num_rows)) for a in range(0, num_rows, SINKHORN_BLOCK)]
     for eps in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001):
         for _ in range(iters_per_eps):
-            f = -eps * torch.logsumexp((g - c) / eps, dim=1)  # (N,) every point's mass is 1
-            g_new = (eps * log_floor - eps * torch.logsumexp((f[:, None] - c) / eps, dim=0)).clamp(min=0.0)
-            done = bool((g_new - g).abs().max() < 1e-9)
+            for a, b in spans:  # every point's mass is 1
+                f[a:b] = -eps * torch.logsumexp((g - c[a:b]) / eps, dim=1)
+            columns = column_logsumexp(((f[a:b, None] - c[a:b]) / eps for a, b in spans), g, reduce)
+            g_new = (eps * log_floor - eps * columns).clamp(min=0.0)
+            # a maximum is exact in any order: every process stops at the same iteration
+            done = float(reduce((g_new - g).abs().amax().reshape(1), "max")) < 1e-9
             g = g_new
             if done:
                 break
     return g * scale
+
+
+SINKHORN_BLOCK = 65536  # rows per block of floor_sinkhorn_offsets' iterations
 
 
 class MultiProfileQuantizer(nn.Module):

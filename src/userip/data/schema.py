@@ -67,11 +67,16 @@ ITEM_COLUMNS = ("item_id", "raw_item_id", "title", "categories", "brand", "price
 USER_COLUMNS = ("user_id", "raw_user_id")
 
 
-def profile_samples_of(interactions: pd.DataFrame) -> pd.DataFrame:
-    """The labelled rows of the profile split: the ``history`` split when there is one, else the training
-    split, sampled negatives included (what a supervised objective on the profile split trains on)."""
-    history = interactions[interactions["split"] == HISTORY_SPLIT]
-    return history if len(history) else interactions[interactions["split"] == "train"]
+def profile_split_of(interactions: pd.DataFrame) -> str:
+    """The profile split: the ``history`` split when there is one, else the training split."""
+    return HISTORY_SPLIT if bool((interactions["split"] == HISTORY_SPLIT).any()) else "train"
+
+
+def profile_samples_of(interactions: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
+    """The labelled rows of the profile split (``profile_split_of``, or ``split`` when given: the split of
+    the whole table, for a block of its rows), sampled negatives included (what a supervised objective on
+    the profile split trains on)."""
+    return interactions[interactions["split"] == (split or profile_split_of(interactions))]
 
 
 def observed(interactions: pd.DataFrame) -> pd.DataFrame:
@@ -81,12 +86,12 @@ def observed(interactions: pd.DataFrame) -> pd.DataFrame:
     return interactions[interactions["sampled"].to_numpy() == 0]
 
 
-def profile_rows_of(interactions: pd.DataFrame) -> pd.DataFrame:
+def profile_rows_of(interactions: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
     """The rows profiles are inferred from (prompt targets, hints, the evidence of control rows and probes):
     the observed rows of the profile split (``profile_samples_of``). A sampled negative is an item the user
     never met, not evidence of a taste, so implicit data gives its positives only; explicit data is
-    unchanged (every row observed)."""
-    return observed(profile_samples_of(interactions))
+    unchanged (every row observed). ``split``: as ``profile_samples_of``."""
+    return observed(profile_samples_of(interactions, split))
 
 
 def user_ranks(user_ids: np.ndarray) -> np.ndarray:

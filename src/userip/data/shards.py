@@ -97,21 +97,26 @@ def read_user_rows(
     index = UserRowGroups.of(path)
     groups = index.groups_for(lo, hi)
     file = pq.ParquetFile(path)
-    frames = []
+    tables = []
     try:
-        # one row group at a time: Arrow's buffers for one group, not for the whole range, at any moment
+        # Arrow tables of the groups (rows outside the range dropped per group), converted to pandas once,
+        # each column's Arrow buffers freed as it is converted: about one copy of the rows at any moment
+        # (pandas frames per group and their concatenation would hold two).
         for g in groups:
-            part = file.read_row_group(g, columns=columns).to_pandas()
-            users = part["user_id"].to_numpy()
+            part = file.read_row_group(g, columns=columns)
+            users = part.column("user_id").to_numpy()
             keep = (users >= lo) & (users < hi)
-            frames.append(part if keep.all() else part[keep])
+            tables.append(part if keep.all() else part.filter(pa.array(keep)))
     except (OSError, pa.ArrowException) as e:
         raise DatasetError(f"{path}: unreadable Parquet table (corrupt or truncated: {e})") from e
-    pa.default_memory_pool().release_unused()  # give the groups' buffers back, not to the pool's cache
-    if not frames:  # no row group holds the range: the table's columns, no rows
+    if not tables:  # no row group holds the range: the table's columns, no rows
         return file.schema_arrow.empty_table().to_pandas(), 0
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
-    return frame, len(groups)
+    table = pa.concat_tables(tables)
+    del tables
+    frame = table.to_pandas(split_blocks=True, self_destruct=True)
+    del table
+    pa.default_memory_pool().release_unused()  # give the groups' buffers back, not to the pool's cache
+    return frame.reset_index(drop=True), len(groups)
 
 
 class UserShard(Dataset):

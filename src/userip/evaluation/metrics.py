@@ -205,3 +205,13 @@ def choose_simplest_within_noise(
         tuple(float(e) for e in ses),
         tuple(bool(w) for w in within),
     )
+
+
+def hopeless_candidates(first_seed_scores: Sequence[float] | ArrayLike, margin: float | None) -> set[int]:
+    """Candidates to drop after the first seed of a search: those whose score is more than ``margin`` below
+    that seed's best (None: drop none). The first candidate (the simplest) never is, so the rule of
+    ``choose_simplest_within_noise`` always has it to fall back on."""
+    if margin is None:
+        return set()
+    first = np.asarray(first_seed_scores, dtype=np.float64)
+    return {c for c in range(1, len(first)) if first[c] < np.nanmax(first) - margin}

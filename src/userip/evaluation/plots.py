@@ -20,25 +20,32 @@ def plot_sweep(
     metrics: tuple[str, ...] = ("auc", "logloss"),
     title: str = "",
     path: str | Path = "sweep.png",
+    curve: str | None = None,
 ) -> Path:
-    """One panel per metric: mean over seeds with a ±std band, x on a log scale (sizes go 3..81)."""
+    """One panel per metric: mean over seeds with a ±std band, x on a log scale (sizes go 3..81). ``curve``:
+    a column whose values split the rows into curves drawn side by side, with a legend (re-quantized and
+    retrained codebooks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = summary.sort_values(x)
+    groups = [("", summary)] if curve is None else list(summary.groupby(curve, sort=False))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        mean = summary[f"{metric}_mean"].to_numpy(dtype=float)
-        std = (
-            summary.get(f"{metric}_std", pd.Series(0.0, index=summary.index))
-            .fillna(0.0)
-            .to_numpy(dtype=float)
-        )
-        xs = summary[x].to_numpy(dtype=float)
-        ax.plot(xs, mean, marker="o", color="tab:blue" if metric == "auc" else "tab:red")
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=ax.lines[-1].get_color())
+        single = "tab:blue" if metric == "auc" else "tab:red"
+        for i, (label, rows) in enumerate(groups):
+            mean = rows[f"{metric}_mean"].to_numpy(dtype=float)
+            std = (
+                rows.get(f"{metric}_std", pd.Series(0.0, index=rows.index)).fillna(0.0).to_numpy(dtype=float)
+            )
+            xs = rows[x].to_numpy(dtype=float)
+            color = single if curve is None else f"C{i}"
+            marker = "os^v"[i % 4]
+            ax.plot(xs, mean, marker=marker, color=color, label=str(label) if curve is not None else None)
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=color)
+        xs = summary[x].drop_duplicates().to_numpy(dtype=float)
         ax.set_xscale("log")
         ax.minorticks_off()  # the log axis' minor labels (2x10^1, ...) overprint the sizes
         ax.set_xticks(xs)
@@ -46,6 +53,8 @@ def plot_sweep(
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel("AUC" if metric == "auc" else "Logloss" if metric == "logloss" else metric)
         ax.grid(alpha=0.3)
+        if curve is not None:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

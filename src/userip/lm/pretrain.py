@@ -65,6 +65,14 @@ def build_model_config(config: OfflineLMConfig, tokenizer: PreTrainedTokenizerFa
     )
 
 
+def embedding_init_std(config: OfflineLMConfig) -> float:
+    """The std of the normal the offline LM's embeddings start from (its HF config's ``initializer_range``;
+    0.02 for both architectures): the scale of the no-LM mode's soft tokens, which have no LM to start from.
+    """
+    config_class = LlamaConfig if config.architecture is Architecture.LLAMA else GPT2Config
+    return float(config_class().initializer_range)
+
+
 def build_model(config: OfflineLMConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A freshly initialised (seeded) causal LM of the configured shape."""
     torch.manual_seed(config.seed)

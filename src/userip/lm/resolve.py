@@ -12,6 +12,31 @@ from userip.lm.offline import default_cache_dir, load_or_build_random, load_or_p
 from userip.lm.offline_config import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig
 from userip.prompts import PromptConfig
 from userip.utils.config import ConfigError
+from userip.utils.io import run_relative
+
+NO_LM_SPEC = "none"  # --lm value: no LM at all (``userip.profile.no_lm``: the LLM's-share ablation)
+# The built-in ``--lm`` values; anything else names a model folder, a ``.gguf`` file or a hub id.
+BUILT_IN_LMS: dict[str, str] = {
+    OFFLINE_SPEC: "a small LM pre-trained on the dataset's texts (cached in RUN/lm)",
+    RANDOM_SPEC: "the offline LM's shape, untrained",
+    SMOLLM2_SPEC: "SmolLM2 from its GGUF file, converted once",
+    NO_LM_SPEC: "no LM: the profile stage trains the soft tokens by the surrogate + VQ loss alone",
+}
+
+
+def _built_ins() -> str:
+    return ", ".join(repr(name) for name in BUILT_IN_LMS)
+
+
+def is_no_lm(spec: object) -> bool:
+    """Whether an ``lm.name_or_path`` / ``--lm`` value asks for no LM (``NO_LM_SPEC``): the one test of it."""
+    return isinstance(spec, str) and spec.strip() == NO_LM_SPEC
+
+
+def lm_as_recorded(spec: str, run_dir: str | os.PathLike[str]) -> str:
+    """An ``lm.name_or_path`` as a run records it: ``none`` as it is (never a file of that name), else
+    ``run_relative`` (relative to the run inside it: a copied run must not read the original's LM)."""
+    return NO_LM_SPEC if is_no_lm(spec) else run_relative(spec, run_dir)
 
 
 def looks_like_local_path(spec: str) -> bool:
@@ -36,11 +61,17 @@ def resolve_lm(
     untrained (ablation). ``smollm2`` or a ``.gguf`` file: a GGUF model converted once to a plain model folder
     (``userip.lm.gguf``), cached by the file's SHA-256 in ``cache_dir`` or the user cache (shared by runs).
     Anything else is a local folder or a Hugging Face hub id (``gpt2``, ``meta-llama/Llama-2-7b-hf``) passed
-    through unchanged.
+    through unchanged. ``none`` names no model: only the profile stage accepts it (it branches before
+    resolving); here it is a ``ConfigError``.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--lm: expected 'offline', 'random', a model folder or a hub id; got {spec!r}")
+        raise ConfigError(f"--lm: expected {_built_ins()}, a model folder or a hub id; got {spec!r}")
     spec = spec.strip()
+    if is_no_lm(spec):
+        raise ConfigError(
+            f"--lm {NO_LM_SPEC}: no LM to load; only the profile stage runs without one (its no-LM mode), "
+            "this command needs an LM (offline, random, a model folder or a hub id)"
+        )
 
     if spec == SMOLLM2_SPEC or spec.endswith(".gguf"):
         gguf_path = smollm2_gguf_path() if spec == SMOLLM2_SPEC else Path(spec).expanduser()
@@ -72,7 +103,7 @@ def resolve_lm(
         validate_repo_id(spec)
     except HFValidationError:
         raise ConfigError(
-            f"--lm {spec!r}: neither 'offline', 'random', an existing model folder, nor a valid hub id "
+            f"--lm {spec!r}: neither {_built_ins()}, an existing model folder, nor a valid hub id "
             "(such as 'gpt2' or 'meta-llama/Llama-2-7b-hf')"
         ) from None
     return spec  # a hub id: loaded (from the local HF cache when offline) by from_pretrained

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/default)")
     parser.add_argument(
         "--lm",
-        help="'offline' (default), 'random', 'smollm2', a .gguf file, a model folder, or a HF name (gpt2)",
+        help="'offline' (default), 'random', 'smollm2', a .gguf file, a model folder, a HF name (gpt2), "
+        "or 'none' (no LM)",
     )
     parser.add_argument("--seeds", help="comma-separated CTR seeds, e.g. 0,1,2,3,4")
     add_set_argument(parser, "profile.train.num_epochs=5")

@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser, "pepler.lm_device=cuda")
     parser.add_argument(
         "--rows",
-        help="compute only these rows' cells (comma-separated variants: base, userip, kar, pepler, rella, "
-        "...) and no tables; copy their OUT/cells into one folder and rerun without --rows for the tables",
+        help="compute only these rows' cells (comma-separated variants: base, userip, hobby9_retrain, kar, "
+        "pepler, ...) and no tables; copy their OUT/cells (and RUN/profiles for retrained sizes) into one "
+        "folder and rerun without --rows for the tables",
     )
     parser.add_argument(
         "--finished-only",

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.preprocess import PrepareConfig, SplitMode
 from userip.data.protocols import Protocol, ProtocolConfig
 from userip.pipeline.run import PipelineConfig
+from userip.profile.stage import _NOT_IDENTITY as TRAIN_KEYS_WITHOUT_NUMBERS
 from userip.profile.stage import ProfileStageConfig
-from userip.utils.config import ConfigError, check_fields
+from userip.utils.artifacts import key_digest
+from userip.utils.config import ConfigError, check_fields, choice, to_dict
 
 PAPER_BASELINES = ["ffm", "afm", "fibinet", "difm", "afn", "deepfm", "autoint", "onn", "pnn", "dcnv2", "dcn"]
 TABLES = ("table2", "table3", "table4", "figure5", "figure6")
@@ -91,17 +94,7 @@ class TrainerSearchConfig:
             raise ConfigError(
                 f"trainer_search.grid: unknown key(s) {bad}; accepted: {list(SEARCHABLE_TRAINER_KEYS)}"
             )
-        for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"trainer_search.grid.{key}: expected a non-empty list, got {values!r}")
-        if self.grid and len(set(self.seeds)) < MIN_SEARCH_SEEDS:
-            raise ConfigError(
-                f"trainer_search.seeds: at least {MIN_SEARCH_SEEDS} distinct seeds are required to tell a "
-                f"gain from noise, got {self.seeds}"
-            )
-        check_fields(self, nonnegative_numbers=("se_threshold",), where="trainer_search")
-        if self.prune_margin is not None:
-            check_fields(self, nonnegative_numbers=("prune_margin",), where="trainer_search")
+        _check_search_rule(self, "trainer_search")
 
     def candidates(self, base: CTRTrainerConfig) -> list[CTRTrainerConfig]:
         """Every combination of the grid applied to ``base`` (just ``[base]`` without a grid)."""
@@ -113,6 +106,147 @@ class TrainerSearchConfig:
             except ValueError as e:
                 raise ConfigError(f"trainer_search.grid {dict(zip(keys, values))}: {e}") from None
         return out
+
+
+def _check_search_rule(search: TrainerSearchConfig | ProfileSearchConfig, where: str) -> None:
+    """The checks both searches share: non-empty value lists, >= ``MIN_SEARCH_SEEDS`` seeds when a grid is
+    set, the thresholds."""
+    for key, values in search.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.grid.{key}: expected a non-empty list, got {values!r}")
+    if search.grid and len(set(search.seeds)) < MIN_SEARCH_SEEDS:
+        raise ConfigError(
+            f"{where}.seeds: at least {MIN_SEARCH_SEEDS} distinct seeds are required to tell a "
+            f"gain from noise, got {search.seeds}"
+        )
+    check_fields(search, nonnegative_numbers=("se_threshold",), where=where)
+    if search.prune_margin is not None:
+        check_fields(search, nonnegative_numbers=("prune_margin",), where=where)
+
+
+# Profile-config leaves a profile search may not vary: the train settings that change no number.
+_NOT_SEARCHABLE_PROFILE_KEYS = tuple(f"train.{key}" for key in TRAIN_KEYS_WITHOUT_NUMBERS)
+PROFILE_SEARCH_EXAMPLES = (
+    "prompt.history_feedback",
+    "quantization.loss_weight",
+    "train.num_epochs",
+    "prompt.profiles.hobby.codebook_size",
+)
+
+
+@dataclasses.dataclass
+class ProfileSearchConfig:
+    """The profile stage's setting chosen on validation AUC before anything else, by the trainer search's
+    rule (``TrainerSearchConfig``: the simplest candidate unless a richer one is better by more than
+    ``se_threshold`` paired standard errors over ``seeds``; after the first seed, candidates more than
+    ``prune_margin`` below its best are dropped).
+
+    ``grid`` maps a dotted key of the profile config (``prompt.history_feedback``,
+    ``quantization.loss_weight``, ``train.num_epochs``; a profile's own field by its name:
+    ``prompt.profiles.hobby.codebook_size``) to its candidate values; every combination is a candidate
+    (the experiment's ``profile`` with that grid point applied), whose whole profile stage runs once in
+    ``RUN/profiles/<name>-<digest>`` (the experiment's own setting in ``RUN`` itself) and is reused by later
+    runs. The FIRST value of each list is the simplest: a candidate's complexity is the sum of its values'
+    positions in their lists, so list the paper's (or current) setting first. Each candidate is scored by
+    UserIP-<model>'s validation AUC with the experiment's base ``trainer``; the test split is never
+    consulted. The chosen setting becomes the experiment's profile (main bank, every UserIP row, the
+    controls and sweeps). The trainer grid is searched afterwards, for the chosen profile only: successive
+    searches keep the cost linear in the two grids instead of their product. Empty grid: no search.
+    """
+
+    grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    se_threshold: float = 2.0  # as in TrainerSearchConfig
+    prune_margin: float | None = 0.01  # as in TrainerSearchConfig
+
+    def __post_init__(self) -> None:
+        _check_search_rule(self, "profile_search")
+        for key, values in self.grid.items():
+            if len({key_digest(v) for v in values}) != len(values):  # two candidates would be one stage
+                raise ConfigError(f"profile_search.grid.{key}: repeated values in {values!r}")
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, the first key varying slowest (the first point is the simplest)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def complexity(self) -> list[int]:
+        """Each point's complexity: the sum of its values' positions in their grid lists."""
+        ranks = itertools.product(*(range(len(self.grid[k])) for k in self.grid))
+        return [sum(r) for r in ranks]
+
+    def candidates(self, base: ProfileStageConfig) -> list[ProfileStageConfig]:
+        """Every grid point applied to ``base`` (just ``[base]`` without a grid); a bad key or value is a
+        ConfigError naming it."""
+        return [apply_profile_point(base, point) for point in self.points()]
+
+
+def apply_profile_point(base: ProfileStageConfig, point: dict[str, Any]) -> ProfileStageConfig:
+    """``base`` with each dotted key of ``point`` set (``prompt.profiles.<name>.<field>`` reaches the profile
+    of that name), validated as a profile config."""
+    data = to_dict(base)
+    for key, value in point.items():
+        node, parts = data, key.split(".")
+        if key in _NOT_SEARCHABLE_PROFILE_KEYS:
+            raise ConfigError(f"profile_search.grid: {key!r} changes no number; it cannot be searched")
+        for depth, part in enumerate(parts):
+            if isinstance(node, list):  # prompt.profiles: addressed by profile name
+                names = [p.get("name") for p in node]
+                if part not in names:
+                    raise ConfigError(
+                        f"profile_search.grid: {key!r}: no profile named {part!r} (profiles: {names})"
+                    )
+                index = names.index(part)
+                if depth == len(parts) - 1:
+                    raise ConfigError(f"profile_search.grid: {key!r} names a whole profile, not a field")
+                node = node[index]
+                continue
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(
+                    f"profile_search.grid: unknown key {key!r}; expected a dotted key of the profile "
+                    f"config, such as {list(PROFILE_SEARCH_EXAMPLES)}"
+                )
+            if depth == len(parts) - 1:
+                current = node[part]
+                if isinstance(current, dict) or (
+                    isinstance(current, list) and current and isinstance(current[0], dict)
+                ):
+                    raise ConfigError(f"profile_search.grid: {key!r} is a section, not a setting")
+                node[part] = value
+            else:
+                node = node[part]
+    where = f"profile_search.grid {point}"
+    try:
+        candidate = ProfileStageConfig.from_dict(data, where)
+    except ConfigError as e:  # a nested config's own check names its field, not the grid point
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    small = [p.name for p in candidate.prompt.profiles if p.codebook_size < 2]
+    if small:
+        raise ConfigError(f"{where}: every codebook size must be >= 2 (profiles {small})")
+    return candidate
+
+
+class CodebookSweep(enum.Enum):
+    """How Figures 5-6 get a bank per codebook size: re-train the codebooks on the main stage's fixed soft
+    tokens (``requantize``, cheap), run the whole profile stage per size (``retrain``), or both (two
+    curves)."""
+
+    REQUANTIZE = "requantize"
+    RETRAIN = "retrain"
+    BOTH = "both"
+
+
+# Figures 5-6: each codebook sweep's variant suffix (``hobby9``, ``hobby9_retrain``) and curve label.
+SWEEP_LABELS = {"": "re-quantized", "_retrain": "retrained"}
+
+
+def sweep_suffixes(sweep: CodebookSweep) -> tuple[str, ...]:
+    """The variant suffixes of the sweeps ``codebook_sweep`` asks for."""
+    return {
+        CodebookSweep.REQUANTIZE: ("",),
+        CodebookSweep.RETRAIN: ("_retrain",),
+        CodebookSweep.BOTH: ("", "_retrain"),
+    }[sweep]
 
 
 @dataclasses.dataclass
@@ -138,6 +272,9 @@ class ExperimentConfig:
     model_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     trainer: CTRTrainerConfig = dataclasses.field(default_factory=CTRTrainerConfig)
     trainer_search: TrainerSearchConfig = dataclasses.field(default_factory=TrainerSearchConfig)
+    # The profile setting chosen on validation before the trainer search (empty grid: ``profile`` as is).
+    profile_search: ProfileSearchConfig = dataclasses.field(default_factory=ProfileSearchConfig)
+    codebook_sweep: CodebookSweep = CodebookSweep.REQUANTIZE  # Figures 5-6, see CodebookSweep
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
     controls: list[str] = dataclasses.field(default_factory=list)  # see CONTROLS
     llm_baselines: list[str] = dataclasses.field(default_factory=list)  # Table 2 rows, see BASELINE_ROWS
@@ -166,11 +303,15 @@ class ExperimentConfig:
                 f"protocol.name {protocol.value!r} with prepare.split {self.prepare.split.value!r}: the time "
                 "protocol is the time split (prepare.split: time), and only it"
             )
-        requantized = sorted({"table3", "figure5", "figure6"} & set(self.tables))
-        if protocol is Protocol.COLD_START and requantized:
+        self.codebook_sweep = choice(CodebookSweep, self.codebook_sweep, "codebook_sweep")  # type: ignore[assignment]
+        requantized = {"table3"}
+        if self.codebook_sweep is not CodebookSweep.RETRAIN:
+            requantized |= {"figure5", "figure6"}
+        if protocol is Protocol.COLD_START and requantized & set(self.tables):
             raise ConfigError(
-                f"tables {requantized} re-quantize the soft tokens of trained users only, so cold users "
-                "would have no IDs there; use tables [table2, table4] with protocol cold_start"
+                f"tables {sorted(requantized & set(self.tables))} re-quantize the soft tokens of trained "
+                "users only, so cold users would have no IDs there; use tables [table2, table4] (or the "
+                "figures with codebook_sweep: retrain) with protocol cold_start"
             )
         for key in ("baselines", "transfer_models"):
             bad = [m for m in getattr(self, key) if m.lower() not in MODELS]
@@ -194,6 +335,7 @@ class ExperimentConfig:
             if any(int(k) < 2 for k in getattr(self, key)):
                 raise ConfigError(f"{key}: every codebook size must be >= 2, got {getattr(self, key)}")
         candidates = self.trainer_search.candidates(self.trainer)  # every grid point must be valid
+        self.profile_search.candidates(self.profile)
         if "table3" in self.tables and any(t.warm_start for t in candidates):
             raise ConfigError(
                 "table3's without-VQ row holds continuous profiles, which warm_start cannot extend a model "

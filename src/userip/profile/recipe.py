@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 from userip.data.schema import Dataset
+from userip.lm.resolve import lm_as_recorded
 from userip.profile.lm import LMConfig, load_causal_lm, load_tokenizer
 from userip.profile.model import (
     ProfileModel,
     SoftTokenConfig,
+    SoftTokenModel,
     initial_soft_token_table,
     resolve_value_words,
 )
-from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, TrainResult
-from userip.prompts import ExampleSet, PromptBuilder, PromptConfig, build_examples
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, TrainingExamples, TrainResult
+from userip.prompts import PromptBuilder, PromptConfig, build_examples
 from userip.utils.artifacts import CorruptArtifactError, check_record, load_tensors, save_tensors
 from userip.utils.config import ConfigError, to_dict
-from userip.utils.io import atomic_write_json, read_json, run_relative
+from userip.utils.io import atomic_write_json, read_json
 from userip.utils.run_layout import RunLayout
 from userip.utils.seed import seed_everything
 
@@ -55,10 +57,18 @@ class ProfileConfig:
 @dataclasses.dataclass
 class ProfileSetup:
     dataset: Dataset
-    builder: PromptBuilder
-    examples: ExampleSet
-    model: ProfileModel
+    builder: PromptBuilder | None  # None: no LM (``userip.profile.no_lm``), no prompt text
+    examples: TrainingExamples  # an ExampleSet; no LM: ``no_lm.UserExamples``, one per user, no text
+    model: ProfileModel | SoftTokenModel
     value_words: dict[str, list[str]]  # profile -> the words its soft tokens started from ([]: the phrase)
+    trainer_class: type[ProfileTrainer] = ProfileTrainer
+
+    @property
+    def template(self) -> str:
+        """The prompt with ``<target>`` as target, as text ("" with no LM)."""
+        if self.builder is None:
+            return ""
+        return self.builder.tokenizer.decode(self.builder.build("<target>").input_ids)
 
 
 def setup(run_dir: str | Path, config: ProfileConfig) -> ProfileSetup:
@@ -107,7 +117,7 @@ def run_profile(
     """setup -> train -> save. Pass ``aux`` (e.g. codebooks + surrogate) to train it jointly."""
     run_dir = Path(run_dir)
     prepared = prepared or setup(run_dir, config)
-    trainer = ProfileTrainer(
+    trainer = prepared.trainer_class(
         prepared.model,
         prepared.examples,
         config.train,
@@ -127,7 +137,7 @@ def save_soft_tokens(
     trained[torch.from_numpy(prepared.examples.user_ids)] = True
     save_tensors(folder / SOFT_TOKENS_FILE, {"soft_tokens": table, "trained": trained})
     # Paths inside the run are recorded relative to it: a copied run must not read the original's LM.
-    lm = run_relative(config.lm.name_or_path, folder.parent)
+    lm = lm_as_recorded(config.lm.name_or_path, folder.parent)
     recorded_config = to_dict(config)
     recorded_config["lm"]["name_or_path"] = lm
     atomic_write_json(
@@ -136,9 +146,7 @@ def save_soft_tokens(
             "lm": lm,
             "hidden_size": table.shape[-1],
             "profiles": [dataclasses.asdict(p) for p in config.prompt.profiles],
-            "template_example": prepared.builder.tokenizer.decode(
-                prepared.builder.build("<target>").input_ids
-            ),
+            "template_example": prepared.template,
             "config": recorded_config,
             "value_words": prepared.value_words,  # what the soft tokens started from (new users reuse it)
             "dataset_hash": prepared.dataset.content_hash,
@@ -146,7 +154,7 @@ def save_soft_tokens(
             "num_examples": len(prepared.examples),
             "num_users_skipped": prepared.examples.num_skipped_users,
             "steps": result.steps,
-            "final_lm_loss": result.loss_history[-1] if result.loss_history else None,
+            "final_lm_loss": result.final_lm_loss,
             "tokens_per_s": result.tokens / result.seconds if result.seconds > 0 else None,
         },
     )

@@ -28,17 +28,17 @@ from userip.codebook.config import QuantizationConfig
 from userip.data.schema import Dataset
 from userip.feature_bank import FeatureBank
 from userip.lm.offline_config import OFFLINE_SPEC, RANDOM_SPEC, OfflineLMConfig
-from userip.lm.resolve import resolve_lm
+from userip.lm.resolve import NO_LM_SPEC, is_no_lm, lm_as_recorded, resolve_lm
 from userip.profile.bank import build_aux, load_objective_state, write_bank
 from userip.profile.lm import LMConfig, LMLoadError
 from userip.profile.model import SoftTokenConfig
 from userip.profile.new_users import infer_new_users, read_new_users, trainer_fit_profiles
 from userip.profile.recipe import ProfileConfig, ProfileSetup, read_profile_manifest, run_profile, setup
-from userip.profile.trainer import ProfileTrainConfig, TrainResult
+from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, TrainResult
 from userip.prompts import PromptConfig
 from userip.utils.config import ConfigError, check_device, from_dict, to_dict
 from userip.utils.distributed import DistributedError
-from userip.utils.io import atomic_write_json, read_json, resolve_in_run, run_relative
+from userip.utils.io import atomic_write_json, read_json, resolve_in_run
 from userip.utils.run_layout import STAGE_CONFIG_FILE as STAGE_CONFIG_FILE  # re-exported
 from userip.utils.run_layout import RunLayout
 
@@ -61,7 +61,9 @@ class ProfileStageConfig:
     """Sections of a ``userip profile`` YAML.
 
     ``lm.name_or_path``: ``offline`` (default: a small LM pre-trained on this dataset's texts, cached in
-    ``RUN/lm``), ``random`` (same shape, untrained), a local model folder or a Hugging Face id (``gpt2``).
+    ``RUN/lm``), ``random`` (same shape, untrained), a local model folder or a Hugging Face id (``gpt2``),
+    or ``none``: no LM, the soft tokens trained by the surrogate + VQ loss alone (``userip.profile.no_lm``;
+    table width ``offline_lm.hidden_size``).
     """
 
     lm: LMConfig = dataclasses.field(default_factory=_default_lm)
@@ -200,12 +202,19 @@ def run_profile_stage(
     identity = checkpoint_identity(config, dataset)
     resume = plan_resume(run_dir, identity, resume)
     bind_checkpoints(run_dir, identity, resume)
-    lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
-    profile_config = _profile_config(config, lm_path)
-    prepared = setup(run_dir, profile_config)
+    if is_no_lm(config.lm.name_or_path):  # no LM resolved, loaded or run (``userip.profile.no_lm``)
+        from userip.profile.no_lm import setup_without_lm
+
+        lm_path = NO_LM_SPEC
+        profile_config = _profile_config(config, lm_path)
+        prepared = setup_without_lm(dataset, profile_config, config.offline_lm)
+    else:
+        lm_path = resolve_stage_lm(run_dir, config, dataset, progress=config.train.progress)
+        profile_config = _profile_config(config, lm_path)
+        prepared = setup(run_dir, profile_config)
     hidden = prepared.model.table.weight.shape[-1]
-    # The trainer hands aux the batch on the LM's device; keep the codebooks and surrogate there too.
-    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization).to(prepared.model.lm_device)
+    # The trainer hands aux the batch on the step's (the LM's) device; keep the codebooks and surrogate there.
+    aux = build_aux(dataset, config.prompt.profiles, hidden, config.quantization).to(prepared.model.device)
     _, result = run_profile(run_dir, profile_config, aux=aux, resume=resume, prepared=prepared)
     return finish_stage(
         run_dir,
@@ -215,7 +224,7 @@ def run_profile_stage(
         aux,
         all_profile_embeds(prepared),
         prepared.examples.user_ids,
-        prepared.builder.tokenizer.decode(prepared.builder.build("<target>").input_ids),
+        prepared.template,
         result,
     )
 
@@ -257,7 +266,7 @@ def finish_stage(
 def write_stage_record(run_dir: Path, config: ProfileStageConfig, lm_path: str) -> str:
     """``RUN/profile/stage_config.json`` of a finished stage; returns the LM path as recorded (relative to the
     run: a copied run must use its own LM, never the original's)."""
-    recorded_lm = run_relative(lm_path, run_dir)
+    recorded_lm = lm_as_recorded(lm_path, run_dir)
     atomic_write_json(
         RunLayout(run_dir).stage_config,
         {"lm": config.lm.name_or_path, "lm_path": recorded_lm, "config": to_dict(config)},
@@ -270,8 +279,10 @@ def write_bank_report(
 ) -> None:
     """The bank's ``report.json``: ``report`` (code usage, recovery) plus this call's training (a resumed run
     counts only its own steps) and, for a distributed run, its number of ranks."""
-    report["final_lm_loss"] = result.loss_history[-1] if result.loss_history else None
-    report["lm_loss_history"] = result.loss_history
+    report["final_lm_loss"] = result.final_lm_loss
+    report["lm_loss_history"] = result.lm_loss_history
+    if result.loss_name != ProfileTrainer.LOSS_NAME:  # no LM (``userip.profile.no_lm``): what it trained on
+        report[f"{result.loss_name}_history"] = result.loss_history
     report["lm_tokens"], report["lm_seconds"] = result.tokens, round(result.seconds, 3)
     if world_size is not None:
         report["world_size"] = world_size
@@ -317,6 +328,11 @@ def stage_lm_path(run_dir: str | Path, stage: dict[str, Any], dataset: Dataset |
     """
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
+    if is_no_lm(stage["lm_path"]):
+        raise ConfigError(
+            f"{layout.stage_config}: this run's profile stage used no LM (lm {NO_LM_SPEC}); this needs one "
+            "(profile the run with an LM: offline, random, a model folder or a hub id)"
+        )
     recorded = resolve_in_run(stage["lm_path"], run_dir)
     legacy = Path(recorded)
     if legacy.is_absolute() and legacy.parent.name == layout.lm.name and (layout.lm / legacy.name).is_dir():
@@ -351,7 +367,8 @@ def reopen_profile(run_dir: str | Path, dataset: Dataset | None = None) -> Finis
 
 def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBank:
     """``userip profile --new-users FILE``: fit soft tokens for unseen users only (LM, codebooks and surrogate
-    frozen) and upsert their IDs into a new bank version; nobody else is retrained."""
+    frozen) and upsert their IDs into a new bank version; nobody else is retrained. A stage run without an
+    LM (``lm: none``) fits them the same way without the LM term (``no_lm.surrogate_fit_profiles``)."""
     from userip.profile.lm import load_causal_lm, load_tokenizer
 
     run_dir = Path(run_dir)
@@ -369,6 +386,17 @@ def add_new_users(run_dir: str | Path, new_users_file: str | Path) -> FeatureBan
     if not new.raw_user_ids:  # every user already has IDs (a rerun): the bank stays as it is
         log.info("new users: nothing to fit; bank %s unchanged", bank.version)
         return bank
+    if is_no_lm(stage["lm_path"]):  # the surrogate + VQ loss alone, as the stage trained
+        from userip.profile.no_lm import surrogate_fit_profiles
+
+        hidden = config.offline_lm.hidden_size
+        aux = load_objective_state(
+            build_aux(dataset, config.prompt.profiles, hidden, config.quantization), layout.bank
+        )
+        no_lm_fit = surrogate_fit_profiles(
+            config.prompt, config.train, config.offline_lm, config.train.seed, config.lm.device
+        )
+        return infer_new_users(layout.bank, dataset, aux.to(config.lm.device), new, no_lm_fit)
     lm_cfg = config.lm
     lm_path = stage_lm_path(run_dir, stage, dataset)
     lm = load_causal_lm(lm_path, lm_cfg.dtype, lm_cfg.device, lm_cfg.resolved_attn(), tf32=lm_cfg.tf32)

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -152,16 +152,57 @@ class TrainState:
     stopped_early: bool = False  # the stopping rule ended training (a resume does not continue it)
 
 
+class TrainingExamples(Protocol):
+    """What the training loop reads of its examples (``ExampleSet``; the no-LM ``UserExamples``)."""
+
+    user_ids: np.ndarray  # (N,) the user of each example
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self) -> np.ndarray: ...  # (N,) for length bucketing
+
+    @property
+    def num_skipped_users(self) -> int: ...
+
+
+@dataclasses.dataclass
+class StepRows:
+    """The table rows of one optimizer step (``ProfileTrainer._step_rows``)."""
+
+    batch_users: list[np.ndarray]  # per micro-batch, its examples' user ids (host)
+    row_ids: np.ndarray  # (R,) the step's distinct users, sorted
+    rows: torch.Tensor  # (R, S, D) their soft tokens: one leaf with grad, on the model's step device
+    inverse: torch.Tensor  # (sum of micro-batch sizes,) each example's position in ``rows`` (device)
+    bounds: np.ndarray  # (n + 1,) micro-batch k's examples are ``inverse[bounds[k]:bounds[k + 1]]``
+
+    def example_rows(self, k: int) -> torch.Tensor:
+        """(B_k, S, D) micro-batch ``k``'s rows, one per example (differentiable)."""
+        return self.rows[self.inverse[int(self.bounds[k]) : int(self.bounds[k + 1])]]
+
+
 @dataclasses.dataclass
 class TrainResult:
     steps: int
     tokens: int
     seconds: float
-    loss_history: list[float]
+    loss_history: list[float]  # per step, the loss named by ``loss_name``
     aux_metrics: dict[str, float]
+    loss_name: str = "lm_loss"  # the no-LM trainer records its objective's loss instead
+
+    @property
+    def lm_loss_history(self) -> list[float]:
+        """The LM loss per step; empty when no LM was trained against."""
+        return self.loss_history if self.loss_name == ProfileTrainer.LOSS_NAME else []
+
+    @property
+    def final_lm_loss(self) -> float | None:
+        return self.lm_loss_history[-1] if self.lm_loss_history else None
 
 
 class ProfileTrainer:
+    LOSS_NAME = "lm_loss"  # what ``_step`` returns per micro-batch (the history, the log, the stopping rule)
+
     def __init__(
         self,
         model: ProfileModel,
@@ -194,6 +235,15 @@ class ProfileTrainer:
         total = self.steps_per_epoch * config.num_epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.state = TrainState()
+        self._prepare_step()
+        # Step losses not read yet (device tensors, or floats from a subclass): ``_read_losses``.
+        self._unread_losses: list[torch.Tensor | float] = []
+        self._ema: float | None = None
+        self._plan: tuple[int, list[np.ndarray]] | None = None  # (epoch, its batches): _epoch_batches
+
+    def _prepare_step(self) -> None:
+        """The LM's share of the setup: threads for its step cost, batch padding, activation checkpointing."""
+        model, config = self.model, self.config
         # A step is about 6 FLOPs per LM parameter per token (forward + backward through the frozen LM).
         lm_params = sum(p.numel() for p in model.lm.parameters())
         tokens_per_step = float(np.mean(self.lengths)) * config.batch_size
@@ -202,9 +252,24 @@ class ProfileTrainer:
             AUTO_CUDA_PAD_MULTIPLE if model.lm_device.type == "cuda" else 1
         )
         model.set_activation_checkpointing(config.activation_checkpointing)
-        # Step losses not read yet (device tensors, or floats from a subclass): ``_read_losses``.
-        self._unread_losses: list[torch.Tensor | float] = []
-        self._ema: float | None = None
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """``plan_batches`` of ``epoch``, planned once per epoch (not once per step: the plan permutes every
+        example of the shard)."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = None  # the previous epoch's plan goes before the next is built
+            cfg = self.config
+            plan = plan_batches(
+                self.lengths,
+                cfg.batch_size,
+                cfg.seed,
+                epoch,
+                cfg.bucket_by_length,
+                cfg.bucket_window,
+                self.batches_per_epoch,
+            )
+            self._plan = (epoch, plan)
+        return self._plan[1]
 
     # ------------------------------------------------------------------ training
     def train(self, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
@@ -230,15 +295,7 @@ class ProfileTrainer:
             while self.state.step < self.total_steps and not self.state.stopped_early:
                 if stop_after_steps is not None and self.state.step >= stop_after_steps:
                     break
-                batches = plan_batches(
-                    self.lengths,
-                    cfg.batch_size,
-                    cfg.seed,
-                    self.state.epoch,
-                    cfg.bucket_by_length,
-                    cfg.bucket_window,
-                    self.batches_per_epoch,
-                )
+                batches = self._epoch_batches(self.state.epoch)
                 k = self.state.step_in_epoch
                 group = batches[k * cfg.grad_accum_steps : (k + 1) * cfg.grad_accum_steps]
                 if not group:  # epoch finished
@@ -266,10 +323,11 @@ class ProfileTrainer:
                     )
                     extra = " ".join(f"{k}={v:.4g}" for k, v in aux_metrics.items())
                     log.info(
-                        "step %d/%d epoch %d lm_loss %.4f tokens/s %.0f %s",
+                        "step %d/%d epoch %d %s %.4f tokens/s %.0f %s",
                         self.state.step,
                         self.total_steps,
                         self.state.epoch,
+                        self.LOSS_NAME,
                         ema,
                         tok_s,
                         extra,
@@ -292,6 +350,7 @@ class ProfileTrainer:
             time.perf_counter() - start_time,
             list(self.state.loss_history),
             aux_metrics if metrics_step == self.state.step else _floats(step_metrics),
+            self.LOSS_NAME,
         )
 
     def _read_losses(self) -> None:
@@ -334,7 +393,6 @@ class ProfileTrainer:
         device until ``_read_losses``; real tokens; the aux objective's metrics as it returned them).
         """
         model, examples = self.model, self.examples
-        device = model.lm_device
         batches = [
             collate(
                 [examples[int(i)] for i in idx],
@@ -342,36 +400,46 @@ class ProfileTrainer:
                 model.prompt_config.template_sees_soft_tokens,
                 model.lm_dtype,
                 self.pad_to_multiple_of,
-                device,
+                model.device,
             )
             for idx in group
         ]
-        batch_users = [examples.user_ids[idx] for idx in group]
-        # One leaf for every row of the step: gradients of repeated users (review mode, accumulation) add up.
-        row_ids, inverse = np.unique(np.concatenate(batch_users), return_inverse=True)  # sorted (R,)
-        rows = model.gather_rows(torch.from_numpy(row_ids)).requires_grad_(True)  # (R, S, D) fp32, LM device
-        inverse_on_device = host_to_device(inverse, device, np.int64)
-        losses, aux_metrics, start = [], {}, 0
-        for batch, users in zip(batches, batch_users):
-            rows_of_batch = rows[inverse_on_device[start : start + len(users)]]
-            start += len(users)
-            nll, num_targets = model(batch, rows_of_batch)
+        step = self._step_rows(group)
+        losses, aux_metrics = [], {}
+        for k, batch in enumerate(batches):
+            nll, num_targets = model(batch, step.example_rows(k))
             loss = nll / num_targets.clamp(min=1)
             losses.append(loss.detach())
             if self.aux is not None:
-                unique_users = np.unique(users)
-                embeds = model.profile_embeds_from(
-                    rows[host_to_device(np.searchsorted(row_ids, unique_users), device, np.int64)]
-                )
-                # host ids: the objective samples each user's interactions on the host, no copy back
-                aux_loss, aux_metrics = self.aux(unique_users, embeds)
+                aux_loss, aux_metrics = self._aux_loss(step, k)
                 loss = loss + aux_loss
             (loss / len(batches)).backward()
-        self.optimizer.step(torch.from_numpy(row_ids), rows.grad)
+        self._update(step)
+        return torch.stack(losses), sum(b.num_tokens for b in batches), aux_metrics
+
+    def _step_rows(self, group: list[np.ndarray]) -> StepRows:
+        """The rows of every micro-batch of ``group`` as one leaf: gradients of repeated users (review mode,
+        accumulation) add up."""
+        batch_users = [self.examples.user_ids[idx] for idx in group]
+        row_ids, inverse = np.unique(np.concatenate(batch_users), return_inverse=True)  # sorted (R,)
+        rows = self.model.gather_rows(torch.from_numpy(row_ids)).requires_grad_(True)  # (R, S, D) fp32
+        bounds = np.cumsum([0] + [len(users) for users in batch_users])
+        return StepRows(batch_users, row_ids, rows, host_to_device(inverse, rows.device, np.int64), bounds)
+
+    def _aux_loss(self, step: StepRows, k: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``aux`` on micro-batch ``k``'s users (each once) and their profile vectors."""
+        unique_users = np.unique(step.batch_users[k])
+        positions = host_to_device(np.searchsorted(step.row_ids, unique_users), step.rows.device, np.int64)
+        embeds = self.model.profile_embeds_from(step.rows[positions])
+        # host ids: the objective samples each user's interactions on the host, no copy back
+        return self.aux(unique_users, embeds)
+
+    def _update(self, step: StepRows) -> None:
+        """The optimizer step of the rows (``RowAdam``) and of ``aux`` (AdamW, when it trains)."""
+        self.optimizer.step(torch.from_numpy(step.row_ids), step.rows.grad)
         if self.aux_optimizer is not None:
             self.aux_optimizer.step()
             self.aux_optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses), sum(b.num_tokens for b in batches), aux_metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from userip.data.schema import Dataset
+from userip.data.schema import Dataset, profile_rows_of, profile_split_of
 from userip.prompts.template import HistoryFeedback, PromptBuilder, PromptConfig, PromptExample, TargetMode
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,37 @@ class ExampleSet:
     def subset(self, keep_user_ids: Iterable[int]) -> ExampleSet:
         """Only the examples of the given users (e.g. new users trained against a frozen model)."""
         keep = np.isin(self.user_ids, np.fromiter(keep_user_ids, dtype=np.int64))
+        if keep.all():  # every example (a rank's own users): the same arrays, no per-example copy
+            return dataclasses.replace(self)
         idx = np.flatnonzero(keep)
         pieces = [self.target_ids[self.offsets[i] : self.offsets[i + 1]] for i in idx]
         return _from_pieces(self.builder, self.user_ids[idx], pieces, self.skipped_user_ids)
 
 
-def build_examples(dataset: Dataset, builder: PromptBuilder) -> ExampleSet:
-    """Per-user (history) or per-interaction (review) examples from the profile rows."""
+# Users per block of build_examples: a block's filtered rows and per-user pieces are transient, so the
+# memory beyond the result does not grow with the number of users.
+EXAMPLE_BLOCK_USERS = 65536
+
+
+def build_examples(
+    dataset: Dataset, builder: PromptBuilder, block_users: int = EXAMPLE_BLOCK_USERS
+) -> ExampleSet:
+    """Per-user (history) or per-interaction (review) examples from the profile rows, ``block_users`` users
+    at a time when the interactions are in user order (as ``userip prepare`` writes them; otherwise at
+    once). The examples do not depend on the blocks: a user's target reads its own rows only."""
     mode = builder.config.target_mode
-    train = dataset.profile_rows()
-    if mode is TargetMode.HISTORY:
-        user_ids, pieces = _history_targets(dataset, train, builder)
-    else:
-        user_ids, pieces = _review_targets(dataset, train, builder)
+    titles = _title_ids(dataset, builder) if mode is TargetMode.HISTORY else None
+    user_parts, length_parts, flat_parts = [], [], []
+    for train in _profile_row_blocks(dataset.interactions, block_users):
+        if titles is not None:
+            user_ids, pieces = _history_targets(dataset, train, builder, titles)
+        else:
+            user_ids, pieces = _review_targets(dataset, train, builder)
+        user_parts.append(user_ids)
+        length_parts.append(np.array([len(p) for p in pieces], dtype=np.int64))
+        flat_parts.append(np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, dtype=np.int32))
+        del train, pieces
+    user_ids = np.concatenate(user_parts)
     # a UserShard holds one user range: only its users can be skipped here
     skipped = np.setdiff1d(np.arange(*dataset.user_range, dtype=np.int64), user_ids)
     if len(skipped):
@@ -79,7 +97,37 @@ def build_examples(dataset: Dataset, builder: PromptBuilder) -> ExampleSet:
             dataset.user_range[1] - dataset.user_range[0],
             mode.value,
         )
-    return _from_pieces(builder, user_ids, pieces, skipped)
+    lengths = np.concatenate(length_parts)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return ExampleSet(builder, user_ids, offsets, _concat_freeing(flat_parts, np.int32), skipped)
+
+
+def _profile_row_blocks(interactions: pd.DataFrame, block_users: int) -> Iterator[pd.DataFrame]:
+    """``profile_rows_of(interactions)`` in blocks of ``block_users`` consecutive user ids (rows in user
+    order; otherwise one block). The profile split is the whole table's."""
+    users = interactions["user_id"].to_numpy()
+    if len(users) < 2 or bool((users[1:] < users[:-1]).any()):
+        yield profile_rows_of(interactions)
+        return
+    split = profile_split_of(interactions)
+    cuts = np.arange(int(users[0]) + block_users, int(users[-1]) + 1, block_users)
+    edges = [0, *np.searchsorted(users, cuts).tolist(), len(users)]
+    for a, b in zip(edges, edges[1:]):
+        yield profile_rows_of(interactions.iloc[a:b], split)
+
+
+def _concat_freeing(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    """``np.concatenate(parts)``, dropping each part once copied: a large result's pages are only touched as
+    they are written, so the peak is the result plus one part, not twice the data. Empties ``parts``."""
+    out = np.empty(sum(len(p) for p in parts), dtype=dtype)
+    at = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        out[at : at + len(part)] = part
+        at += len(part)
+    return out
 
 
 def _from_pieces(
@@ -115,13 +163,25 @@ def history_feedback_texts(train: pd.DataFrame, config: PromptConfig) -> tuple[n
     return codes.reshape(-1).astype(np.int64), texts
 
 
-def _history_targets(dataset: Dataset, train, builder: PromptBuilder) -> tuple[np.ndarray, list[np.ndarray]]:
-    budget = builder.config.max_target_tokens
-    sep = builder.separator_ids
+def _title_ids(dataset: Dataset, builder: PromptBuilder) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every item's title tokens and whether it has any (empty titles are filtered out of targets)."""
     titles = dataset.items["title"].fillna("").astype(str).str.strip().to_numpy()
-    # Tokenize each item's title once (not once per interaction); empty titles are filtered out.
     title_ids = [np.asarray(ids, dtype=np.int32) for ids in builder.encode_many([" " + t for t in titles])]
     has_title = np.array([len(t) > 0 and len(ids) > 0 for t, ids in zip(titles, title_ids)], dtype=bool)
+    return title_ids, has_title
+
+
+def _history_targets(
+    dataset: Dataset,
+    train: pd.DataFrame,
+    builder: PromptBuilder,
+    titles: tuple[list[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """History targets of the users of ``train``; ``titles``: ``_title_ids`` (tokenized once per item, not
+    once per interaction or block; computed here when not given)."""
+    budget = builder.config.max_target_tokens
+    sep = builder.separator_ids
+    title_ids, has_title = titles if titles is not None else _title_ids(dataset, builder)
     order = np.lexsort((train["timestamp"].to_numpy(), train["user_id"].to_numpy()))  # by user, then time
     users = train["user_id"].to_numpy()[order]
     items = train["item_id"].to_numpy()[order]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def rank_reduce(ctx: DistContext) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """``reduce(t, op)``: the element-wise sum (op "sum") or maximum ("max") of ``t`` over the ranks, on
+    every rank (an all-reduce of a copy). The ``RowReduce`` with which
+    ``ProfileQuantizer.fit_balance_distances`` fits on rows split over the ranks."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+        buf = t.detach().to(ctx.comm_device, copy=True)
+        dist.all_reduce(buf, op=ops[op])
+        return buf.to(t.device)
+
+    return reduce
 
 
 def barrier(ctx: DistContext) -> None:

@@ -4,6 +4,8 @@
     RUN/lm          offline / random LM cache
     RUN/profile     soft tokens, checkpoints, ``stage_config.json`` (``userip profile``)
     RUN/bank        feature bank + ``report.json``
+    RUN/profiles    other profile settings' stages, one folder each (``userip experiment``'s profile search
+                    and retrained codebook sizes: ``<name>-<digest>/``, linking RUN/data and RUN/lm)
     RUN/protocol    cold-start users' known rows (``userip experiment``)
     RUN/baselines   the LLM baselines' offline caches
     RUN/ctr         trained CTR models, one folder each (``userip train``)
@@ -59,6 +61,10 @@ class RunLayout:
     @property
     def bank_report(self) -> Path:
         return self.bank / BANK_REPORT_FILE
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / "profiles"
 
     @property
     def protocol(self) -> Path:
