@@ -36,10 +36,17 @@ class QuantizationConfig:
     surrogate_dropout: float = 0.0
     use_user_features: bool = False  # add the dataset's observable user columns (e.g. age, gender) to the DCN
     seed: int = 0
+    # Residual quantization (``userip.codebook.residual``): codes per profile; level l > 0 quantizes what the
+    # levels before it leave, and its codes are the extra bank / CTR field ``<profile>_r<l>``. 1 = one code.
+    num_levels: int = 1
+    # Codebook sizes of levels 1 .. num_levels - 1 (the same for every profile); empty = each level the size
+    # of its profile's codebook.
+    residual_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.codebook_init = choice(CodebookInit, self.codebook_init, "quantization.codebook_init")  # type: ignore[assignment]
         self.surrogate_mlp_dims = tuple(self.surrogate_mlp_dims)
+        self.residual_sizes = tuple(self.residual_sizes)
         check_fields(
             self,
             nonnegative_numbers=("loss_weight", "beta"),
@@ -48,7 +55,7 @@ class QuantizationConfig:
                 "kmeans_iters",
                 "surrogate_cross_layers",
             ),  # threshold 0: no revival
-            int_ranges={"kmeans_init_samples": (2, None)},
+            int_ranges={"kmeans_init_samples": (2, None), "num_levels": (1, None)},
             positive_ints=("interactions_per_user", "surrogate_proj_dim", "surrogate_embed_dim"),
             fractions=("surrogate_dropout",),
             where="quantization",
@@ -63,9 +70,34 @@ class QuantizationConfig:
                 f"quantization.surrogate_mlp_dims: every width must be >= 1, got {self.surrogate_mlp_dims!r}"
             )
         self.balance_min_share = float(self.balance_min_share)
+        if self.residual_sizes and (
+            len(self.residual_sizes) != self.num_levels - 1
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in self.residual_sizes)
+        ):
+            raise ConfigError(
+                f"quantization.residual_sizes: one codebook size >= 2 per level after the first "
+                f"({self.num_levels - 1} for num_levels {self.num_levels}), or empty; "
+                f"got {list(self.residual_sizes)}"
+            )
+        if self.without_vq and self.num_levels > 1:
+            raise ConfigError(
+                "quantization.num_levels > 1 quantizes residuals of codebooks; without_vq has none (set "
+                "num_levels: 1)"
+            )
+
+    def check_distributed(self) -> None:
+        """What the distributed profile stage (``userip.profile.distributed``) cannot do yet: refused before
+        any work, with a ``ConfigError``."""
+        if self.num_levels > 1:
+            raise ConfigError(
+                f"quantization.num_levels: num_levels > 1 is single-process only for now (got "
+                f"{self.num_levels}); run the profile stage without --distributed / torchrun, or set "
+                "num_levels: 1"
+            )
 
     def check_codebook_sizes(self, sizes: list[int]) -> None:
-        """``balance_min_share`` against the codebooks: every code >= share needs share < 1/K."""
+        """``balance_min_share`` against the codebooks (every level's): every code >= share needs
+        share < 1/K."""
         too_big = [k for k in sizes if self.balance_min_share >= 1.0 / k]
         if too_big:
             raise ConfigError(

@@ -155,11 +155,9 @@ class JointObjective(nn.Module):
         if self.without_vq:
             profile_vectors, vq_loss = profile_embeds, profile_embeds.new_zeros(())
         else:
-            profile_vectors, code_ids, vq_loss = self.quantizer(profile_embeds)  # (B, P, D), (B, P), ()
-            for p, name in enumerate(self.profile_names):
-                metrics[f"perplexity_{name}"] = code_perplexity(
-                    code_ids[:, p], self.quantizer.codebook_sizes[p]
-                )
+            profile_vectors, code_ids, vq_loss = self.quantizer(profile_embeds)  # (B, P, D), (B, F), ()
+            for f, name in enumerate(self.quantizer.field_names):  # the profiles, with one level
+                metrics[f"perplexity_{name}"] = code_perplexity(code_ids[:, f], self.quantizer.field_sizes[f])
         rec_loss = self._surrogate_loss(_host_ids(user_ids), profile_vectors)
         # also when frozen (new users): each batch draws fresh interaction samples
         self._steps_done += 1
@@ -189,7 +187,9 @@ class JointObjective(nn.Module):
     # ------------------------------------------------------------------ after training
     @torch.no_grad()
     def assign_codes(self, profile_table: torch.Tensor) -> np.ndarray:
-        """Final IDs (U, P) int64: nearest code of every user's profile (the paper's post-training step)."""
+        """Final IDs (U, F) int64: nearest code of every user's profile (the paper's post-training step), one
+        column per field (``quantizer.field_names``: the profiles, or with residual levels each profile's
+        levels)."""
         return self.quantizer.nearest(profile_table).cpu().numpy().astype(np.int64)
 
     @torch.no_grad()
@@ -221,6 +221,7 @@ def build_joint_objective(
     """The ``aux`` module for ``dataset``: codebooks + surrogate over the profile rows only (the training
     split, or a protocol's ``history`` split)."""
     config = config or QuantizationConfig()
+    largest = max([*codebook_sizes, *config.residual_sizes])
     quantizer = MultiProfileQuantizer(
         profile_names,
         codebook_sizes,
@@ -229,9 +230,11 @@ def build_joint_objective(
         init=config.codebook_init,
         dead_code_threshold=config.dead_code_threshold,
         # A dataset smaller than the buffer would wait forever: cap at the number of users.
-        kmeans_init_samples=max(max(codebook_sizes), min(config.kmeans_init_samples, dataset.num_users)),
+        kmeans_init_samples=max(largest, min(config.kmeans_init_samples, dataset.num_users)),
         kmeans_iters=config.kmeans_iters,
         seed=config.seed,
+        num_levels=config.num_levels,
+        residual_sizes=config.residual_sizes,
     )
     user_features, vocab_sizes = (None, ())
     if config.use_user_features:

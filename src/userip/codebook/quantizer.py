@@ -65,13 +65,16 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from userip.codebook.errors import CodebookError, check_codebook_size
 from userip.codebook.kmeans import kmeans
+from userip.codebook.residual import LEVEL_SEED_STRIDE, ResidualQuantizer, residual_level_sizes
+from userip.feature_bank.base import level_field_names
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +82,6 @@ log = logging.getLogger(__name__)
 class CodebookInit(enum.Enum):
     RANDOM = "random"  # N(0, 1/D) vectors: norm about 1
     KMEANS = "kmeans"  # k-means on the first training profiles (or on ``init_from``)
-
-
-class CodebookError(ValueError):
-    """A codebook argument is invalid (size below 2, bad shape, unknown profile)."""
-
-
-def check_codebook_size(size: int, where: str = "codebook_size") -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-        raise CodebookError(
-            f"{where}: a codebook needs at least 2 codes (one code carries no information), got {size!r}"
-        )
-    return size
 
 
 class ProfileQuantizer(nn.Module):
@@ -480,6 +471,11 @@ class MultiProfileQuantizer(nn.Module):
 
     ``options`` are ``ProfileQuantizer``'s keyword arguments (``beta``, ``init``, ``dead_code_threshold``,
     ``kmeans_init_samples``, ``kmeans_iters``), the same for every profile; profile p is seeded ``seed + p``.
+
+    ``num_levels`` > 1: each profile is a ``userip.codebook.residual.ResidualQuantizer`` of that many levels
+    (level 0 of the profile's size, the others of ``residual_sizes`` or, when empty, the profile's size
+    again). Code ids are then one column per *field* (``field_names``: profile-major, ``hobby, hobby_r1,
+    ...``), (B, P * L); with one level the fields are the profiles and everything is as before.
     """
 
     def __init__(
@@ -489,6 +485,8 @@ class MultiProfileQuantizer(nn.Module):
         dim: int,
         *,
         seed: int = 0,
+        num_levels: int = 1,
+        residual_sizes: Sequence[int] = (),
         **options: Any,
     ) -> None:
         super().__init__()
@@ -503,8 +501,29 @@ class MultiProfileQuantizer(nn.Module):
         self.profile_names = list(profile_names)
         self.codebook_sizes = list(codebook_sizes)
         self.dim = dim
-        self.quantizers = nn.ModuleList(
-            ProfileQuantizer(dim, size, seed=seed + p, **options) for p, size in enumerate(codebook_sizes)
+        self.num_levels = num_levels
+        if num_levels == 1 and residual_sizes:
+            raise CodebookError(f"residual_sizes {list(residual_sizes)} given for a single level")
+        if num_levels == 1:
+            self.quantizers = nn.ModuleList(
+                ProfileQuantizer(dim, size, seed=seed + p, **options) for p, size in enumerate(codebook_sizes)
+            )
+        else:  # level l of profile p seeded seed + p + LEVEL_SEED_STRIDE * l: level 0 as with one level
+            self.quantizers = nn.ModuleList(
+                ResidualQuantizer(
+                    [
+                        ProfileQuantizer(dim, k, seed=seed + p + LEVEL_SEED_STRIDE * level, **options)
+                        for level, k in enumerate(residual_level_sizes(size, num_levels, residual_sizes))
+                    ]
+                )
+                for p, size in enumerate(codebook_sizes)
+            )
+        # One CTR / bank field per (profile, level); with one level, the profiles themselves.
+        self.field_names: list[str] = (
+            list(profile_names) if num_levels == 1 else level_field_names(profile_names, num_levels)
+        )
+        self.field_sizes: list[int] = (
+            list(codebook_sizes) if num_levels == 1 else [k for q in self.quantizers for k in q.level_sizes]  # type: ignore[union-attr]
         )
 
     def index(self, profile: int | str) -> int:
@@ -517,31 +536,50 @@ class MultiProfileQuantizer(nn.Module):
         return profile
 
     def forward(self, profile_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """profile_embeds (B, P, D) -> quantized (B, P, D), code_ids (B, P), loss (sum over profiles)."""
+        """profile_embeds (B, P, D) -> quantized (B, P, D), code_ids (B, F) (one column per field: (B, P)
+        with one level), loss (sum over profiles)."""
         self._check_input(profile_embeds)
         outs = [q(profile_embeds[:, p]) for p, q in enumerate(self.quantizers)]
         quantized = torch.stack([o[0] for o in outs], dim=1)
-        code_ids = torch.stack([o[1] for o in outs], dim=1)
+        code_ids = self._field_ids([o[1] for o in outs])
         loss = torch.stack([o[2] for o in outs]).sum()
         return quantized, code_ids, loss
 
     def nearest(self, profile_embeds: torch.Tensor) -> torch.Tensor:
-        """Code ids (B, P) without side effects."""
+        """Code ids (B, F) (one column per field; (B, P) with one level) without side effects."""
         self._check_input(profile_embeds)
-        return torch.stack([q.nearest(profile_embeds[:, p]) for p, q in enumerate(self.quantizers)], dim=1)
+        return self._field_ids([q.nearest(profile_embeds[:, p]) for p, q in enumerate(self.quantizers)])
 
     def ids_to_vectors(self, code_ids: torch.Tensor) -> torch.Tensor:
-        """code_ids (B, P) -> codebook vectors (B, P, D)."""
-        if code_ids.dim() != 2 or code_ids.shape[1] != len(self.quantizers):
+        """code_ids (B, F) -> codebook vectors (B, P, D) (the sum over levels of each profile's codewords)."""
+        if code_ids.dim() != 2 or code_ids.shape[1] != len(self.field_names):
             raise CodebookError(
-                f"expected code_ids of shape (B, {len(self.quantizers)}), got {tuple(code_ids.shape)}"
+                f"expected code_ids of shape (B, {len(self.field_names)}), got {tuple(code_ids.shape)}"
             )
-        return torch.stack([q.ids_to_vectors(code_ids[:, p]) for p, q in enumerate(self.quantizers)], dim=1)
+        if self.num_levels == 1:
+            per_profile = [code_ids[:, p] for p in range(len(self.quantizers))]
+        else:
+            per_profile = list(code_ids.unflatten(1, (len(self.quantizers), self.num_levels)).unbind(1))
+        return torch.stack([q.ids_to_vectors(ids) for q, ids in zip(self.quantizers, per_profile)], dim=1)
 
     def fit_balance(self, profile_embeds: torch.Tensor, min_share: float) -> list[torch.Tensor]:
-        """``ProfileQuantizer.fit_balance`` of every profile on (N, P, D) profiles; the counts per profile."""
+        """``ProfileQuantizer.fit_balance`` of every profile (every level) on (N, P, D) profiles; the counts
+        per field."""
         self._check_input(profile_embeds)
-        return [q.fit_balance(profile_embeds[:, p], min_share) for p, q in enumerate(self.quantizers)]
+        counts = [q.fit_balance(profile_embeds[:, p], min_share) for p, q in enumerate(self.quantizers)]
+        return counts if self.num_levels == 1 else [c for per_level in counts for c in per_level]
+
+    def field_codebooks(self) -> list[torch.Tensor]:
+        """Every field's codebook (K_f, D), in ``field_names`` order."""
+        if self.num_levels == 1:
+            return [q.codebook for q in self.quantizers]
+        return [level.codebook for q in self.quantizers for level in q.levels]  # type: ignore[union-attr]
+
+    def _field_ids(self, per_profile: list[torch.Tensor]) -> torch.Tensor:
+        """Per-profile ids ((B,) each, or (B, L) with levels) -> (B, F) field ids, profile-major."""
+        if self.num_levels == 1:
+            return torch.stack(per_profile, dim=1)
+        return torch.cat(per_profile, dim=1)
 
     def init_from(self, profile_embeds: torch.Tensor) -> None:
         """k-means initialise every codebook from (N, P, D) profiles."""
@@ -550,7 +588,9 @@ class MultiProfileQuantizer(nn.Module):
             q.init_from(profile_embeds[:, p])
 
     def codebook(self, profile: int | str) -> torch.Tensor:
-        return self.quantizers[self.index(profile)].codebook
+        """The profile's codebook (K, D); with residual levels, level 0's (``field_codebooks``: all)."""
+        quantizer = self.quantizers[self.index(profile)]
+        return quantizer.codebook if self.num_levels == 1 else quantizer.levels[0].codebook  # type: ignore[union-attr]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[1] != len(self.quantizers) or x.shape[2] != self.dim:

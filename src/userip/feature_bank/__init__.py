@@ -5,6 +5,7 @@
 """
 
 from userip.feature_bank.base import (
+    CODE_LEVELS_KEY,
     UNKNOWN_CODE,
     BankIdentity,
     BankMismatchError,
@@ -12,11 +13,15 @@ from userip.feature_bank.base import (
     ProfileBank,
     ProfileLookup,
     check_bank_dataset,
+    check_code_levels,
     ctr_field_index,
+    level_field_name,
+    level_field_names,
 )
 from userip.feature_bank.embedded import KIND_CODES, KIND_CONTINUOUS, FeatureBank
 
 __all__ = [
+    "CODE_LEVELS_KEY",
     "KIND_CODES",
     "KIND_CONTINUOUS",
     "UNKNOWN_CODE",
@@ -27,5 +32,8 @@ __all__ = [
     "ProfileBank",
     "ProfileLookup",
     "check_bank_dataset",
+    "check_code_levels",
     "ctr_field_index",
+    "level_field_name",
+    "level_field_names",
 ]

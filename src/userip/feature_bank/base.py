@@ -56,6 +56,47 @@ class ProfileBank(BankIdentity, Protocol):
         ...
 
 
+# Residual quantization (``quantization.num_levels`` > 1) gives each profile several codes; each level is a
+# field of its own, named by this one rule. A bank of such fields records ``CODE_LEVELS_KEY`` in its manifest:
+# {"profiles": the profiles, "num_levels": L}; its ``profile_names`` are then ``level_field_names(profiles,
+# L)`` (checked by ``check_code_levels`` when the bank is built and loaded).
+CODE_LEVELS_KEY = "code_levels"
+
+
+def level_field_name(profile: str, level: int) -> str:
+    """The field of ``profile``'s code at residual level ``level``: the profile's own name for level 0, else
+    ``<profile>_r<level>`` (``hobby``, ``hobby_r1``, ``hobby_r2``)."""
+    return profile if level == 0 else f"{profile}_r{level}"
+
+
+def level_field_names(profiles: Sequence[str], num_levels: int) -> list[str]:
+    """Every field of ``profiles`` with ``num_levels`` levels each, profile by profile (profile-major)."""
+    return [level_field_name(name, level) for name in profiles for level in range(num_levels)]
+
+
+def check_code_levels(manifest: dict, where: str) -> None:
+    """A bank manifest's ``code_levels`` (if any) against its ``profile_names``: a ``FeatureBankError`` naming
+    ``where`` when the fields are not exactly the profiles' levels."""
+    levels = manifest.get(CODE_LEVELS_KEY)
+    if levels is None:
+        return
+    try:
+        profiles, num_levels = list(levels["profiles"]), levels["num_levels"]
+        ok = isinstance(num_levels, int) and not isinstance(num_levels, bool) and num_levels >= 2
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise FeatureBankError(
+            f"{where}: {CODE_LEVELS_KEY} must be {{'profiles': [...], 'num_levels': >= 2}}, got {levels!r}"
+        )
+    expected = level_field_names([str(p) for p in profiles], num_levels)
+    if list(manifest.get("profile_names", [])) != expected:
+        raise FeatureBankError(
+            f"{where}: {CODE_LEVELS_KEY} says {num_levels} levels of profiles {profiles}, i.e. fields "
+            f"{expected}; the bank has fields {manifest.get('profile_names')}"
+        )
+
+
 def ctr_field_index(codes: np.ndarray) -> np.ndarray:
     """Bank codes (..., P) -> CTR field indices: ``code + 1``, so ``UNKNOWN_CODE`` maps to 0."""
     return np.asarray(codes, dtype=np.int64) + 1

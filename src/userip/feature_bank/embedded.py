@@ -51,7 +51,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from userip.data.ids import IdIndex
-from userip.feature_bank.base import UNKNOWN_CODE, FeatureBankError, check_bank_dataset
+from userip.feature_bank.base import (
+    CODE_LEVELS_KEY,
+    UNKNOWN_CODE,
+    FeatureBankError,
+    check_bank_dataset,
+    check_code_levels,
+)
 from userip.utils.io import atomic_write_json, atomic_write_with, read_json, sha256_file
 
 FORMAT_VERSION = 1
@@ -178,6 +184,7 @@ class FeatureBank:
             "unknown_code": UNKNOWN_CODE,
             **(extra or {}),
         }
+        check_code_levels(manifest, "feature bank")
         return cls(raw_user_ids, codes, cbs, manifest, profile_vectors)
 
     def upsert(
@@ -248,6 +255,11 @@ class FeatureBank:
     @property
     def kind(self) -> str:
         return str(self.manifest.get("kind", KIND_CODES))
+
+    @property
+    def num_levels(self) -> int:
+        """Codes (fields) per profile: 1, or the residual levels recorded in ``code_levels``."""
+        return int(self.manifest.get(CODE_LEVELS_KEY, {}).get("num_levels", 1))
 
     def lookup(self, user_ids: np.ndarray) -> np.ndarray:
         """(N,) int64 user ids -> (N, P) int64 codes; ``UNKNOWN_CODE`` (-1) for ids the bank does not hold."""
@@ -549,6 +561,7 @@ class FeatureBank:
             raise
         except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
             raise FeatureBankError(f"{file}: not a valid feature bank ({type(e).__name__}: {e})") from e
+        check_code_levels(manifest, file)  # residual levels: the fields must be exactly the profiles' levels
         bank = cls(raw, codes, codebooks, manifest, vectors)
         recorded = manifest.get("codebook_hash")
         if recorded is not None and recorded != bank.codebook_hash:

@@ -43,7 +43,11 @@ def write_diagnostics(
     codes = bank.lookup(users)
     features = {
         "soft_tokens": profiles.flatten(1).numpy(),
-        **{f"soft_token_{n}": profiles[:, p].numpy() for p, n in enumerate(bank.profile_names)},
+        # one per profile (a bank with residual levels has more fields than profiles)
+        **{
+            f"soft_token_{s.name}": profiles[:, p].numpy()
+            for p, s in enumerate(config.profile.prompt.profiles)
+        },
         "codes": one_hot_codes(codes, bank.codebook_sizes),
     }
     # Everything but the profile rows is held out from the profiles (a cold-start protocol's history

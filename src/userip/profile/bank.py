@@ -30,7 +30,14 @@ from userip.codebook.objective import JointObjective, build_joint_objective
 from userip.codebook.quantizer import check_codebook_size
 from userip.codebook.recovery import recovery_report
 from userip.data.schema import Dataset
-from userip.feature_bank import KIND_CODES, KIND_CONTINUOUS, UNKNOWN_CODE, FeatureBank, FeatureBankError
+from userip.feature_bank import (
+    CODE_LEVELS_KEY,
+    KIND_CODES,
+    KIND_CONTINUOUS,
+    UNKNOWN_CODE,
+    FeatureBank,
+    FeatureBankError,
+)
 from userip.feature_bank.embedded import OBJECTIVES_DIR  # trained codebooks + surrogate, for new users later
 from userip.utils.artifacts import tensors_digest
 from userip.utils.config import to_dict
@@ -59,7 +66,8 @@ def final_codes(
     seed: int = 0,
     trained_user_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
-    """(codes (U, P), codebooks [(K_p, D)], profile_vectors (U, P, d) or None) after training.
+    """(codes (U, F), codebooks [(K_f, D)], profile_vectors (U, P, d) or None) after training; one code
+    field per profile, or per profile and residual level (``MultiProfileQuantizer.field_names``).
 
     With VQ: nearest code of each profile (eq. 6). When ``balance_min_share`` (QuantizationConfig) is > 0,
     the codebooks' offsets are first fitted (``MultiProfileQuantizer.fit_balance``) over the trained users'
@@ -73,16 +81,16 @@ def final_codes(
     if not objective.without_vq:
         share = objective.config.balance_min_share if objective.config is not None else 0.0
         if objective.config is not None:
-            objective.config.check_codebook_sizes(objective.quantizer.codebook_sizes)
+            objective.config.check_codebook_sizes(objective.quantizer.field_sizes)
         fitted = (
             profile_table if trained_user_ids is None else profile_table[torch.as_tensor(trained_user_ids)]
         )
         counts = objective.quantizer.fit_balance(fitted, share)  # share 0: offsets reset to zero
-        per_code = {name: c.tolist() for name, c in zip(objective.profile_names, counts)}
+        per_code = {name: c.tolist() for name, c in zip(objective.quantizer.field_names, counts)}
         log.info("final codes: users per code %s (balance_min_share %s)", per_code, share)
         codes = objective.assign_codes(profile_table)
         codebooks = [
-            q.codebook.detach().cpu().numpy().astype(np.float32) for q in objective.quantizer.quantizers
+            cb.detach().cpu().numpy().astype(np.float32) for cb in objective.quantizer.field_codebooks()
         ]
         return codes, codebooks, None
     vectors = objective.projected_profiles(profile_table)  # (U, P, d)
@@ -124,11 +132,12 @@ def write_bank(
     if trained_user_ids is not None:
         untrained = np.setdiff1d(np.arange(dataset.num_users), np.asarray(trained_user_ids, dtype=np.int64))
         codes[untrained] = UNKNOWN_CODE
-    report = code_report(codes, objective.profile_names, [len(cb) for cb in codebooks])
+    fields = objective.quantizer.field_names  # the profiles, or each profile's residual levels
+    report = code_report(codes, fields, [len(cb) for cb in codebooks])
     if dataset.truth is not None:
-        report["recovery"] = recovery_report(codes, objective.profile_names, dataset.truth)
+        report["recovery"] = recovery_report(codes, fields, dataset.truth)
     bank = FeatureBank.build(
-        profile_names=objective.profile_names,
+        profile_names=fields,
         codebooks=codebooks,
         codes=codes,
         raw_user_ids=dataset.users["raw_user_id"].astype(str).tolist(),
@@ -141,6 +150,7 @@ def write_bank(
         extra={
             "codes_source": "kmeans_on_projected_profiles" if objective.without_vq else "nearest_code",
             "objective_file": save_objective_state(objective, bank_dir),
+            **code_levels_entry(objective),
         },
     )
     bank.write(bank_dir)
@@ -148,6 +158,15 @@ def write_bank(
     atomic_write_json(Path(report_path) if report_path else Path(bank_dir) / REPORT_FILE, report)
     log.info("feature bank %s written to %s (%d users)", bank.version, bank_dir, bank.manifest["num_users"])
     return bank, report
+
+
+def code_levels_entry(objective: JointObjective) -> dict[str, Any]:
+    """The bank manifest's record of residual levels (``CODE_LEVELS_KEY``); nothing with one level, so a
+    one-level bank's manifest is as before."""
+    quantizer = objective.quantizer
+    if quantizer.num_levels == 1:
+        return {}
+    return {CODE_LEVELS_KEY: {"profiles": list(quantizer.profile_names), "num_levels": quantizer.num_levels}}
 
 
 def save_objective_state(objective: JointObjective, bank_dir: str | Path) -> str:
@@ -163,6 +182,11 @@ def save_objective_state(objective: JointObjective, bank_dir: str | Path) -> str
 def load_objective_state(objective: JointObjective, bank_dir: str | Path) -> JointObjective:
     """Restore, into a freshly built objective of the same config, the one the current bank version names."""
     bank = FeatureBank.load(bank_dir)
+    if bank.kind == KIND_CODES and bank.profile_names != objective.quantizer.field_names:
+        raise FeatureBankError(
+            f"{bank_dir}: bank {bank.version} has code fields {bank.profile_names}; this objective makes "
+            f"{objective.quantizer.field_names} (other profiles or quantization.num_levels)"
+        )
     source = bank.verify_objective(bank_dir)  # confined to the bank, present, SHA-256 as recorded
     try:
         objective.load_state_dict(load_file(str(source)))

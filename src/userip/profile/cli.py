@@ -96,6 +96,7 @@ def _run_distributed(args: argparse.Namespace) -> int:
     if args.new_users is not None:
         raise DistributedError("--new-users runs in one process; drop --distributed / torchrun")
     config = build_config(args)
+    config.quantization.check_distributed()  # before the process group: a config error, not a rank failure
     ctx = init_distributed(config.lm.device)
     try:
         result = run_profile_stage_distributed(args.run_dir, config, resume=args.resume, ctx=ctx)

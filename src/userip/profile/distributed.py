@@ -587,6 +587,7 @@ def run_profile_stage_distributed(
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     config = config or ProfileStageConfig()
+    config.quantization.check_distributed()
     if is_no_lm(config.lm.name_or_path):  # its examples and trainer are the single-process stage's
         raise NoLMError(
             f"lm {NO_LM_SPEC} is single-process only: run `userip profile` without --distributed / torchrun"

@@ -169,12 +169,12 @@ def infer_new_users(
     aux = frozen_aux_for(objective, new)
     assert new.dataset is not None  # frozen_aux_for refuses None
     profile_embeds = fit_profiles(new.dataset, new.user_ids, aux)  # (N, P, D)
-    if tuple(profile_embeds.shape[:2]) != (len(new.raw_user_ids), len(bank.profile_names)):
+    if tuple(profile_embeds.shape[:2]) != (len(new.raw_user_ids), len(objective.profile_names)):
         raise ValueError(
             f"fit_profiles returned shape {tuple(profile_embeds.shape)} for {len(new.raw_user_ids)} users"
         )
     unfit = torch.isnan(profile_embeds).flatten(1).any(1).cpu().numpy()
-    codes = aux.assign_codes(torch.nan_to_num(profile_embeds))
+    codes = aux.assign_codes(torch.nan_to_num(profile_embeds))  # (N, fields): every residual level too
     codes[unfit] = UNKNOWN_CODE
     updated = bank.upsert(new.raw_user_ids, codes, note=f"{len(new.raw_user_ids)} new users")
     updated.write(bank_dir)
