@@ -52,3 +52,44 @@ def test_kmeans_on_bag_of_items_finds_planted_hobbies(tiny_dataset):
     codes = kmeans_bow_codes(tiny_dataset, 3, seed=0)
     truth = tiny_dataset.truth["hobby"].to_numpy()
     assert profile_recovery(codes, truth)["nmi"] > 0.8
+
+
+@pytest.mark.parametrize("case", ["noisy", "one_class", "one_code", "empty", "perfect"])
+def test_contingency_scores_equal_sklearn_on_per_user_labels(case):
+    """The counts path (what the distributed report uses) against scikit-learn on one row per user."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from userip.codebook.recovery import contingency_scores, contingency_table
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 5, 500)
+    codes = {
+        "noisy": np.where(rng.random(500) < 0.6, truth * 2 + 7, rng.integers(0, 12, 500)),
+        "one_class": rng.integers(0, 4, 500),
+        "one_code": np.full(500, 3),
+        "empty": np.zeros(0, dtype=np.int64),
+        "perfect": truth[::-1].copy(),
+    }[case]
+    truth = {"one_class": np.zeros(500, dtype=np.int64), "empty": np.zeros(0, dtype=np.int64)}.get(
+        case, truth if case != "perfect" else truth[::-1].copy()
+    )
+    scores = contingency_scores(contingency_table(truth, codes))
+    assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(truth, codes), abs=1e-12)
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(truth, codes), abs=1e-12)
+    # the same users as (pair, count) rows, each pair split in two rows as two ranks would send it
+    pairs, counts = np.unique(np.column_stack([truth, codes]), axis=0, return_counts=True)
+    split = np.concatenate([counts // 2, counts - counts // 2])
+    table = contingency_table(np.tile(pairs[:, 0], 2), np.tile(pairs[:, 1], 2), split)
+    assert table.sum() == len(truth)
+    assert contingency_scores(table) == scores
+
+
+def test_contingency_scores_ignore_empty_rows_and_reject_bad_tables():
+    from userip.codebook.recovery import contingency_scores
+
+    table = np.array([[5, 0, 1], [0, 4, 2]])
+    padded = np.zeros((4, 5), dtype=np.int64)
+    padded[1:3, 1:4] = table
+    assert contingency_scores(padded) == contingency_scores(table)
+    with pytest.raises(ValueError, match="non-negative counts"):
+        contingency_scores(np.array([[1, -1]]))

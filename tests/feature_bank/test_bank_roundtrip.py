@@ -101,3 +101,27 @@ def test_old_versions_are_pruned_but_current_kept(tmp_path):
     files = sorted((tmp_path / "bank" / "versions").glob("*.parquet"))
     assert len(files) == 2 and f"{current.version}.parquet" in [f.name for f in files]
     assert FeatureBank.load(tmp_path / "bank").version == current.version
+
+
+def test_repeated_raw_ids_are_refused_at_build_and_load(bank, tmp_path):
+    import pyarrow.parquet as pq
+
+    with pytest.raises(FeatureBankError, match=r"raw_user_ids must be unique \(2 repeated\)"):
+        FeatureBank.build(
+            profile_names=["hobby"],
+            codebooks=[np.zeros((2, 3))],
+            codes=np.zeros((4, 1), dtype=np.int64),
+            raw_user_ids=["a", "b", "a", "a"],
+            dataset_hash="h",
+        )
+    # "" marks a reserved, unfilled row: it may repeat, and is nobody's id
+    sparse = bank.upsert(["u7"], np.array([[1, 2]]), user_ids=np.array([7]))
+    assert sparse.raw_user_ids[5:7] == ["", ""]
+    codes, known = sparse.lookup_raw(["u7", "", "u0"])
+    assert known.tolist() == [True, False, True] and codes[0].tolist() == [1, 2]
+    # a file whose ids repeat (written by hand: build refuses it) is refused on load
+    bank.raw_user_ids[1] = "u0"
+    file = tmp_path / "dup.parquet"
+    pq.write_table(bank._to_arrow(), file)
+    with pytest.raises(FeatureBankError, match=r"must be unique \(1 repeated\)"):
+        FeatureBank.load(file)

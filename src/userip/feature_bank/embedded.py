@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userip.data.ids import IdIndex
@@ -89,10 +90,10 @@ class FeatureBank:
         self.dataset_hash: str = str(manifest["dataset_hash"])
         self.version: str = str(manifest["version"])
         self.codebook_hash: str = codebook_hash(self.profile_names, codebooks)
-        try:  # raw id -> row (row i = user_id i); "" (a reserved, unfilled row) and unknown ids -> -1
-            self._rows = IdIndex(raw_user_ids, reserved="")
-        except ValueError as e:
-            raise FeatureBankError(f"raw_user_ids must be unique: {e}") from None
+        _check_unique_raw_ids(raw_user_ids)
+        # raw id -> row, built on the first lookup by raw id: a bank part that is only written (the
+        # distributed bank step) never holds a dict entry per user
+        self._id_index: IdIndex | None = None
         # The codes plus one trailing row of UNKNOWN_CODE: any id outside the bank is sent to row -1, so a
         # lookup is one fancy index (online requests ask for one user; ~10 numpy calls cost >5% of scoring).
         self._codes_or_unknown = np.vstack(
@@ -147,9 +148,7 @@ class FeatureBank:
         codes = codes.astype(np.int64)
         if len(raw_user_ids) != len(codes):
             raise FeatureBankError(f"{len(raw_user_ids)} raw user ids for {len(codes)} rows of codes")
-        named = [r for r in raw_user_ids if r != ""]
-        if len(set(named)) != len(named):
-            raise FeatureBankError("raw_user_ids must be unique")
+        _check_unique_raw_ids(raw_user_ids)
         for p, (name, cb) in enumerate(zip(profile_names, cbs)):
             col = codes[:, p]
             if col.size and (col.min() < UNKNOWN_CODE or col.max() >= cb.shape[0]):
@@ -248,6 +247,13 @@ class FeatureBank:
         )
 
     # ------------------------------------------------------------------ reading
+    @property
+    def _rows(self) -> IdIndex:
+        """raw id -> row (row i = user_id i); "" (a reserved, unfilled row) and unknown ids -> -1."""
+        if self._id_index is None:
+            self._id_index = IdIndex(self.raw_user_ids, reserved="")
+        return self._id_index
+
     @property
     def num_rows(self) -> int:
         return len(self.raw_user_ids)
@@ -583,6 +589,16 @@ class FeatureBank:
 
 
 OBJECTIVES_DIR = "objectives"  # where the profile stage saves trained objectives (userip.profile.bank)
+
+
+def _check_unique_raw_ids(raw_user_ids: Sequence[str]) -> None:
+    """FeatureBankError unless every raw id other than "" (a reserved, unfilled row) is unique; hashed by
+    Arrow, so no Python set of the ids is built."""
+    ids = pa.array(raw_user_ids, type=pa.string())
+    named = ids.filter(pc.not_equal(ids, ""))
+    repeated = len(named) - pc.count_distinct(named).as_py()
+    if repeated:
+        raise FeatureBankError(f"raw_user_ids must be unique ({repeated} repeated)")
 
 
 def codebook_hash(profile_names: Sequence[str], codebooks: Sequence[np.ndarray]) -> str:

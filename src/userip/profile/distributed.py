@@ -531,8 +531,9 @@ def _recovery_report(
     codes: np.ndarray, profile_names: list[str], shard: Any, ctx: DistContext
 ) -> dict[str, Any] | None:
     """``recovery_report`` of every rank's codes, from counts: NMI and ARI depend only on how many users
-    share each (code, true value) pair, so each rank counts its pairs and rank 0 rebuilds equal-count rows."""
-    from userip.codebook.recovery import recovery_report
+    share each (code, true value) pair, so each rank counts its pairs and rank 0 scores the summed
+    contingency tables (``profile_recovery_entry``), never a row per user."""
+    from userip.codebook.recovery import profile_recovery_entry
 
     if shard.truth is None:
         return None
@@ -556,10 +557,8 @@ def _recovery_report(
     for p, name in enumerate(profile_names):
         pairs = np.concatenate([e[p][0] for e in everyone]).reshape(-1, 1 + len(factors))
         counts = np.concatenate([e[p][1] for e in everyone]).astype(np.int64)
-        rows = np.repeat(pairs, counts, axis=0)
-        frame = pd.DataFrame(rows[:, 1:], columns=factors)
-        frame.insert(0, "user_id", np.arange(len(rows)))
-        report["profiles"][name] = recovery_report(rows[:, :1], [name], frame)["profiles"][name]
+        true_labels = {f: pairs[:, 1 + j] for j, f in enumerate(factors)}
+        report["profiles"][name] = profile_recovery_entry(pairs[:, 0], true_labels, counts)
     return report
 
 

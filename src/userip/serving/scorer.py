@@ -346,6 +346,7 @@ class Scorer:
                 )
             columns.append(j)
         self._check_pairing(bank, source)
+        bank.lookup_raw([])  # a file bank builds its raw-id index here, before the swap, not on a request
         return BankSnapshot(
             bank=bank,
             version=getattr(bank, "version", None),
