@@ -215,11 +215,24 @@ def trainer_fit_profiles(
         )
         model = ProfileModel(lm, table, prompt_config)
         examples = build_examples(new_dataset, builder).subset(user_ids)
-        config = dataclasses.replace(train_config, train_aux=False, checkpoint_every=0)
-        if len(examples):  # else every row stays NaN below
-            ProfileTrainer(model, examples, config, aux=frozen_aux).train()
-        profile_embeds = model.profile_embeds(torch.as_tensor(user_ids)).clone()
-        profile_embeds[torch.from_numpy(~np.isin(user_ids, examples.user_ids))] = float("nan")  # no target
-        return profile_embeds
+        return train_new_rows(ProfileTrainer, model, examples, train_config, frozen_aux, user_ids)
 
     return fit
+
+
+def train_new_rows(
+    trainer_cls: type[ProfileTrainer],
+    model: Any,
+    examples: Any,
+    train_config: Any,
+    frozen_aux: JointObjective,
+    user_ids: np.ndarray,
+) -> torch.Tensor:
+    """New users' fresh rows trained by ``trainer_cls`` against the frozen objective (``train_aux`` forced
+    off, no checkpoints); (n, P, D) profile embeddings of ``user_ids``, NaN for users without evidence."""
+    config = dataclasses.replace(train_config, train_aux=False, checkpoint_every=0)
+    if len(examples):  # else every row stays NaN below
+        trainer_cls(model, examples, config, aux=frozen_aux).train()
+    profile_embeds = model.profile_embeds(torch.as_tensor(user_ids)).clone()
+    profile_embeds[torch.from_numpy(~np.isin(user_ids, examples.user_ids))] = float("nan")  # no evidence
+    return profile_embeds

@@ -42,7 +42,7 @@ from userip.data.schema import Dataset
 from userip.lm.offline_config import OfflineLMConfig
 from userip.lm.pretrain import embedding_init_std
 from userip.profile.model import SoftTokenModel, SoftTokenTable
-from userip.profile.new_users import FitProfiles
+from userip.profile.new_users import FitProfiles, train_new_rows
 from userip.profile.recipe import ProfileConfig, ProfileSetup
 from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer, StepRows
 from userip.prompts import PromptConfig, TargetMode
@@ -192,11 +192,6 @@ def surrogate_fit_profiles(
         table = initial_table(new_dataset.num_users, prompt_config, offline_lm, seed)
         model = SoftTokenModel(table, prompt_config, device)
         examples = user_examples(new_dataset).subset(user_ids)
-        config = dataclasses.replace(train_config, train_aux=False, checkpoint_every=0)
-        if len(examples):  # else every row stays NaN below
-            SurrogateOnlyTrainer(model, examples, config, aux=frozen_aux).train()
-        profile_embeds = model.profile_embeds(torch.as_tensor(user_ids)).clone()
-        profile_embeds[torch.from_numpy(~np.isin(user_ids, examples.user_ids))] = float("nan")  # no evidence
-        return profile_embeds
+        return train_new_rows(SurrogateOnlyTrainer, model, examples, train_config, frozen_aux, user_ids)
 
     return fit
