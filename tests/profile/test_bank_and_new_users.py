@@ -139,22 +139,17 @@ def test_new_users_join_a_multi_part_bank(tiny_dataset, tmp_path):
 
 def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     """Algorithm 1 end to end on a tiny LM: the trainer's aux hook, checkpoint of the aux state, the bank."""
-    from tests.profile.conftest import llama_config
+    from tests.profile.conftest import llama_config, make_setup
     from tests.prompts.conftest import make_word_tokenizer
 
     from userip.profile.lm import load_causal_lm
-    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
     from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer
-    from userip.prompts import PromptBuilder, PromptConfig, build_examples
+    from userip.prompts import PromptConfig
 
     tokenizer = make_word_tokenizer(with_bos=True)
     torch.manual_seed(0)
     lm = load_causal_lm(llama_config(len(tokenizer)), dtype="fp32", device="cpu")  # hidden 32
-    builder = PromptBuilder(tokenizer, PromptConfig(profiles=PROFILES))
-    table = SoftTokenTable(tiny_dataset.num_users, 2, 32)
-    table.initialise(lm.get_input_embeddings().weight, builder.phrase_ids, [1, 1], SoftTokenConfig(), 0)
-    model = ProfileModel(lm, table, builder.config)
-    examples = build_examples(tiny_dataset, builder)
+    model, examples = make_setup(lm, tokenizer, tiny_dataset, PromptConfig(profiles=PROFILES))
     aux = build_aux(tiny_dataset, PROFILES, 32, QuantizationConfig(kmeans_init_samples=8, loss_weight=1.0))
     train_cfg = ProfileTrainConfig(batch_size=8, num_epochs=2, progress=False, checkpoint_every=0)
     result = ProfileTrainer(model, examples, train_cfg, aux=aux, checkpoint_dir=tmp_path / "ckpt").train()
@@ -177,7 +172,7 @@ def test_joint_training_with_the_profile_trainer(tiny_dataset, tmp_path):
     restored = load_objective_state(build_aux(tiny_dataset, PROFILES, 32), tmp_path / "bank")
     assert torch.equal(restored.quantizer.quantizers[1].codebook, aux.quantizer.quantizers[1].codebook)
     new = read_new_users(_new_users_file(tmp_path), tiny_dataset, bank)
-    fit = trainer_fit_profiles(lm, tokenizer, builder.config, train_cfg)
+    fit = trainer_fit_profiles(lm, tokenizer, model.prompt_config, train_cfg)
     updated = infer_new_users(tmp_path / "bank", tiny_dataset, restored, new, fit)
     codes, known = updated.lookup_raw(["n1", "n2", "u5"])
     assert known.all() and (codes[:2] < np.array([3, 2])).all()

@@ -24,23 +24,18 @@ def _levels(**kwargs) -> QuantizationConfig:
 
 
 def test_joint_training_writes_every_level_and_new_users_get_them(tmp_path):
-    from tests.profile.conftest import llama_config
+    from tests.profile.conftest import llama_config, make_setup
     from tests.prompts.conftest import make_word_tokenizer
 
     from userip.profile.lm import load_causal_lm
-    from userip.profile.model import ProfileModel, SoftTokenConfig, SoftTokenTable
     from userip.profile.trainer import ProfileTrainConfig, ProfileTrainer
-    from userip.prompts import PromptBuilder, PromptConfig, build_examples
+    from userip.prompts import PromptConfig
 
     dataset = hobby_dataset()
     tokenizer = make_word_tokenizer(with_bos=True)
     torch.manual_seed(0)
     lm = load_causal_lm(llama_config(len(tokenizer)), dtype="fp32", device="cpu")  # hidden 32
-    builder = PromptBuilder(tokenizer, PromptConfig(profiles=PROFILES))
-    table = SoftTokenTable(dataset.num_users, 2, 32)
-    table.initialise(lm.get_input_embeddings().weight, builder.phrase_ids, [1, 1], SoftTokenConfig(), 0)
-    model = ProfileModel(lm, table, builder.config)
-    examples = build_examples(dataset, builder)
+    model, examples = make_setup(lm, tokenizer, dataset, PromptConfig(profiles=PROFILES))
     aux = build_aux(dataset, PROFILES, 32, _levels(residual_sizes=(2,)))
     train_cfg = ProfileTrainConfig(batch_size=8, num_epochs=2, progress=False, checkpoint_every=0)
     result = ProfileTrainer(model, examples, train_cfg, aux=aux, checkpoint_dir=tmp_path / "ckpt").train()
@@ -77,7 +72,7 @@ def test_joint_training_writes_every_level_and_new_users_get_them(tmp_path):
         dataset,
         restored,
         new,
-        trainer_fit_profiles(lm, tokenizer, builder.config, train_cfg),
+        trainer_fit_profiles(lm, tokenizer, model.prompt_config, train_cfg),
     )
     codes, known = updated.lookup_raw(["n1", "n2"])
     assert known.all() and codes.shape == (2, 4) and ((codes >= 0) & (codes < [3, 2, 2, 2])).all()
