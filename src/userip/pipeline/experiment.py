@@ -245,6 +245,8 @@ class Experiment:
         digest = key_digest(to_dict(profile))
         if digest in self._stages:
             return self._stages[digest]
+        if not compute and digest in self._unfinished:  # asked again for every cell key: no re-read
+            return None
         run_dir = self.stage_dir(profile, name)
         known_rows = self._known_rows()
         if compute:
@@ -254,8 +256,6 @@ class Experiment:
             if known_rows is not None:
                 bank = self._add_new_users(bank, known_rows, run_dir)
         else:
-            if digest in self._unfinished:
-                return None
             found = finished_profile_stage(profile, run_dir, self.dataset)
             if found is None or (known_rows is not None and _num_pending(found[0], known_rows)):
                 self._unfinished.add(digest)
