@@ -97,8 +97,7 @@ class ResidualQuantizer(nn.Module):
         residual = z.detach().float()
         ids = []
         for level in self.levels:
-            level_ids = level.nearest(residual)
-            residual = residual.to(level.codebook.device) - level.codebook.detach().float()[level_ids]
+            level_ids, residual = self._nearest_and_leftover(level, residual)
             ids.append(level_ids)
         return torch.stack(ids, dim=1)
 
@@ -151,7 +150,7 @@ class ResidualQuantizer(nn.Module):
         residual = points.detach().float()
         for level in self.levels:
             level.init_from(residual)
-            residual = self._leftover(level, residual)
+            _, residual = self._nearest_and_leftover(level, residual)
 
     @torch.no_grad()
     def collect_for_init(self, z: torch.Tensor) -> None:
@@ -172,14 +171,15 @@ class ResidualQuantizer(nn.Module):
         counts = []
         for level in self.levels:
             counts.append(level.fit_balance(residual, min_share))
-            residual = self._leftover(level, residual)
+            _, residual = self._nearest_and_leftover(level, residual)
         return counts
 
     @staticmethod
-    def _leftover(level: Any, residual: torch.Tensor) -> torch.Tensor:
-        """``residual`` minus its (biased) nearest codeword of ``level``."""
+    def _nearest_and_leftover(level: Any, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (biased) nearest code ids of ``residual`` at ``level`` and what their codewords leave of it."""
         residual = residual.to(level.codebook.device)
-        return residual - level.codebook.detach().float()[level.nearest(residual)]
+        level_ids = level.nearest(residual)
+        return level_ids, residual - level.codebook.detach().float()[level_ids]
 
     def _check_input(self, z: torch.Tensor) -> None:
         if z.dim() != 2 or z.shape[-1] != self.dim:
