@@ -153,6 +153,19 @@ def test_balance_min_share_is_checked_against_the_codebook_size():
         ProfileQuantizer(8, 4).fit_balance(_skewed(), 0.25)
 
 
+def test_a_sweep_keeps_a_feasible_floor_and_scales_an_infeasible_one():
+    config = QuantizationConfig(balance_min_share=0.05)
+    assert config.for_codebook_sizes([4, 3], [16, 9]) is config  # 0.05 < 1/16: results made with it stand
+    wide = config.for_codebook_sizes([4, 3], [81, 3])
+    assert wide.balance_min_share == pytest.approx(0.05 * 4 / 81)  # the main hobby's 20% of uniform
+    wide.check_codebook_sizes([81, 3])
+    both = config.for_codebook_sizes([4, 3], [27, 27])
+    assert both.balance_min_share == pytest.approx(0.05 * 3 / 27)  # the tighter profile decides
+    assert (
+        QuantizationConfig(balance_min_share=0.0).for_codebook_sizes([4, 3], [81, 81]).balance_min_share == 0
+    )
+
+
 def test_kth_smallest_bisects_to_the_sorted_value():
     gen = torch.Generator().manual_seed(3)
     values = torch.cat([torch.rand(500, generator=gen) * 40.0, torch.zeros(7), torch.full((5,), 2.5)])

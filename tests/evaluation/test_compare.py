@@ -11,7 +11,8 @@ from scipy import stats
 
 from userip.cli import main
 from userip.evaluation.compare import CompareConfig, CompareRow, compare, probe_lift_kept
-from userip.utils.config import ConfigError, from_dict
+from userip.pipeline.experiment_config import ExperimentConfig
+from userip.utils.config import ConfigError, from_dict, load_yaml
 
 DATA = {"source": "recbole", "source_options": {"path": "x"}, "prepare": {"seed": 0}}
 DATA["protocol"] = {"name": "warm"}
@@ -153,3 +154,19 @@ def test_every_shipped_compare_config_loads_and_names_its_experiments(path: Path
     for row in [config.base, *config.rows]:  # every experiment's config is named in the header
         run_dir = Path(row.experiment).parent.name
         assert any(f"experiment_{run_dir}.yaml" in line for line in text.splitlines()[:20]), run_dir
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("compare_*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_compare_config_loads_and_points_at_shipped_experiments(path):
+    assert path.read_text().splitlines()[0] == f"# userip compare --config configs/{path.name}"
+    config = from_dict(CompareConfig, load_yaml(path), str(path))
+    # Every row reads an experiment some shipped config writes: a typo in a folder would only show as
+    # "not run" (optional rows) or a missing-file error after hours of experiments.
+    out_dirs = {
+        from_dict(ExperimentConfig, load_yaml(p), str(p)).out_dir for p in CONFIGS.glob("experiment_*.yaml")
+    }
+    missing = [r.experiment for r in [config.base, *config.rows] if r.experiment not in out_dirs]
+    assert not missing, f"{path.name}: rows read folders no shipped experiment config writes: {missing}"

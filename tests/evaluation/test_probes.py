@@ -123,7 +123,26 @@ def test_user_truths_by_hand(tiny):
     # favourites: Drama, Comedy, -, -, Comedy -> Comedy most common, then Drama
     np.testing.assert_array_equal(truths["heldout_top_genre_is_comedy"], [0, 1, NAN, NAN, 1])
     np.testing.assert_array_equal(truths["heldout_top_genre_is_drama"], [1, 0, NAN, NAN, 0])
-    assert len(truths) == 6
+    # held-out positives per item: 0 -> 1, 1 -> 2, 2 -> 2; users' means [1.5, 2, -, -, 2], median 2
+    np.testing.assert_array_equal(truths["heldout_items_popular"], [0, 0, NAN, NAN, 0])
+    assert len(truths) == 7
+
+
+def test_heldout_items_popular_against_a_plain_count():
+    extra = [(2, 1, 1, "test"), (3, 1, 1, "valid"), (3, 2, 1, "test"), (1, 3, 1, "train")]
+    rows = TRAIN_ROWS + HELD_OUT_ROWS + extra
+    ds = make_dataset(rows, users_table(["x"] * 5), CATEGORIES)
+    held = [(u, i) for u, i, y, s in rows if y == 1 and s != "train"]
+    count = {i: sum(1 for _, j in held if j == i) for _, i in held}
+    means = [
+        np.mean([count[i] for v, i in held if v == u]) if any(v == u for v, _ in held) else NAN
+        for u in range(5)
+    ]
+    median = np.nanmedian(means)
+    expected = [NAN if np.isnan(m) else float(m > median) for m in means]
+    got = user_truths(ds, np.arange(5))["heldout_items_popular"]
+    np.testing.assert_array_equal(got, expected)
+    assert np.nansum(got) > 0 and np.nansum(1 - got) > 0  # both classes present: the check is not vacuous
 
 
 def test_user_truths_ignore_train_rows(tiny):

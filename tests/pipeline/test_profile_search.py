@@ -218,6 +218,9 @@ def test_cold_start_retrained_sizes_get_the_cold_users_through_the_new_user_path
         ({"profile_search": {"grid": {"prompt.profiles.job.codebook_size": [3]}}}, "no profile named 'job'"),
         ({"profile_search": {"grid": {"prompt.profiles.hobby.codebook_size": [4, 1]}}}, "codebook size"),
         ({"profile_search": {"grid": {"prompt.history_feedback": ["none", "loud"]}}}, "'loud'"),
+        # before any stage trains: a 5% floor cannot hold for 27 codes
+        ({"profile_search": {"grid": {"prompt.profiles.hobby.codebook_size": [4, 27]}}}, r"1/27"),
+        ({"profile": {"quantization": {"balance_min_share": 0.4}}}, r"profile: .*balance_min_share.*1/4"),
         ({"profile_search": {"grid": {"train.num_epochs": [1, 0]}}}, "train.num_epochs"),
         ({"profile_search": {"grid": {"train.num_epochs": []}}}, "profile_search.grid.train.num_epochs"),
         ({"profile_search": {"grid": {"train.num_epochs": [2, 2]}}}, "repeated"),
@@ -266,3 +269,20 @@ def test_experiment_cli_refuses_a_bad_profile_grid_with_exit_2(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "ConfigError" in err and "quantization.weight" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_sweep_sizes_past_the_balance_floor_get_a_scaled_floor_and_others_keep_theirs(tmp_path):
+    config = from_dict(
+        ExperimentConfig,
+        {"run_dir": str(tmp_path / "run"), "hobby_sizes": [4, 16, 81], "codebook_sweep": "both"},
+        "cfg",
+    )
+    experiment = Experiment(config)
+    main = config.profile
+    # a feasible size keeps the config, so its stage folder and cells are those of earlier runs
+    assert experiment._retrain_profile("hobby16_retrain").quantization == main.quantization
+    assert experiment._sweep_quantization([16, 3]) is main.quantization
+    wide = experiment._retrain_profile("hobby81_retrain")
+    assert [p.codebook_size for p in wide.prompt.profiles] == [81, 3]
+    assert wide.quantization.balance_min_share == pytest.approx(main.quantization.balance_min_share * 4 / 81)
+    wide.quantization.check_codebook_sizes([81, 3])

@@ -105,6 +105,17 @@ class QuantizationConfig:
                 f"{self.balance_min_share!r} >= 1/{max(too_big)}"
             )
 
+    def for_codebook_sizes(self, main_sizes: list[int], sizes: list[int]) -> QuantizationConfig:
+        """This config for codebooks of ``sizes`` instead of ``main_sizes`` (a codebook-size sweep, profile
+        by profile). The balance floor is kept where every size allows it (< 1/K); where a size does not (a
+        5% floor and 27 or 81 codes), it becomes the fraction of the uniform share 1/K that it is of the main
+        codebooks' (share * K_main / K, the tightest profile), instead of failing after the stage trained.
+        The sweeps of the paper's figures run 3 to 81 codes with one config."""
+        if not self.balance_min_share or all(self.balance_min_share < 1.0 / k for k in sizes):
+            return self
+        share = self.balance_min_share * min(k0 / k for k0, k in zip(main_sizes, sizes, strict=True))
+        return dataclasses.replace(self, balance_min_share=share)
+
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

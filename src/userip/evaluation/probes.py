@@ -43,6 +43,8 @@ NUM_TOP_GENRES = 2
 # Nested-CV probes cost ~2 min on ML-100K's 943 users and 18 min on a 5,000-user sample of Yelp (a wide
 # category bag); a seeded sample of this many users keeps large sets to minutes (AUC std about 0.01-0.02).
 MAX_PROBE_USERS = 2000
+# Bump when ``user_truths`` gains or changes a target: cached diagnostics keyed by it are then recomputed.
+TARGETS_VERSION = 2
 # MovieLens-1M stores occupation as a code: 4 = "college/grad student", 10 = "K-12 student".
 _ML1M_STUDENT_CODES = frozenset({"4", "10"})
 
@@ -62,6 +64,9 @@ def user_truths(
       the age is the bucket's lower bound, so "25" = 25-34 counts as under 30);
     - ``student``: occupation "student" (MovieLens-1M codes 4 and 10 when the column is all digits);
     - ``heldout_positive_rate_high``: mean held-out label above the median over ``users`` with held-out rows;
+    - ``heldout_items_popular``: the mean popularity of a user's held-out positives (how many held-out
+      positives of all users each item has) above the median over ``users``: a taste for hits rather than
+      niche items, defined on implicit data too, where every user's positive rate is the same;
     - ``heldout_top_genre_is_<g>`` for the ``NUM_TOP_GENRES`` most common favourite categories ``g``: a user's
       favourite is the most frequent category of their held-out positives (ties: the category more frequent
       over all held-out positives, then by name); NaN for users without held-out positives.
@@ -93,7 +98,13 @@ def user_truths(
         rate = held_out.groupby("user_id")["label"].mean().reindex(user_ids)
         out["heldout_positive_rate_high"] = _binary(rate > rate.median(), rate.notna())
 
-    favourite = _favourite_category(dataset, held_out[held_out["label"] == 1]).reindex(user_ids)
+    all_positives = inter[inter["split"].isin(list(held_out_splits)) & (inter["label"] == 1)]
+    popularity = all_positives["item_id"].value_counts()  # over every user, so a sample sees the same counts
+    positives = held_out[held_out["label"] == 1]
+    taste = positives["item_id"].map(popularity).groupby(positives["user_id"]).mean().reindex(user_ids)
+    out["heldout_items_popular"] = _binary(taste > taste.median(), taste.notna())
+
+    favourite = _favourite_category(dataset, positives).reindex(user_ids)
     ranked = favourite.dropna().value_counts().rename_axis("category").reset_index(name="count")
     ranked = ranked.sort_values(["count", "category"], ascending=[False, True])
     for genre in ranked["category"].head(NUM_TOP_GENRES):

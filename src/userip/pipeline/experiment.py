@@ -44,6 +44,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from userip.baselines.rows import BASELINE_ROWS, cell_key, changes_lm, lm_placement
+from userip.codebook.config import QuantizationConfig
 from userip.ctr.recipe import CTRResult, train_ctr
 from userip.ctr.trainer import CTRTrainerConfig
 from userip.data.prepare import prepare
@@ -290,11 +291,19 @@ class Experiment:
     def _retrain_profile(self, variant: str) -> ProfileStageConfig:
         hobby, background = self._variant_sizes(variant)
         specs = self.config.profile.prompt.profiles
-        point = {
+        point: dict[str, Any] = {
             f"prompt.profiles.{specs[0].name}.codebook_size": hobby,
             f"prompt.profiles.{specs[1].name}.codebook_size": background,
         }
+        quant = self._sweep_quantization([hobby, background])
+        if quant is not self.config.profile.quantization:  # else the key (and stage folder) stays as it was
+            point["quantization.balance_min_share"] = quant.balance_min_share
         return apply_profile_point(self.config.profile, point)
+
+    def _sweep_quantization(self, sizes: list[int]) -> QuantizationConfig:
+        """The quantization config for a sweep's sizes (``QuantizationConfig.for_codebook_sizes``)."""
+        main = [p.codebook_size for p in self.config.profile.prompt.profiles]
+        return self.config.profile.quantization.for_codebook_sizes(main, sizes)
 
     def select_profile(self) -> ProfileStageConfig:
         """Run every candidate setting's stage and its UserIP-<model> search cells (the base trainer, the
@@ -392,7 +401,9 @@ class Experiment:
             self.banks[variant] = stage.bank
             return stage.bank
         hobby, background = self._variant_sizes(variant)
-        quant = dataclasses.replace(self.config.profile.quantization, without_vq=variant == "novq")
+        quant = dataclasses.replace(
+            self._sweep_quantization([hobby, background]), without_vq=variant == "novq"
+        )
         assert self.dataset is not None
         # Keyed by everything the re-quantized bank is made from: the main bank's version (its soft tokens),
         # the profile and quantization configs, the sizes and epochs; rebuilt soft tokens or other settings

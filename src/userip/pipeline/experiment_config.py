@@ -223,6 +223,12 @@ def apply_profile_point(base: ProfileStageConfig, point: dict[str, Any]) -> Prof
     small = [p.name for p in candidate.prompt.profiles if p.codebook_size < 2]
     if small:
         raise ConfigError(f"{where}: every codebook size must be >= 2 (profiles {small})")
+    quantization = candidate.quantization
+    try:  # before any work: the bank step checks this only after the stage has trained
+        sizes = [p.codebook_size for p in candidate.prompt.profiles]
+        quantization.check_codebook_sizes(sizes + list(quantization.residual_sizes))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if point else f"profile: {e}") from None
     return candidate
 
 

@@ -12,7 +12,7 @@ import torch
 from userip.baselines.rows import BASELINE_ROWS
 from userip.data.schema import HISTORY_SPLIT, Dataset
 from userip.evaluation.plots import plot_sweep
-from userip.evaluation.probes import one_hot_codes, probe_markdown, probe_report
+from userip.evaluation.probes import TARGETS_VERSION, one_hot_codes, probe_markdown, probe_report
 from userip.evaluation.tables import compare_with_base, markdown_table, summarize_over_seeds
 from userip.feature_bank import FeatureBank
 from userip.pipeline.experiment_config import SWEEP_LABELS, CodebookSweep, ExperimentConfig, sweep_suffixes
@@ -33,7 +33,12 @@ def write_diagnostics(
     profile saw (user attributes; held-out positive rate and genres), beside the bag of the same profile rows
     and random vectors. Users: those with trained soft tokens."""
     marker = out_dir / "diagnostics.json"  # written last: marks diagnostics under that key complete
-    key = {"bank": bank.version, "dataset": dataset.content_hash, "prompt": to_dict(config.profile.prompt)}
+    key = {
+        "bank": bank.version,
+        "dataset": dataset.content_hash,
+        "prompt": to_dict(config.profile.prompt),
+        "targets": TARGETS_VERSION,
+    }
     if reuse_cached(marker, key, "diagnostics", _check_diagnostics) is not None:
         return
     usage = code_usage(bank.codes[: dataset.num_users], bank.profile_names, bank.codebook_sizes)
