@@ -336,16 +336,7 @@ class Experiment:
                     ctr_seconds[c] += record["seconds"]
                     bar.update()
                 if s == 0:
-                    pruned = hopeless_candidates(scores[:, 0], search.prune_margin)
-                    if pruned:
-                        log.info(
-                            "profile search: dropped %d of %d candidates after seed %d",
-                            len(pruned),
-                            len(candidates),
-                            seed,
-                        )
-                        bar.total -= len(pruned) * (len(search.seeds) - 1)
-                        bar.refresh()
+                    pruned = _prune_after_first_seed(scores[:, 0], search, bar, "profile search", seed)
         choice = choose_simplest_within_noise(scores, search.se_threshold, complexity)
         table = []
         for c, point in enumerate(points):
@@ -550,17 +541,8 @@ class Experiment:
                         scores[row][c, s] = record["valid_auc"]
                         bar.update()
                     if s == 0:
-                        pruned[row] = hopeless_candidates(scores[row][:, 0], search.prune_margin)
-                        if pruned[row]:
-                            log.info(
-                                "trainer search %s: dropped %d of %d candidates after seed %d",
-                                row_name(*row),
-                                len(pruned[row]),
-                                len(candidates),
-                                seed,
-                            )
-                            bar.total -= len(pruned[row]) * (len(search.seeds) - 1)
-                            bar.refresh()
+                        what = f"trainer search {row_name(*row)}"
+                        pruned[row] = _prune_after_first_seed(scores[row][:, 0], search, bar, what, seed)
         table = []
         # What is simpler: a warm start (the extended model keeps DCN unless the fields beat it on
         # validation) over joint training. Learning rates, weight decays and dropouts are not simpler than one
@@ -850,6 +832,25 @@ def _num_pending(bank: FeatureBank, known_rows: pd.DataFrame) -> int:
 def _point_name(point: dict[str, Any]) -> str:
     """A profile search candidate's folder name from its grid values (``history_feedback=label``)."""
     return "_".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
+
+
+def _prune_after_first_seed(
+    first_seed_scores: np.ndarray,
+    search: TrainerSearchConfig | ProfileSearchConfig,
+    bar: Any,
+    what: str,
+    seed: int,
+) -> set[int]:
+    """The candidates ``hopeless_candidates`` drops after the first seed, logged, and taken off the
+    progress bar's total (the seeds they will not run); shared by the trainer and profile searches."""
+    pruned = hopeless_candidates(first_seed_scores, search.prune_margin)
+    if pruned:
+        log.info(
+            "%s: dropped %d of %d candidates after seed %d", what, len(pruned), len(first_seed_scores), seed
+        )
+        bar.total -= len(pruned) * (len(search.seeds) - 1)
+        bar.refresh()
+    return pruned
 
 
 def _standard_error(values: np.ndarray) -> float:
