@@ -1,6 +1,7 @@
 """`userip experiment` with a profile stage per setting: the profile search (``profile_search``), the
 retrained codebook-size sweep (``codebook_sweep``), their caches and their config checks."""
 
+import importlib.util
 import json
 import math
 import os
@@ -286,3 +287,47 @@ def test_sweep_sizes_past_the_balance_floor_get_a_scaled_floor_and_others_keep_t
     assert [p.codebook_size for p in wide.prompt.profiles] == [81, 3]
     assert wide.quantization.balance_min_share == pytest.approx(main.quantization.balance_min_share * 4 / 81)
     wide.quantization.check_codebook_sizes([81, 3])
+
+
+def _stage_probes_bench():
+    """bench/bench_stage_probes.py as a module (bench/ is scripts, not a package)."""
+    path = Path(__file__).parents[2] / "bench" / "bench_stage_probes.py"
+    spec = importlib.util.spec_from_file_location("bench_stage_probes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_stage_probes_bench_probes_every_searched_stage_on_valid_targets(searched, capsys):
+    """bench/bench_stage_probes.py: one probe row per stage (RUN/profile and each RUN/profiles/<setting>),
+    the bag and random rows beside them, and a RESULT line naming the best stage per target."""
+    bench = _stage_probes_bench()
+    config, _ = searched
+    run_dir = Path(config.run_dir)
+    assert set(bench.stage_folders(run_dir)) == {"run", "loss_weight=0.1", "hobby6"}
+    markdown = run_dir.parent / "probes.md"
+    assert bench.main(["--run-dir", str(run_dir), "--markdown", str(markdown), "--lm-reliance"]) == 0
+    out = capsys.readouterr().out
+    result = dict(part.split("=", 1) for part in out.strip().splitlines()[-1].removeprefix("RESULT ").split())
+    assert result["stages"] == "3"
+    for stage in ("run", "loss_weight=0.1", "hobby6", "bag_of_items", "random"):
+        assert f"| {stage} |" in out
+    best = {k: float(v) for k, v in result.items() if k.startswith("best_") and not k.endswith("_stage")}
+    assert best and all(0.0 <= v <= 1.0 for v in best.values())
+    assert markdown.read_text().strip() in out
+    # The LM-reliance table: one row per stage, NLLs > 0, reliance = (mean - own) / mean as printed.
+    lines = out.splitlines()
+    header = lines.index("| stage | own | other_user | mean | initial | examples | reliance |")
+    rows = [line.split("|")[1:-1] for line in lines[header + 2 :] if line.startswith("| ")]
+    reliance = {cells[0].strip(): [float(c) for c in cells[1:]] for cells in rows}
+    assert set(reliance) == {"run", "loss_weight=0.1", "hobby6"}
+    for own, other, mean, initial, examples, share in reliance.values():
+        assert min(own, other, mean, initial) > 0 and examples > 0
+        assert share == pytest.approx((mean - own) / mean, abs=2e-4)
+    assert float(result["max_reliance"]) == pytest.approx(max(r[-1] for r in reliance.values()), abs=1e-4)
+
+
+def test_stage_probes_bench_refuses_a_folder_without_stages(tmp_path, capsys):
+    bench = _stage_probes_bench()
+    assert bench.main(["--run-dir", str(tmp_path)]) == 2
+    assert "no profile stage" in capsys.readouterr().err
