@@ -22,7 +22,6 @@ bag of items'; with ``--lm-reliance``, ``max_reliance=<(mean - own) / mean>`` an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -35,8 +34,9 @@ from userip.data.schema import Dataset
 from userip.evaluation.probes import probe_markdown, probe_report
 from userip.evaluation.tables import markdown_table
 from userip.lm.resolve import is_no_lm
-from userip.profile.recipe import ProfileConfig, load_soft_tokens, setup
-from userip.profile.stage import reopen_profile
+from userip.profile.model import profile_means
+from userip.profile.recipe import load_soft_tokens, setup
+from userip.profile.stage import _profile_config, read_stage_config, reopen_profile
 from userip.prompts.collate import collate
 from userip.utils.run_layout import RunLayout
 
@@ -53,17 +53,13 @@ def stage_folders(run_dir: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def lm_reliance(
-    stage_dir: Path, max_examples: int = 2000, batch_size: int = 64, seed: int = 0
+    stage_dir: Path, dataset: Dataset, max_examples: int = 2000, batch_size: int = 64, seed: int = 0
 ) -> dict[str, float]:
     """Mean target-token NLL of a stage's prompts under its frozen LM with four soft-token tables: each
     user's own, another user's, the mean over trained users, and the initial one (see the module doc)."""
-    finished = reopen_profile(stage_dir)
-    config = finished.config
-    lm = dataclasses.replace(config.lm, name_or_path=finished.lm_path)
-    prepared = setup(
-        stage_dir,
-        ProfileConfig(lm=lm, prompt=config.prompt, soft_tokens=config.soft_tokens, train=config.train),
-    )
+    finished = reopen_profile(stage_dir, dataset)
+    # The stage's own model, rebuilt as the stage built it (the LM it recorded, the table it started from).
+    prepared = setup(stage_dir, _profile_config(finished.config, finished.lm_path))
     model, examples = prepared.model, prepared.examples
     initial = model.table.weight.clone()  # (U, S, D) as the stage started (seeded)
     trained, trained_mask, _ = load_soft_tokens(RunLayout(stage_dir).profile)
@@ -113,15 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.run_dir} has no profile stage (RUN/profile or RUN/profiles/*)", file=sys.stderr)
         return 2
     dataset = Dataset.load(RunLayout(args.run_dir).data)
-    features, users = {}, None
+    features, records, users = {}, {}, None
     for name, folder in folders.items():
+        records[name], config = read_stage_config(folder.parent)
         soft_tokens, trained_mask, _ = load_soft_tokens(folder)
         trained = torch.nonzero(trained_mask).squeeze(1).numpy()
         if users is not None and not (len(users) == len(trained) and (users == trained).all()):
             print(f"error: {folder} trained other users than the first stage", file=sys.stderr)
             return 2
         users = trained
-        features[name] = soft_tokens[trained].flatten(1).numpy()  # (N, slots * hidden)
+        # As the experiment's diagnostics: one mean vector per profile, (N, P * hidden).
+        features[name] = profile_means(soft_tokens[trained], config.prompt).flatten(1).numpy()
     table = probe_report(dataset, features, dataset.profile_rows(), users, ("valid",))
     text = probe_markdown(table)
     print(text)
@@ -138,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.lm_reliance:
         reliance = {}
         for name, folder in folders.items():
-            if is_no_lm(reopen_profile(folder.parent).stage["lm_path"]):
+            if is_no_lm(records[name]["lm_path"]):
                 continue  # no LM to read the slots
-            reliance[name] = lm_reliance(folder.parent, args.max_examples)
+            reliance[name] = lm_reliance(folder.parent, dataset, args.max_examples)
         table = pd.DataFrame.from_dict(reliance, orient="index").rename_axis("stage").reset_index()
         text = markdown_table(table, float_format="{:.4f}")
         print(text)
