@@ -46,7 +46,7 @@ def stage_folders(run_dir: Path) -> dict[str, Path]:
     by its setting."""
     layout = RunLayout(run_dir)
     folders = {"run": layout.profile} if layout.profile.exists() else {}
-    for stage in sorted((run_dir / "profiles").glob("*/")):
+    for stage in sorted(layout.profiles.glob("*/")):
         folders[stage.name.rsplit("-", 1)[0]] = RunLayout(stage).profile
     return folders
 
